@@ -1,0 +1,160 @@
+"""The ``stelab`` command line: a thin shell over the public API.
+
+Errors a user can fix (bad names, numbers, files) print one line on stderr and
+exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    help="stelab: gradient estimators for quantized and binary neural networks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """stelab: gradient estimators for quantized and binary neural networks."""
+
+
+@app.command()
+def estimators(
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Draw each forward function with its surrogate derivative to this PNG."),
+    ] = None,
+) -> None:
+    """List every estimator with its formula, parameters and the quantizers it serves."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .estimators import describe
+    from .plots import check_plot_path
+
+    if plot is not None:
+        check_plot_path(plot)
+    rows = describe()
+    table = Table(title="stelab estimators: backward rule q̂'(x)", show_lines=False)
+    for col in ("name", "q̂'(x)", "parameters", "serves", "reference"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+        table.add_row(r["name"], r["formula"], params, ", ".join(r["serves"]), r["reference"])
+    Console(width=max(120, Console().width)).print(table)
+    if plot is not None:
+        from .plots import plot_estimators
+
+        path = plot_estimators(plot)
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def summary(
+    model: Annotated[str, typer.Argument(help="Zoo model: lenet5, vgg11, resnet20, convnet.")],
+    input_shape: Annotated[
+        str, typer.Option(help="Input shape C,H,W (no batch), e.g. 1,28,28.")
+    ] = "1,28,28",
+    bits: Annotated[
+        int | None, typer.Option(help="Activation bits (omit for float activations).")
+    ] = None,
+    estimator: Annotated[str, typer.Option(help="Activation estimator.")] = "clipped_relu",
+    weight_bits: Annotated[
+        int | None, typer.Option(help="Quantize weights to this many bits (uniform, LSQ init).")
+    ] = None,
+    num_classes: Annotated[int, typer.Option(help="Number of output classes.")] = 10,
+) -> None:
+    """Per-layer table of a zoo model: bits, estimator, memory, MACs, compression."""
+    from . import models
+    from .errors import ConfigError
+    from .nn import summary as _summary
+
+    try:
+        shape = tuple(int(s) for s in input_shape.split(","))
+    except ValueError:
+        raise ConfigError(f"--input-shape must be C,H,W integers, got {input_shape!r}") from None
+    weights = None
+    if weight_bits is not None:
+        weights = {"fn": "uniform", "bits": weight_bits, "step": "auto"}
+    m = models.build(
+        model,
+        num_classes=num_classes,
+        in_shape=shape,
+        act={"bits": bits, "estimator": estimator} if bits is not None else None,
+        weights=weights,
+    )
+    typer.echo(str(_summary(m, shape)))
+
+
+@app.command()
+def demo(
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per estimator.")] = 8,
+    bits: Annotated[int, typer.Option(min=1, max=16, help="Activation bits.")] = 2,
+    estimator: Annotated[
+        list[str] | None,
+        typer.Option("--estimator", "-e", help="Estimators to compare (repeatable)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train LeNet-5 with quantized activations on the bundled digits, once per estimator."""
+    from .experiments import demo as _demo
+
+    ests = estimator or ["ste", "clipped_relu"]
+    from . import estimators as _e
+
+    for e in ests:
+        _e.get(e)  # fail fast on an unknown name
+    typer.echo(f"Training LeNet-5 on scikit-learn digits ({epochs} epochs per estimator)...")
+    _demo.run(ests, bits=bits, epochs=epochs, seed=seed, log=typer.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``stelab`` console script.
+
+    Every error a user can fix (bad option, name, number, file) prints one line
+    ``stelab: error: ...`` on stderr and exits with code 2 (usage errors keep
+    Typer's code 2 as well); no traceback.
+    """
+    from typer.exceptions import TyperException
+
+    from .errors import StelabError
+
+    try:
+        rv = app(args=argv, prog_name="stelab", standalone_mode=False)
+    except TyperException as e:  # usage errors: bad option, missing argument
+        typer.echo(f"stelab: error: {' '.join(e.format_message().split())}", err=True)
+        return getattr(e, "exit_code", 2) or 2
+    except typer.Exit as e:
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("stelab: interrupted", err=True)
+        return 130
+    except (StelabError, ValueError, TypeError, OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        typer.echo(f"stelab: error: {msg}", err=True)
+        return 2
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

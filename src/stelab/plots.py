@@ -1,0 +1,107 @@
+"""Plots shared by the CLI and the reports (matplotlib, Agg backend, imported lazily)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import estimators as _est
+from .errors import ConfigError
+from .quantizers import Quantizer
+
+# the quantizer each built-in estimator is drawn with
+_NATURAL = {
+    "ste": dict(fn="sign"),
+    "clipped": dict(fn="sign"),
+    "approx_sign": dict(fn="sign"),
+    "swish_sign": dict(fn="sign"),
+    "logistic": dict(fn="sign"),
+    "ewgs": dict(fn="uniform", bits=2, step=0.5),
+    "relu": dict(fn="heaviside"),
+    "clipped_relu": dict(fn="act", bits=2, alpha=0.5),
+    "dsq": dict(fn="uniform", bits=2, step=0.5),
+}
+
+
+def _natural(name: str) -> dict[str, Any]:
+    if name in _NATURAL:
+        return _NATURAL[name]
+    serves = _est.get(name).serves
+    if serves is None or "sign" in serves:
+        return dict(fn="sign")
+    if "uniform" in serves:
+        return dict(fn="uniform", bits=None, step=0.5)
+    return dict(fn=sorted(serves)[0], bits=2, step=0.5)
+
+
+def check_plot_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, or a ConfigError unless it ends in .png, .pdf or .svg."""
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise ConfigError(f"plot file must end in .png, .pdf or .svg, got {str(path)!r}")
+    return path
+
+
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Save ``fig`` atomically (temp file in the same folder, then rename)."""
+    path = check_plot_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix, prefix=".tmp-")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def plot_estimators(path: str | os.PathLike[str]) -> Path:
+    """One panel per registered estimator: the forward q(x), the surrogate q̂'(x),
+    and its integral (the smooth function the backward pretends the forward is)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for name in _est.names():
+        try:
+            q = Quantizer(**_natural(name), estimator=name)
+        except (ConfigError, TypeError):
+            continue  # needs parameters to exist at all (e.g. periodic(fn))
+        panels.append(q)
+    names = [q.estimator.name for q in panels]
+    cols = 3
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    x = torch.linspace(-2.5, 2.5, 2001, dtype=torch.float64)
+    for ax, q in zip(axes.flat, panels, strict=False):
+        xg = x.clone().requires_grad_(True)
+        y = q(xg)
+        y.backward(torch.ones_like(x))  # EWGS: drawn for an incoming gradient of +1
+        d = xg.grad.detach()
+        integral = torch.cumulative_trapezoid(d, x)
+        integral = torch.cat([integral.new_zeros(1), integral])
+        integral = integral + y.detach()[0]  # anchored to the forward at the left end
+        ax.plot(x, y.detach(), color="0.4", lw=1.5, label="forward q(x)")
+        ax.plot(x, d, color="C1", lw=1.8, label="surrogate q̂'(x)")
+        ax.plot(x, integral, color="C0", ls="--", lw=1.2, label="∫ q̂' (implied)")
+        title = repr(q.estimator) + f"  on {q.kind}"
+        ax.set_title(title, fontsize=10)
+        ax.axhline(0, color="0.85", lw=0.8, zorder=0)
+        ax.set_xlabel("x")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle("stelab estimators: forward, surrogate derivative and its integral", y=1.0)
+    fig.tight_layout()
+    out = save_figure(fig, path)
+    plt.close(fig)
+    return out

@@ -1,0 +1,489 @@
+"""Quantizers: a forward function paired with a gradient estimator.
+
+A :class:`Quantizer` is an ``nn.Module`` holding one forward function ``q``
+(piecewise constant) and one :class:`~stelab.estimators.Estimator` for its
+backward pass. Forward functions (SPEC §1):
+
+=============  ==========================================================  =========
+name           q(x)                                                        levels
+=============  ==========================================================  =========
+``identity``   x (no quantization; for float baselines)                    -
+``sign``       +1 if x >= 0 else -1  (sign(0) = +1, as in Larq)            ±1
+``heaviside``  1{x > 0}  (the binarized ReLU of [Y19])                     0, 1
+``ternary``    sign(x)·1{|x| > t}                                          -1, 0, 1
+``uniform``    Δ·clamp(round(x/Δ), -2^(b-1), 2^(b-1) - 1)  (signed, b bits)  2^b
+``act``        α·clamp(ceil(x/α), 0, 2^b - 1)  ([Y19] σ_α, unsigned, b bits) 2^b
+=============  ==========================================================  =========
+
+Rounding in ``uniform`` is ``torch.round``: halves go to the even integer
+(round(0.5) = 0, round(1.5) = 2). ``rounding="stochastic"`` rounds up with
+probability equal to the fractional part (floor(x/Δ + U), U ~ U[0, 1)), an
+unbiased forward. ``bits=None`` leaves ``uniform`` unclipped (Δ·round(x/Δ)),
+the setting of [S24].
+
+``act`` is [Y19]'s ceil-based quantizer: 0 for x <= 0, α·ceil(x/α) on
+(0, (2^b - 2)α], (2^b - 1)α beyond. Levels 0, α, ..., (2^b - 1)α; jumps at
+0, α, ..., (2^b - 2)α.
+
+A learned step (LSQ, Esser et al. 2020) is available for ``uniform`` and
+``act`` with ``learn_step=True``: ∂q/∂Δ = (q(x) - x·1{lo < x < hi})/Δ scaled by
+1/sqrt(N·Qp), N the number of elements quantized (per sample for activations).
+
+NaN inputs give NaN outputs (they propagate; nothing raises inside forward or
+backward, which keeps both free of host synchronisation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import estimators as _est
+from .errors import ConfigError, StelabTypeError, check_int, check_positive, unknown
+from .estimators import Context, Estimator
+
+__all__ = ["Forward", "Quantizer", "QuantAct", "forward_names", "quantize_tensor"]
+
+INF = math.inf
+
+
+# ---------------------------------------------------------------------------
+# Forward functions
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A piecewise-constant forward function with its fixed parameters.
+
+    ``bits`` (uniform, act), ``threshold`` (ternary) and ``rounding`` (uniform)
+    are fixed at construction; the step Δ (α) is passed at call time so that it
+    can be a learned or per-channel tensor.
+    """
+
+    kind: str
+    bits: int | None = None
+    threshold: float = 0.5
+    rounding: str = "nearest"
+
+    @property
+    def has_step(self) -> bool:
+        return self.kind in ("uniform", "act")
+
+    @property
+    def qrange(self) -> tuple[float, float]:
+        """(lowest, highest) level in units of the step."""
+        if self.kind == "uniform":
+            if self.bits is None:
+                return (-INF, INF)
+            return (-(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1)
+        if self.kind == "act":
+            return (0.0, 2.0**self.bits - 1)
+        raise AttributeError(f"{self.kind} has no step")
+
+    @property
+    def deployed_bits(self) -> int | None:
+        """Bits per element at deployment (None: stays floating point)."""
+        return {
+            "identity": None,
+            "sign": 1,
+            "heaviside": 1,
+            "ternary": 2,
+        }.get(self.kind, self.bits)
+
+    def __call__(self, x: Tensor, step: Tensor | None = None, generator=None) -> Tensor:
+        k = self.kind
+        # The inner where() hands NaN through (x is NaN exactly where neither
+        # comparison holds); torch.sign and torch.heaviside map NaN to 0.
+        if k == "sign":
+            return torch.where(x >= 0, 1.0, torch.where(x < 0, -1.0, x))
+        if k == "heaviside":
+            return torch.where(x > 0, 1.0, torch.where(x <= 0, 0.0, x))
+        if k == "ternary":
+            a = x.abs()
+            t = self.threshold
+            return torch.where(a > t, torch.sign(x), torch.where(a <= t, 0.0, x))
+        if k == "identity":
+            return x.clone()
+        lo, hi = self.qrange
+        u = x / step
+        if k == "act":
+            n = torch.ceil(u)
+        elif self.rounding == "stochastic":
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            n = torch.floor(u + noise)
+        else:
+            n = torch.round(u)
+        if math.isfinite(lo):
+            n = n.clamp(lo, hi)
+        return n * step
+
+    def context(self, step: float | Tensor | None) -> Context:
+        """The :class:`Context` an estimator sees for this forward and step."""
+        k = self.kind
+        if k == "sign":
+            return Context(k, -1.0, 1.0, 2.0, 0.0, 0.0, 0.0)
+        if k == "heaviside":
+            return Context(k, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+        if k == "ternary":
+            t = self.threshold
+            return Context(k, -1.0, 1.0, 2 * t, t, -t, t)
+        if k == "identity":
+            return Context(k, -INF, INF, 1.0, 0.0, -INF, INF)
+        lo, hi = self.qrange
+        if k == "uniform":
+            first, last = lo + 0.5, hi - 0.5
+            off = 0.5
+        else:  # act: jumps at 0, α, ..., (2^b - 2)α
+            first, last = 0.0, hi - 1
+            off = 0.0
+        if math.isfinite(lo):
+            return Context(k, lo * step, hi * step, step, off * step, first * step, last * step)
+        return Context(k, -INF, INF, step, off * step, -INF, INF)
+
+
+_FORWARD_FORMULAS = {
+    "identity": "x",
+    "sign": "+1 if x >= 0 else -1",
+    "heaviside": "1{x > 0}",
+    "ternary": "sign(x) * 1{|x| > t}",
+    "uniform": "step * clamp(round(x/step), -2^(b-1), 2^(b-1)-1)   (round half to even)",
+    "act": "alpha * clamp(ceil(x/alpha), 0, 2^b - 1)   ([Y19] sigma_alpha)",
+}
+
+
+def forward_names() -> list[str]:
+    """Names of the forward functions."""
+    return list(_FORWARD_FORMULAS)
+
+
+def forward_formula(kind: str) -> str:
+    return _FORWARD_FORMULAS[kind]
+
+
+# ---------------------------------------------------------------------------
+# The autograd family: one Function for every (forward, estimator) pair
+# ---------------------------------------------------------------------------
+
+
+class _Quantize(torch.autograd.Function):
+    """y = fwd(x); backward g_x = est.grad_input(x, y, g); LSQ gradient for a learned step.
+
+    One Function serves every (forward, estimator) pair. The estimator's context
+    (levels, step) is built in backward only, so forward costs nothing beyond
+    the forward function itself.
+    """
+
+    @staticmethod
+    def forward(x, step, fwd, est, lsq_scale, generator):  # noqa: D102
+        return fwd(x, step, generator)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # noqa: D102
+        x, step, fwd, est, lsq_scale, _ = inputs
+        learn = lsq_scale is not None
+        ctx.fwd, ctx.est, ctx.lsq_scale, ctx.learn = fwd, est, lsq_scale, learn
+        ctx.step_const = None if isinstance(step, Tensor) else step
+        ctx.save_for_backward(
+            x if (est.needs_input or learn) else None,
+            output if (est.needs_output or learn) else None,
+            step if isinstance(step, Tensor) else None,
+        )
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        x, y, step = ctx.saved_tensors
+        qctx = ctx.fwd.context(ctx.step_const if step is None else step)
+        gx = ctx.est.grad_input(x, y, g, qctx) if ctx.needs_input_grad[0] else None
+        gstep = None
+        if ctx.learn and ctx.needs_input_grad[1]:
+            inside = ((x > qctx.lo) & (x < qctx.hi)).to(x.dtype)
+            gs = g * (y - x * inside) / step
+            gstep = (gs.sum_to_size(step.shape) * ctx.lsq_scale).to(step.dtype)
+        return gx, gstep, None, None, None, None
+
+
+def quantize_tensor(
+    x: Tensor,
+    fwd: Forward,
+    estimator: Estimator,
+    step: Tensor | float | None = None,
+    *,
+    lsq_scale: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Functional form: ``fwd(x)`` forward, ``estimator`` backward.
+
+    ``lsq_scale`` (with a tensor ``step`` that requires grad) enables LSQ's step
+    gradient scaled by that factor.
+    """
+    return _Quantize.apply(x, step, fwd, estimator, lsq_scale, generator)
+
+
+# ---------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------
+
+_QUANTIZER_PARAMS = (
+    "bits",
+    "step",
+    "alpha",
+    "threshold",
+    "rounding",
+    "learn_step",
+    "per_sample",
+    "generator",
+)
+
+
+def _as_step(step: Any, name: str = "step") -> Tensor:
+    if isinstance(step, Tensor):
+        if not step.is_floating_point():
+            raise StelabTypeError(f"{name} must be a floating-point tensor, got dtype {step.dtype}")
+        bad = ~torch.isfinite(step) | (step <= 0)
+        if bool(bad.any()):
+            raise ConfigError(f"{name} must be finite and > 0 everywhere, got {step.flatten()[:4]}")
+        return step.detach().clone()
+    # float64 keeps a step like 0.1 exact to double precision; a 0-d tensor does not
+    # promote the input's dtype, so float32 inputs stay float32
+    return torch.tensor(check_positive(name, step), dtype=torch.float64)
+
+
+class Quantizer(nn.Module):
+    """A forward function paired with a gradient estimator, as a module.
+
+    Args:
+        fn: forward function name: ``identity``, ``sign``, ``heaviside``,
+            ``ternary``, ``uniform`` or ``act`` (see the module docstring).
+        estimator: an estimator name (``stelab.estimators.names()``), an
+            :class:`~stelab.estimators.Estimator`, or a function ``x -> q̂'(x)``.
+        bits: bit width for ``uniform`` (2..16, or None for unclipped) and
+            ``act`` (1..16).
+        step: level spacing Δ for ``uniform`` / resolution α for ``act``: a
+            positive number, or a tensor broadcastable to the input (per channel).
+            ``alpha`` is accepted as a synonym for ``act``.
+        threshold: t for ``ternary`` (default 0.5).
+        rounding: ``"nearest"`` (half to even) or ``"stochastic"`` (uniform only).
+        learn_step: make the step a parameter trained with LSQ's gradient.
+        per_sample: LSQ's N counts elements per sample (activations) rather than
+            all elements (weights).
+        generator: ``torch.Generator`` used by stochastic rounding.
+        **estimator_params: parameters of the estimator, e.g. ``beta=5``.
+
+    Example::
+
+        q = Quantizer("sign", "swish_sign", beta=10)
+        a = Quantizer("act", "clipped_relu", bits=2, step=0.5)
+    """
+
+    def __init__(
+        self,
+        fn: str = "sign",
+        estimator: str | Estimator | Any = "ste",
+        *,
+        bits: int | None = None,
+        step: float | Tensor | None = None,
+        alpha: float | Tensor | None = None,
+        threshold: float = 0.5,
+        rounding: str = "nearest",
+        learn_step: bool = False,
+        per_sample: bool = False,
+        generator: torch.Generator | None = None,
+        **estimator_params: Any,
+    ):
+        super().__init__()
+        if not isinstance(fn, str) or fn not in _FORWARD_FORMULAS:
+            raise unknown("quantizer", fn, _FORWARD_FORMULAS)
+        if alpha is not None:
+            if fn != "act" or step is not None:
+                raise ConfigError(
+                    "alpha is the step of the 'act' quantizer; give either step or alpha, "
+                    f"got fn={fn!r}, step={step!r}, alpha={alpha!r}"
+                )
+            step = alpha
+        if rounding not in ("nearest", "stochastic"):
+            raise ConfigError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if rounding == "stochastic" and fn != "uniform":
+            raise ConfigError(f"rounding='stochastic' needs fn='uniform', got fn={fn!r}")
+        if fn == "uniform":
+            if bits is not None:
+                bits = check_int("bits", bits, 2, 16)
+        elif fn == "act":
+            if bits is None:
+                raise ConfigError(
+                    "bits is required for the 'act' quantizer (an integer in [1, 16])"
+                )
+            bits = check_int("bits", bits, 1, 16)
+        elif bits is not None and not (fn in ("sign", "heaviside") and bits == 1):
+            raise ConfigError(f"bits is not a parameter of the {fn!r} quantizer, got bits={bits!r}")
+        else:
+            bits = None
+        if fn == "ternary":
+            threshold = check_positive("threshold", threshold)
+        self.fwd = Forward(fn, bits, float(threshold), rounding)
+
+        if self.fwd.has_step:
+            if step is None:
+                raise ConfigError(f"step is required for the {fn!r} quantizer (a number > 0)")
+            step_t = _as_step(step, "alpha" if alpha is not None else "step")
+            if learn_step:
+                if bits is None:
+                    raise ConfigError("learn_step=True needs a clipped quantizer: set bits")
+                self.step = nn.Parameter(step_t)
+            else:
+                self.register_buffer("step", step_t)
+        else:
+            if step is not None:
+                raise ConfigError(f"step is not a parameter of the {fn!r} quantizer")
+            if learn_step:
+                raise ConfigError(f"learn_step needs fn='uniform' or 'act', got fn={fn!r}")
+            self.step = None
+        self.learn_step = bool(learn_step)
+        self.per_sample = bool(per_sample)
+        self.generator = generator
+
+        try:
+            self.estimator = _est.get(estimator, **estimator_params)
+        except ConfigError as e:
+            if estimator_params and "unexpected parameters" in str(e):
+                raise ConfigError(
+                    f"{e}. Quantizer parameters are: {', '.join(_QUANTIZER_PARAMS)}"
+                ) from None
+            raise
+        self.estimator.check(self.fwd.context(1.0 if self.fwd.has_step else None))
+
+    # -- properties used by summaries, conversion and the CLI -------------------
+
+    @property
+    def kind(self) -> str:
+        return self.fwd.kind
+
+    @property
+    def bits(self) -> int | None:
+        """Bits per element at deployment; None when the output stays floating point."""
+        return self.fwd.deployed_bits
+
+    def context(self) -> Context:
+        return self.fwd.context(None if self.step is None else self.step.detach())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise StelabTypeError(f"quantizer input must be a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise StelabTypeError(
+                f"quantizer input must be a floating-point tensor, got dtype {x.dtype}"
+            )
+        lsq = None
+        if self.learn_step:
+            n = x[0].numel() if (self.per_sample and x.dim() > 1) else x.numel()
+            lsq = 1.0 / math.sqrt(n * self.fwd.qrange[1])
+        return quantize_tensor(
+            x, self.fwd, self.estimator, self.step, lsq_scale=lsq, generator=self.generator
+        )
+
+    def extra_repr(self) -> str:
+        parts = [repr(self.fwd.kind)]
+        if self.fwd.bits is not None:
+            parts.append(f"bits={self.fwd.bits}")
+        if self.step is not None:
+            s = self.step
+            parts.append(f"step={s.item():.4g}" if s.numel() == 1 else f"step=<{tuple(s.shape)}>")
+            if self.learn_step:
+                parts.append("learn_step=True")
+        if self.fwd.kind == "ternary":
+            parts.append(f"threshold={self.fwd.threshold:g}")
+        if self.fwd.rounding != "nearest":
+            parts.append(f"rounding={self.fwd.rounding!r}")
+        parts.append(f"estimator={self.estimator!r}")
+        return ", ".join(parts)
+
+    def with_estimator(self, estimator: str | Estimator, **params: Any) -> Quantizer:
+        """A copy of this quantizer with another estimator (same forward and step)."""
+        new = Quantizer.__new__(type(self))
+        nn.Module.__init__(new)
+        new.fwd = self.fwd
+        new.learn_step, new.per_sample, new.generator = (
+            self.learn_step,
+            self.per_sample,
+            self.generator,
+        )
+        if self.step is None:
+            new.step = None
+        elif self.learn_step:
+            new.step = nn.Parameter(self.step.detach().clone())
+        else:
+            new.register_buffer("step", self.step.detach().clone())
+        new.estimator = _est.get(estimator, **params)
+        new.estimator.check(new.context())
+        return new
+
+
+class QuantAct(Quantizer):
+    """An activation quantizer as a module (a :class:`Quantizer` whose LSQ
+    gradient scale counts elements per sample). Same arguments as Quantizer::
+
+        QuantAct("act", "clipped_relu", bits=2, alpha=0.5)
+    """
+
+    def __init__(self, fn: str = "act", estimator: Any = "ste", **kwargs: Any):
+        kwargs.setdefault("per_sample", True)
+        super().__init__(fn, estimator, **kwargs)
+
+
+def context_with(ctx: Context, **changes: Any) -> Context:
+    """A copy of ``ctx`` with some fields changed (for custom estimators' tests)."""
+    return replace(ctx, **changes)
+
+
+def halfnormal_alpha(bits: int, *, tol: float = 1e-12) -> float:
+    """The resolution α of [Y19]'s σ_α that minimises E[(σ_α(x) - x)²] for x ~ |N(0, 1)|.
+
+    [Y19] fixes α per bit width as the MSE-optimal uniform quantizer of the
+    half-Gaussian that follows a batch norm without affine parameters. With
+    p(x) = 2φ(x) on x > 0, bin k = ((k-1)α, kα] (the last one unbounded) maps to
+    level kα, and each bin contributes exactly
+
+        L²·ΔP - 2L·ΔM1 + ΔM2,  P = 2Φ(t), M1 = 2(φ(0) - φ(t)), M2 = 2(Φ(t) - tφ(t)),
+
+    so the MSE is evaluated in closed form (float64) and minimised over α by
+    golden-section search. 1 bit gives α = E|x| = sqrt(2/π).
+    """
+    bits = check_int("bits", bits, 1, 16)
+    qp = 2**bits - 1
+    k = torch.arange(1, qp + 1, dtype=torch.float64)
+    sqrt2 = math.sqrt(2.0)
+
+    def mse(a: float) -> float:
+        lo = (k - 1) * a
+        hi = k * a
+        hi[-1] = math.inf
+
+        def parts(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            cdf = 1 + torch.erf(t / sqrt2)  # 2Φ(t)
+            phi = torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
+            tphi = torch.where(torch.isinf(t), 0.0, t * phi)
+            return cdf, 2 * (1 / math.sqrt(2 * math.pi) - phi), cdf - 2 * tphi
+
+        p1, m1, s1 = parts(hi)
+        p0, m0, s0 = parts(lo)
+        level = k * a
+        return float((level**2 * (p1 - p0) - 2 * level * (m1 - m0) + (s1 - s0)).sum())
+
+    lo, hi = 1e-6, 10.0 / qp + 1.0
+    g = (math.sqrt(5) - 1) / 2
+    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+    fc, fd = mse(c), mse(d)
+    while hi - lo > tol * max(1.0, hi):
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - g * (hi - lo)
+            fc = mse(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + g * (hi - lo)
+            fd = mse(d)
+    return (lo + hi) / 2

@@ -1,0 +1,191 @@
+"""Quantized layers, quantize() conversion and summary() against hand-computed numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import stelab
+from stelab import QuantAct, QuantConv2d, Quantizer, QuantLinear, quantize, summary
+from stelab.errors import ConfigError
+
+
+def plain_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 8), nn.ReLU(), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+def test_quant_linear_uses_quantized_weight_and_input():
+    torch.manual_seed(0)
+    lin = QuantLinear(5, 3, weight_quantizer=Quantizer("sign"), input_quantizer=Quantizer("sign"))
+    x = torch.randn(4, 5)
+    expect = torch.where(x >= 0, 1.0, -1.0) @ torch.where(lin.weight >= 0, 1.0, -1.0).T + lin.bias
+    torch.testing.assert_close(lin(x), expect)
+    assert "weight_quantizer" in repr(lin) and "sign" in repr(lin)
+
+
+def test_quant_conv_matches_functional_conv_with_quantized_weight():
+    torch.manual_seed(0)
+    conv = QuantConv2d(2, 3, 3, padding=1, weight_quantizer=Quantizer("uniform", bits=4, step=0.1))
+    x = torch.randn(2, 2, 5, 5)
+    wq = 0.1 * torch.clamp(torch.round(conv.weight / 0.1), -8, 7)
+    torch.testing.assert_close(conv(x), nn.functional.conv2d(x, wq, conv.bias, padding=1))
+
+
+def test_latent_weight_gets_estimator_gradient():
+    lin = QuantLinear(3, 1, bias=False, weight_quantizer=Quantizer("sign", "clipped"))
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, -2.0, 0.9]]))
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    lin(x).sum().backward()
+    assert lin.weight.grad.tolist() == [[1.0, 0.0, 3.0]]  # clipped STE: |w| <= 1
+
+
+def test_state_dict_round_trip_and_dtype():
+    m = quantize(plain_net(), weights={"fn": "uniform", "bits": 4, "step": "auto"},
+                 activations={"fn": "act", "bits": 2, "alpha": 0.5})  # fmt: skip
+    m2 = quantize(plain_net(), weights={"fn": "uniform", "bits": 4, "step": 1.0},
+                  activations={"fn": "act", "bits": 2, "alpha": 0.9})  # fmt: skip
+    with torch.no_grad():
+        for p in m2.parameters():
+            p.add_(1.0)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(m(x), m2(x))
+    md = m.double()
+    assert md(x.double()).dtype == torch.float64
+
+
+def test_quantize_with_identity_preserves_outputs_and_gradients():
+    ref = plain_net()
+    q = quantize(ref, weights="identity")
+    x = torch.randn(3, 1, 8, 8)
+    assert torch.equal(q(x), ref(x))
+    q(x).sum().backward()
+    ref(x).sum().backward()
+    for (n, p), (_, r) in zip(q.named_parameters(), ref.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, r.grad, msg=n)
+    assert isinstance(q[0], QuantConv2d) and isinstance(q[4], QuantLinear)
+    assert q[0].weight is not ref[0].weight  # inplace=False converts a copy
+
+
+def test_quantize_inplace_shares_parameters():
+    ref = plain_net()
+    params = {id(p) for p in ref.parameters()}
+    q = quantize(ref, weights="sign:approx_sign", inplace=True)
+    assert q is ref and {id(p) for p in q.parameters()} == params
+    assert q[0].weight_quantizer.estimator.name == "approx_sign"
+
+
+def test_skip_and_overrides_by_pattern():
+    q = quantize(
+        plain_net(),
+        weights={"fn": "uniform", "bits": 4, "step": "auto"},
+        activations={"fn": "act", "bits": 2, "alpha": 0.5, "estimator": "relu"},
+        skip=["0"],
+        overrides={"6": {"weights": "sign:ste"}, "5": {"activations": "heaviside:clipped_relu"}},
+    )
+    assert type(q[0]) is nn.Conv2d  # skipped
+    assert isinstance(q[1], QuantAct) and q[1].estimator.name == "relu"
+    assert q[4].weight_quantizer.kind == "uniform"
+    assert q[5].kind == "heaviside" and q[5].estimator.name == "clipped_relu"
+    assert q[6].weight_quantizer.kind == "sign"
+
+
+def test_auto_step_is_lsq_init():
+    ref = plain_net()
+    q = quantize(ref, weights={"fn": "uniform", "bits": 4, "step": "auto"})
+    w = ref[4].weight
+    assert q[4].weight_quantizer.step.item() == pytest.approx(
+        2 * w.abs().mean().item() / 7**0.5, rel=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,word",
+    [
+        (dict(weights="sgn"), "sgn"),
+        (dict(weights={"bits": 4}), "fn"),
+        (dict(weights=3.5), "weights"),
+        (dict(activations={"fn": "act", "bits": 2, "step": "auto"}), "step='auto'"),
+        (dict(weights="sign", skip=["nothing.here"]), "nothing.here"),
+        (dict(weights="sign", overrides={"0": {"weight": "sign"}}), "weight"),
+        (dict(weights={"fn": "uniform", "bits": 40, "step": 0.1}), "bits"),
+    ],
+)
+def test_quantize_bad_input(kwargs, word):
+    with pytest.raises((ValueError, TypeError)) as e:
+        quantize(plain_net(), **kwargs)
+    assert word in str(e.value)
+
+
+def test_summary_totals_match_hand_computation():
+    q = quantize(
+        plain_net(),
+        weights={"fn": "uniform", "bits": 4, "step": 0.1},
+        activations={"fn": "act", "bits": 2, "alpha": 0.5},
+        skip=["6"],
+    )
+    s = summary(q, (1, 8, 8))
+    # conv 1->4, k3 on 8x8: 6x6 out; 36 weights + 4 bias; MACs 4*6*6*1*3*3
+    # linear 36->8: 288 weights + 8 bias; linear 8->3 float: 24 + 3
+    assert s.total_params == 40 + 296 + 27
+    assert s.quantized_params == 36 + 288
+    assert s.total_macs == 4 * 6 * 6 * 9 + 36 * 8 + 8 * 3
+    assert s.float32_bytes == 4 * 363
+    deployed = (36 + 288) * 4 / 8 + (4 + 8) * 4 + 27 * 4
+    assert s.deployed_bytes == deployed
+    assert s.compression == pytest.approx(4 * 363 / deployed)
+    rows = {r.name: r for r in s.rows}
+    assert rows["0"].output_shape == (4, 6, 6) and rows["0"].weight_bits == 4
+    assert rows["1"].act_bits == 2 and rows["1"].estimator == "ste"
+    text = str(s)
+    assert "Compression" in text and "QuantConv2d" in text and "MACs" in text
+
+
+def test_summary_bad_input_size():
+    with pytest.raises(ConfigError, match="input_size"):
+        summary(plain_net(), (1, 0, 8))
+    with pytest.raises(ConfigError, match="input_size"):
+        summary(plain_net(), (3, 8, 8))  # wrong channel count
+
+
+def test_lenet5_under_torch_compile_matches_eager():
+    from stelab import models
+
+    torch.manual_seed(0)
+    m = models.build("lenet5", in_shape=(1, 8, 8), act={"bits": 2, "estimator": "clipped_relu"},
+                     weights={"fn": "sign", "estimator": "approx_sign"})  # fmt: skip
+    x = torch.randn(16, 1, 8, 8)
+    y = m(x)
+    y.sum().backward()
+    g = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    cm = torch.compile(m, backend="aot_eager", fullgraph=True)
+    yc = cm(x)
+    yc.sum().backward()
+    torch.testing.assert_close(yc, y)
+    for a, b in zip(g, [p.grad for p in m.parameters()], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantized_model_on_cuda_matches_cpu():
+    from stelab import models
+
+    torch.manual_seed(0)
+    m = models.build("lenet5", in_shape=(1, 28, 28), act={"bits": 2})
+    x = torch.randn(8, 1, 28, 28)
+    y = m(x)
+    mc = m.cuda()
+    torch.testing.assert_close(mc(x.cuda()).cpu(), y, rtol=1e-4, atol=1e-4)
+
+
+def test_public_api_exports():
+    for name in ["Quantizer", "QuantAct", "QuantLinear", "QuantConv2d", "quantize", "summary",
+                 "register_estimator", "estimator", "custom"]:  # fmt: skip
+        assert hasattr(stelab, name)
