@@ -1,0 +1,1 @@
+"""Experiments: one module per reproduced paper (each exposes ``run(out_dir, ...)``)."""
