@@ -315,3 +315,24 @@ def test_every_estimator_documents_its_formula():
         assert row["formula"], row["name"]
         est = stelab.estimator(row["name"])
         assert type(est).__doc__ and len(type(est).__doc__) > 30, row["name"]
+
+
+STEP_CASES = [c for c in CASES if c[0]["fn"] in ("uniform", "act") and c[0].get("bits")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "qargs,est,params,formula,extra", STEP_CASES, ids=[c[1] for c in STEP_CASES]
+)
+def test_tensor_step_path_equals_float_step_path(qargs, est, params, formula, extra, dtype):
+    """Fixed scalar steps take fused float kernels; learned steps build the context
+    from the step tensor. Both must give the same input gradient."""
+    qargs = dict(qargs)
+    fn = qargs.pop("fn")
+    fast = Quantizer(fn, est, **qargs, **params)
+    slow = Quantizer(fn, est, **qargs, **params, learn_step=True)
+    xs = torch.tensor(grid(extra), dtype=dtype).tolist()
+    g_fast, y_fast = backward(fast, xs, dtype)
+    g_slow, y_slow = backward(slow.to(dtype), xs, dtype)
+    assert torch.equal(y_fast, y_slow)
+    torch.testing.assert_close(g_fast, g_slow, rtol=1e-6, atol=1e-6)

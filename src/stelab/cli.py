@@ -93,6 +93,9 @@ def summary(
         shape = tuple(int(s) for s in input_shape.split(","))
     except ValueError:
         raise ConfigError(f"--input-shape must be C,H,W integers, got {input_shape!r}") from None
+    from . import estimators as _e
+
+    _e.get(estimator)  # a bad name is an error even when --bits leaves activations float
     weights = None
     if weight_bits is not None:
         weights = {"fn": "uniform", "bits": weight_bits, "step": "auto"}
@@ -126,6 +129,15 @@ def demo(
         _e.get(e)  # fail fast on an unknown name
     typer.echo(f"Training LeNet-5 on scikit-learn digits ({epochs} epochs per estimator)...")
     _demo.run(ests, bits=bits, epochs=epochs, seed=seed, log=typer.echo)
+
+
+def _register_more() -> None:
+    from . import cli_train
+
+    cli_train.register(app)
+
+
+_register_more()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ tensors and inside ``torch.compile``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -130,6 +131,15 @@ class Estimator:
 
 def _indicator(mask: Tensor, like: Tensor) -> Tensor:
     return mask.to(like.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _next(v: float, toward: float, dtype: torch.dtype) -> float:
+    """The neighbour of ``v`` toward ``toward`` in ``dtype``, as a Python float."""
+    if not math.isfinite(v):
+        return v
+    t = torch.tensor(v, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(toward, dtype=dtype)))
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +276,15 @@ class Clipped(Estimator):
             return _indicator((x >= ctx.lo) & (x <= ctx.hi), x)
         return _indicator(x.abs() <= self.c, x)
 
+    def grad_input(self, x: Tensor | None, y: Tensor | None, g: Tensor, ctx: Context) -> Tensor:
+        lo, hi = (ctx.lo, ctx.hi) if self.c is None else (-self.c, self.c)
+        if isinstance(lo, float) and isinstance(hi, float):
+            # one fused kernel; its interval is open, so widen it by one ulp of x's dtype
+            return torch.ops.aten.hardtanh_backward(
+                g, x, _next(lo, -math.inf, x.dtype), _next(hi, math.inf, x.dtype)
+            )
+        return super().grad_input(x, y, g, ctx)
+
 
 @register("relu")
 class ReLU(Estimator):
@@ -276,6 +295,9 @@ class ReLU(Estimator):
 
     def derivative(self, x: Tensor, ctx: Context) -> Tensor:
         return _indicator(x > 0, x)
+
+    def grad_input(self, x: Tensor | None, y: Tensor | None, g: Tensor, ctx: Context) -> Tensor:
+        return torch.ops.aten.threshold_backward(g, x, 0.0)  # g·1{x > 0}, one fused kernel
 
 
 @register("clipped_relu")
@@ -298,6 +320,13 @@ class ClippedReLU(Estimator):
     def derivative(self, x: Tensor, ctx: Context) -> Tensor:
         top = ctx.hi if self.top is None else self.top
         return _indicator((x > 0) & (x < top), x)
+
+    def grad_input(self, x: Tensor | None, y: Tensor | None, g: Tensor, ctx: Context) -> Tensor:
+        top = ctx.hi if self.top is None else self.top
+        if isinstance(top, float):
+            # g·1{0 < x < top} in one fused kernel (hardtanh's open interval)
+            return torch.ops.aten.hardtanh_backward(g, x, 0.0, top)
+        return super().grad_input(x, y, g, ctx)
 
     def check(self, ctx: Context) -> None:
         super().check(ctx)
@@ -624,34 +653,35 @@ class SoftStaircase(CyclicEstimator):
 
 @register("periodic")
 class Periodic(CyclicEstimator):
-    """Any cyclical estimator from a function of the position in a bin: q̂'(w) = fn(r).
+    """Any cyclical estimator from a function of the position in a bin: q̂'(w) = func(r).
 
     r = w/Δ - round(w/Δ) in [-1/2, 1/2) (r = ±1/2 are the change points, 0 the bin
-    centre). ``fn`` must be a pure torch function returning a tensor like r; for the
-    [S24] theorem it should be positive. ``fn=None`` is the constant 1 (the STE).
+    centre). ``func`` must be a pure torch function returning a tensor like r; for the
+    [S24] theorem it should be positive. ``func=None`` is the constant 1 (the STE).
+    (The parameter is not called ``fn``: that is the Quantizer's forward-function name.)
     Example::
 
         bump = lambda r: 1 + 0.3 * torch.sin(2 * math.pi * r)
-        Quantizer("uniform", "periodic", step=0.1, fn=bump)
+        Quantizer("uniform", "periodic", step=0.1, func=bump)
     """
 
-    formula = "fn(r),  r = w/step - round(w/step) in [-1/2, 1/2)"
+    formula = "func(r),  r = w/step - round(w/step) in [-1/2, 1/2)"
     reference = "[S24] arXiv:2405.05171 (the class of cyclical estimators)"
 
-    def __init__(self, fn: Callable[[Tensor], Tensor] | None = None):
-        if fn is not None and not callable(fn):
-            raise StelabTypeError(f"fn must be a function r -> q̂'(r) or None, got {fn!r}")
-        self.fn = fn
+    def __init__(self, func: Callable[[Tensor], Tensor] | None = None):
+        if func is not None and not callable(func):
+            raise StelabTypeError(f"func must be a function r -> q̂'(r) or None, got {func!r}")
+        self.func = func
 
     def params(self) -> dict[str, Any]:
-        return {"fn": self.fn}
+        return {"func": self.func}
 
     def profile(self, r: Tensor) -> Tensor:
-        if self.fn is None:
+        if self.func is None:
             return torch.ones_like(r)
-        d = self.fn(r)
+        d = self.func(r)
         if not isinstance(d, Tensor):
             raise StelabTypeError(
-                f"periodic estimator fn must return a tensor, got {type(d).__name__}"
+                f"periodic estimator func must return a tensor, got {type(d).__name__}"
             )
         return d

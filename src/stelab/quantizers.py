@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import estimators as _est
@@ -95,32 +96,33 @@ class Forward:
             "ternary": 2,
         }.get(self.kind, self.bits)
 
-    def __call__(self, x: Tensor, step: Tensor | None = None, generator=None) -> Tensor:
+    def __call__(self, x: Tensor, step: Tensor | float | None = None, generator=None) -> Tensor:
+        # Written as chains of arithmetic kernels (in place after the first), no
+        # boolean masks: on CPU a comparison + where() costs 10-50x a ReLU.
+        # maximum(y, clamp(x, max=lo)) hands NaN through (y >= lo everywhere else);
+        # torch.sign maps NaN to 0, so it is needed for sign/heaviside/ternary.
         k = self.kind
-        # The inner where() hands NaN through (x is NaN exactly where neither
-        # comparison holds); torch.sign and torch.heaviside map NaN to 0.
-        if k == "sign":
-            return torch.where(x >= 0, 1.0, torch.where(x < 0, -1.0, x))
+        if k == "sign":  # sign(sign(x) + 1/2) maps 0 to +1
+            return torch.maximum(torch.sign(x).add_(0.5).sign_(), x.clamp(max=-1.0))
         if k == "heaviside":
-            return torch.where(x > 0, 1.0, torch.where(x <= 0, 0.0, x))
+            return torch.maximum(torch.sign(x).clamp_(min=0.0), x.clamp(max=0.0))
         if k == "ternary":
-            a = x.abs()
-            t = self.threshold
-            return torch.where(a > t, torch.sign(x), torch.where(a <= t, 0.0, x))
+            y = torch.sign(F.hardshrink(x, self.threshold))
+            return torch.maximum(y, x.clamp(max=-1.0))
         if k == "identity":
             return x.clone()
         lo, hi = self.qrange
-        u = x / step
+        u = torch.div(x, step)
         if k == "act":
-            n = torch.ceil(u)
+            u.ceil_()
         elif self.rounding == "stochastic":
-            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            n = torch.floor(u + noise)
+            u.add_(torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype))
+            u.floor_()
         else:
-            n = torch.round(u)
+            u.round_()
         if math.isfinite(lo):
-            n = n.clamp(lo, hi)
-        return n * step
+            u.clamp_(lo, hi)
+        return u.mul_(step)
 
     def context(self, step: float | Tensor | None) -> Context:
         """The :class:`Context` an estimator sees for this forward and step."""
@@ -173,38 +175,42 @@ def forward_formula(kind: str) -> str:
 class _Quantize(torch.autograd.Function):
     """y = fwd(x); backward g_x = est.grad_input(x, y, g); LSQ gradient for a learned step.
 
-    One Function serves every (forward, estimator) pair. The estimator's context
-    (levels, step) is built in backward only, so forward costs nothing beyond
-    the forward function itself.
+    One Function serves every (forward, estimator) pair. ``qctx`` is the
+    estimator's context with plain-float levels when the step is a fixed scalar
+    (the fast path: fused ATen backward kernels take Python scalars); it is None
+    for learned or per-channel steps, and then built from the step tensor in
+    backward.
     """
 
     @staticmethod
-    def forward(x, step, fwd, est, lsq_scale, generator):  # noqa: D102
+    def forward(x, step, fwd, est, qctx, lsq_scale, generator):  # noqa: D102
         return fwd(x, step, generator)
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # noqa: D102
-        x, step, fwd, est, lsq_scale, _ = inputs
+        x, step, fwd, est, qctx, lsq_scale, _ = inputs
         learn = lsq_scale is not None
-        ctx.fwd, ctx.est, ctx.lsq_scale, ctx.learn = fwd, est, lsq_scale, learn
+        ctx.fwd, ctx.est, ctx.qctx, ctx.lsq_scale, ctx.learn = fwd, est, qctx, lsq_scale, learn
         ctx.step_const = None if isinstance(step, Tensor) else step
         ctx.save_for_backward(
             x if (est.needs_input or learn) else None,
             output if (est.needs_output or learn) else None,
-            step if isinstance(step, Tensor) else None,
+            step if isinstance(step, Tensor) and (learn or qctx is None) else None,
         )
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
         x, y, step = ctx.saved_tensors
-        qctx = ctx.fwd.context(ctx.step_const if step is None else step)
+        qctx = ctx.qctx
+        if qctx is None:
+            qctx = ctx.fwd.context(ctx.step_const if step is None else step.detach())
         gx = ctx.est.grad_input(x, y, g, qctx) if ctx.needs_input_grad[0] else None
         gstep = None
         if ctx.learn and ctx.needs_input_grad[1]:
             inside = ((x > qctx.lo) & (x < qctx.hi)).to(x.dtype)
             gs = g * (y - x * inside) / step
             gstep = (gs.sum_to_size(step.shape) * ctx.lsq_scale).to(step.dtype)
-        return gx, gstep, None, None, None, None
+        return gx, gstep, None, None, None, None, None
 
 
 def quantize_tensor(
@@ -215,13 +221,17 @@ def quantize_tensor(
     *,
     lsq_scale: float | None = None,
     generator: torch.Generator | None = None,
+    context: Context | None = None,
 ) -> Tensor:
     """Functional form: ``fwd(x)`` forward, ``estimator`` backward.
 
     ``lsq_scale`` (with a tensor ``step`` that requires grad) enables LSQ's step
-    gradient scaled by that factor.
+    gradient scaled by that factor. ``context``: the estimator's context if the
+    caller has it (built from ``step`` otherwise).
     """
-    return _Quantize.apply(x, step, fwd, estimator, lsq_scale, generator)
+    if context is None and not isinstance(step, Tensor):
+        context = fwd.context(step)
+    return _Quantize.apply(x, step, fwd, estimator, context, lsq_scale, generator)
 
 
 # ---------------------------------------------------------------------------
@@ -382,8 +392,34 @@ class Quantizer(nn.Module):
             n = x[0].numel() if (self.per_sample and x.dim() > 1) else x.numel()
             lsq = 1.0 / math.sqrt(n * self.fwd.qrange[1])
         return quantize_tensor(
-            x, self.fwd, self.estimator, self.step, lsq_scale=lsq, generator=self.generator
+            x,
+            self.fwd,
+            self.estimator,
+            self.step,
+            lsq_scale=lsq,
+            generator=self.generator,
+            context=self._float_context(),
         )
+
+    def _float_context(self) -> Context | None:
+        """The estimator's context with plain floats, for a fixed scalar step.
+
+        Cached on the step buffer's identity and version, so the one host read
+        (``float(step)``) happens only when the step changes (load_state_dict,
+        ``.to()``, an in-place edit), never per call. None (built from the
+        tensor in backward) for learned or per-channel steps and under
+        ``torch.compile``.
+        """
+        s = self.step
+        if s is None:
+            return self.fwd.context(None)
+        if self.learn_step or s.numel() != 1 or torch.compiler.is_compiling():
+            return None
+        key = (s.data_ptr(), s._version, s.dtype, s.device)
+        if self.__dict__.get("_ctx_key") != key:
+            self.__dict__["_ctx"] = self.fwd.context(float(s))
+            self.__dict__["_ctx_key"] = key
+        return self.__dict__["_ctx"]
 
     def extra_repr(self) -> str:
         parts = [repr(self.fwd.kind)]
