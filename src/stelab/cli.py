@@ -131,6 +131,30 @@ def demo(
     _demo.run(ests, bits=bits, epochs=epochs, seed=seed, log=typer.echo)
 
 
+@app.command()
+def reproduce(
+    paper: Annotated[
+        str, typer.Argument(help="yin2019, psa2020, disguise2024 or all.")
+    ] = "all",
+    quick: Annotated[
+        bool, typer.Option(help="Small settings on data that ships with the install.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Output folder for the report.")] = Path(
+        "stelab-out"
+    ),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    rerun: Annotated[bool, typer.Option(help="Run finished parts again.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Reproduce the papers' claims and write report.md + report.html (parts resume)."""
+    from .experiments.reproduce import reproduce as _reproduce
+
+    path = _reproduce(
+        [paper], out, quick=quick, seed=seed, progress=progress, rerun=rerun, log=typer.echo
+    )
+    typer.echo(f"report: {path} and {path.with_suffix('.html')}")
+
+
 def _register_more() -> None:
     from . import cli_train
 

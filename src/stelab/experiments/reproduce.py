@@ -1,0 +1,199 @@
+"""``stelab reproduce``: run each paper's reproduction parts and write one report.
+
+Every part is a module in :mod:`stelab.experiments` with
+``run(out_dir, *, quick, seed, progress) -> dict`` that writes its figures,
+``results.json`` and ``report.md`` into ``out_dir`` and returns at least
+``{"claims": [{"id", "text", "verdict", "evidence"}, ...]}``. Parts are
+resumable: a finished part leaves ``done.json`` (written last, atomically) and
+is reused on the next run with the same mode and seed.
+
+The report (``report.md`` and a self-contained ``report.html`` with the plots
+embedded) gives, per paper, a verdict table of every claim and then each
+part's own section.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, unknown
+from ..io import atomic_write_text, write_json
+
+PAPERS: dict[str, dict[str, Any]] = {
+    "yin2019": {
+        "title": "[Y19] Yin et al., Understanding Straight-Through Estimator in Training "
+        "Activation Quantized Neural Nets (ICLR 2019)",
+        "parts": {"synthetic": "yin2019_synthetic"},
+    },
+    "psa2020": {
+        "title": "[S20] Shekhovtsov, Yanush, Flach, Path Sample-Analytic Gradient Estimators "
+        "for Stochastic Binary Networks (NeurIPS 2020)",
+        "parts": {},
+    },
+    "disguise2024": {
+        "title": "[S24] Schoenbauer et al., Custom Gradient Estimators are Straight-Through "
+        "Estimators in Disguise (2024)",
+        "parts": {},
+    },
+}
+
+
+def register_part(paper: str, part: str, module: str) -> None:
+    """Add a reproduction part (a module of stelab.experiments with ``run``)."""
+    if paper not in PAPERS:
+        raise unknown("paper", paper, PAPERS)
+    PAPERS[paper]["parts"][part] = module
+
+
+def _parts(papers: Sequence[str]) -> list[tuple[str, str, str]]:
+    out = []
+    for p in papers:
+        if p not in PAPERS:
+            raise unknown("paper", p, [*PAPERS, "all"])
+        out += [(p, part, mod) for part, mod in PAPERS[p]["parts"].items()]
+    return out
+
+
+def reproduce(
+    papers: Sequence[str],
+    out: Path,
+    *,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    rerun: bool = False,
+    log: Callable[[str], Any] = print,
+) -> Path:
+    """Run the parts of ``papers`` (``["all"]`` for every paper) into ``out``.
+
+    Returns the path of ``report.md``. Finished parts (same ``quick`` and
+    ``seed``) are reused unless ``rerun``.
+    """
+    papers = list(PAPERS) if list(papers) == ["all"] or not papers else list(papers)
+    parts = _parts(papers)
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output folder {str(out)!r} is not writable: {e.strerror}") from None
+    mode = {"quick": bool(quick), "seed": int(seed)}
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    for paper, part, mod in parts:
+        d = out / paper / part
+        done = d / "done.json"
+        if done.exists() and not rerun:
+            prev = json.loads(done.read_text())
+            if prev.get("mode") == mode:
+                results[(paper, part)] = prev
+                log(f"{paper}/{part}: reused finished part ({_verdicts(prev)})")
+                continue
+        t0 = time.perf_counter()
+        module = importlib.import_module(f"stelab.experiments.{mod}")
+        r = module.run(d, quick=quick, seed=seed, progress=progress)
+        r = {
+            "mode": mode,
+            "seconds": time.perf_counter() - t0,
+            "claims": r.get("claims", []),
+            "notes": r.get("notes", ""),
+        }
+        write_json(done, r)
+        results[(paper, part)] = r
+        log(f"{paper}/{part}: {_verdicts(r)} ({r['seconds']:.0f} s)")
+    md = _report_md(papers, parts, results, out, mode)
+    path = atomic_write_text(out / "report.md", md)
+    atomic_write_text(out / "report.html", _html(md, out))
+    return path
+
+
+def _verdicts(r: dict[str, Any]) -> str:
+    counts: dict[str, int] = {}
+    for c in r.get("claims", []):
+        counts[c.get("verdict", "?")] = counts.get(c.get("verdict", "?"), 0) + 1
+    if not counts:
+        return "no claims"
+    return ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+
+
+_IMG = re.compile(r"(!\[[^\]]*\]\()([^)\s]+)(\))")
+
+
+def _report_md(
+    papers: list[str],
+    parts: list[tuple[str, str, str]],
+    results: dict[tuple[str, str], dict[str, Any]],
+    out: Path,
+    mode: dict[str, Any],
+) -> str:
+    lines = [
+        "# stelab reproduction report",
+        "",
+        f"Mode: {'quick' if mode['quick'] else 'full'}, seed {mode['seed']}. "
+        "Each claim gets a verdict: reproduced, partly, or not, with the evidence.",
+        "",
+    ]
+    for paper in papers:
+        lines += [f"## {PAPERS[paper]['title']}", ""]
+        mine = [(p, part) for p, part, _ in parts if p == paper]
+        if not mine:
+            lines += ["No reproduction part of this paper is available yet.", ""]
+            continue
+        lines += ["| part | claim | verdict | evidence |", "|---|---|---|---|"]
+        for key in mine:
+            for c in results[key]["claims"]:
+                ev = " ".join(str(c.get("evidence", "")).split()).replace("|", "\\|")
+                text = " ".join(str(c.get("text", "")).split()).replace("|", "\\|")
+                lines.append(f"| {key[1]} | ({c.get('id', '')}) {text} | "
+                             f"**{c.get('verdict', '?')}** | {ev} |")  # fmt: skip
+        lines.append("")
+        for p, part in mine:
+            sub = out / p / part / "report.md"
+            if not sub.exists():
+                continue
+            text = sub.read_text()
+            # demote headings by two levels and point images at the part's folder
+            text = re.sub(r"^(#+)", lambda m: "##" + m.group(1), text, flags=re.M)
+            text = _IMG.sub(
+                lambda m: m.group(1)
+                + (m.group(2) if "://" in m.group(2) else f"{p}/{part}/{m.group(2)}")
+                + m.group(3),
+                text,
+            )
+            lines += [text.strip(), ""]
+    return "\n".join(lines) + "\n"
+
+
+def _html(md: str, root: Path) -> str:
+    """Render ``md`` to a self-contained HTML page (PNGs embedded as data URIs)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(md)
+
+    def embed(m: re.Match[str]) -> str:
+        src = m.group(2)
+        f = root / src
+        if "://" in src or not f.is_file():
+            return m.group(0)
+        data = base64.b64encode(f.read_bytes()).decode("ascii")
+        mime = "image/png" if f.suffix.lower() == ".png" else "image/svg+xml"
+        return f'{m.group(1)}data:{mime};base64,{data}{m.group(3)}'
+
+    body = re.sub(r'(<img src=")([^"]+)(")', embed, body)
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
+        "line-height:1.45}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid "
+        "#ccc;padding:4px 8px;vertical-align:top}img{max-width:100%}code{background:#f4f4f4}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>stelab reproduction report"
+        f"</title><style>{style}</style></head><body>{body}</body></html>\n"
+    )
