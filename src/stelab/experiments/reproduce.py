@@ -162,10 +162,13 @@ def _report_md(
             text = sub.read_text()
             # demote headings by two levels and point images at the part's folder
             text = re.sub(r"^(#+)", lambda m: "##" + m.group(1), text, flags=re.M)
+            prefix = f"{p}/{part}/"
             text = _IMG.sub(
-                lambda m: m.group(1)
-                + (m.group(2) if "://" in m.group(2) else f"{p}/{part}/{m.group(2)}")
-                + m.group(3),
+                lambda m, prefix=prefix: (
+                    m.group(1)
+                    + (m.group(2) if "://" in m.group(2) else prefix + m.group(2))
+                    + m.group(3)
+                ),
                 text,
             )
             lines += [text.strip(), ""]
@@ -185,7 +188,7 @@ def _html(md: str, root: Path) -> str:
             return m.group(0)
         data = base64.b64encode(f.read_bytes()).decode("ascii")
         mime = "image/png" if f.suffix.lower() == ".png" else "image/svg+xml"
-        return f'{m.group(1)}data:{mime};base64,{data}{m.group(3)}'
+        return f"{m.group(1)}data:{mime};base64,{data}{m.group(3)}"
 
     body = re.sub(r'(<img src=")([^"]+)(")', embed, body)
     style = (
