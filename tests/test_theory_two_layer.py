@@ -1,0 +1,522 @@
+"""Tests of stelab.theory.two_layer against independent truth.
+
+Truth sources: Monte Carlo with >= 10^6 samples of an independent plain-torch
+implementation of the model (tolerance 5 standard errors per coordinate; a false alarm
+has probability about 5.7e-7 per coordinate, ~1e-4 for the whole file, and the seeds are
+fixed so a run is deterministic), central finite differences of the closed-form loss,
+scipy quadrature of [Y19]'s integrals for p and q, and the closed forms of the inner
+products and of |E g_id| at the spurious minimizer (SPEC section 2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stelab.errors import ConfigError, StelabTypeError
+from stelab.theory import two_layer as tl
+
+F64 = torch.float64
+SQ2PI = math.sqrt(2 * math.pi)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _point(seed: int, m: int, n: int, w_norm: float, angle: float):
+    g = _gen(seed)
+    vs = torch.randn(m, generator=g, dtype=F64)
+    ws = torch.randn(n, generator=g, dtype=F64)
+    v = torch.randn(m, generator=g, dtype=F64)
+    w = tl.w_at_angle(ws, angle, norm=w_norm, generator=g)
+    return v, w, vs, ws
+
+
+# --------------------------------------------------------------------------- Monte Carlo truth
+
+
+def _mc(v, w, vs, ws, n_samples: int, seed: int, chunk: int = 200_000):
+    """Independent MC: mean and standard error of l, dl/dv and g_mu for the three STEs."""
+    g = _gen(seed)
+    m, n = v.shape[0], w.shape[0]
+    names = ["loss", "gv", "identity", "relu", "clipped_relu"]
+    s1 = {k: 0.0 for k in names}
+    s2 = {k: 0.0 for k in names}
+    done = 0
+    while done < n_samples:
+        b = min(chunk, n_samples - done)
+        z = torch.randn(b, m, n, generator=g, dtype=F64)
+        pre = z @ w
+        act = (pre > 0).to(F64)
+        r = (act * v).sum(-1) - ((z @ ws > 0).to(F64) * vs).sum(-1)
+        vals = {"loss": 0.5 * r**2, "gv": act * r[:, None]}
+        mus = {
+            "identity": torch.ones_like(pre),
+            "relu": (pre > 0).to(F64),
+            "clipped_relu": ((pre > 0) & (pre < 1)).to(F64),
+        }
+        for k, mu in mus.items():
+            vals[k] = ((mu * v).unsqueeze(-1) * z).sum(1) * r[:, None]
+        for k in names:
+            s1[k] = s1[k] + vals[k].sum(0)
+            s2[k] = s2[k] + (vals[k] ** 2).sum(0)
+        done += b
+    out = {}
+    for k in names:
+        mean = s1[k] / n_samples
+        var = s2[k] / n_samples - mean**2
+        out[k] = (mean, (var.clamp_min(0) / n_samples).sqrt())
+    return out
+
+
+@pytest.fixture(scope="module", params=[(0.6, 1.0), (2.5, 2.4)], ids=["w0.6-th1.0", "w2.5-th2.4"])
+def mc_case(request):
+    w_norm, angle = request.param
+    v, w, vs, ws = _point(11, 3, 4, w_norm, angle)
+    ws = 3.0 * ws  # not unit norm on purpose: only the direction of w* matters
+    return (v, w, vs, ws), _mc(v, w, vs, ws, 1_000_000, seed=12)
+
+
+def _within(est, mean, se, k=5.0):
+    est = torch.as_tensor(est, dtype=F64)
+    dev = (est - mean).abs()
+    assert bool((dev <= k * se + 1e-12).all()), f"dev {dev} > {k} SE {se}"
+
+
+def test_lemma1_loss_vs_monte_carlo(mc_case):
+    (v, w, vs, ws), mc = mc_case
+    _within(tl.population_loss(v, w, vs, ws), *mc["loss"])
+
+
+@pytest.mark.parametrize("ste", tl.STES)
+def test_expected_coarse_grad_vs_monte_carlo(mc_case, ste):
+    (v, w, vs, ws), mc = mc_case
+    gv, gw = tl.expected_coarse_grad(v, w, vs, ws, ste)
+    _within(gw, *mc[ste])
+    _within(gv, *mc["gv"])  # E[dl/dv] = df/dv, no STE involved
+    # the coarse gradient is not the zero true gradient: it is clearly nonzero here
+    assert float(gw.norm()) > 10 * float(mc[ste][1].max())
+
+
+def test_loss_at_w_zero_vs_monte_carlo():
+    g = _gen(3)
+    vs, ws = torch.randn(3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    v = torch.randn(3, generator=g, dtype=F64)
+    z = torch.randn(1_000_000, 3, 4, generator=g, dtype=F64)
+    ell = 0.5 * (((z @ ws > 0).to(F64) * vs).sum(-1)) ** 2  # sigma(Z 0) = 0
+    f = tl.population_loss(v, torch.zeros(4), vs, ws)
+    _within(f, ell.mean(), ell.std() / 1000.0)
+    assert float(f) == pytest.approx(float(vs @ vs + vs.sum() ** 2) / 8, rel=1e-14)
+
+
+# --------------------------------------------------------------------------- true gradient
+
+
+def test_population_grad_vs_finite_differences():
+    g = _gen(5)
+    m, n, k = 4, 6, 5
+    vs, ws = torch.randn(m, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    v = torch.randn(k, m, generator=g, dtype=F64)
+    w = torch.randn(k, n, generator=g, dtype=F64) * torch.tensor([0.3, 1, 2, 5, 0.7])[:, None]
+    gv, gw = tl.population_grad(v, w, vs, ws)
+    h = 1e-6
+    for i in range(m):
+        e = torch.zeros(m, dtype=F64)
+        e[i] = h
+        fd = (tl.population_loss(v + e, w, vs, ws) - tl.population_loss(v - e, w, vs, ws)) / (2 * h)
+        torch.testing.assert_close(gv[:, i], fd, rtol=1e-6, atol=1e-8)
+    for i in range(n):
+        e = torch.zeros(n, dtype=F64)
+        e[i] = h
+        fd = (tl.population_loss(v, w + e, vs, ws) - tl.population_loss(v, w - e, vs, ws)) / (2 * h)
+        torch.testing.assert_close(gw[:, i], fd, rtol=1e-6, atol=1e-8)
+
+
+def test_population_grad_at_parallel_w_is_zero_by_convention():
+    v, _, vs, ws = _point(2, 3, 5, 1.0, 0.5)
+    for sign in (1.0, -1.0):  # theta = 0 and theta = pi
+        gv, gw = tl.population_grad(v, sign * 2.0 * ws, vs, ws)
+        assert float(gw.abs().max()) == 0.0
+        th = 0.0 if sign > 0 else math.pi
+        ref = 0.25 * (v + v.sum()) - 0.25 * ((1 - 2 * th / math.pi) * vs + vs.sum())
+        torch.testing.assert_close(gv, ref)
+
+
+def test_population_grad_rejects_w_zero():
+    v, _, vs, ws = _point(2, 3, 5, 1.0, 0.5)
+    with pytest.raises(ConfigError, match="w must be nonzero"):
+        tl.population_grad(v, torch.zeros(5), vs, ws)
+    with pytest.raises(ConfigError, match="w must be nonzero"):
+        tl.expected_coarse_grad(v, torch.zeros(5), vs, ws, "relu")
+
+
+# ---------------------------------------------------------------- p, q and inner products
+
+
+def test_pq_closed_form_vs_quadrature():
+    th = torch.tensor(
+        [0.0, 1e-4, 0.2, 0.9, math.pi / 2, 2.0, 2.9, math.pi - 1e-4, math.pi], dtype=F64
+    )
+    for wn in (0.05, 0.4, 1.0, 3.0, 50.0):
+        p, q = tl.clipped_relu_pq(th, wn)
+        pq_, qq_ = tl.clipped_relu_pq(th, wn, method="quadrature")
+        torch.testing.assert_close(p, pq_, rtol=0, atol=1e-12)
+        torch.testing.assert_close(q, qq_, rtol=0, atol=1e-12)
+        p0 = (1 - math.exp(-0.5 / wn**2)) / SQ2PI
+        assert float(p[0]) == pytest.approx(p0, rel=1e-9, abs=1e-15)
+        assert float(p[-1]) == 0.0 and float(q[0]) == 0.0 and abs(float(q[-1])) < 1e-15
+
+
+def test_xi_closed_form_vs_quadrature():
+    from scipy import integrate
+
+    for x in (0.0, 0.3, 1.0, 2.5, 8.0):
+        ref = integrate.quad(lambda r: r * r * math.exp(-r * r / 2), 0, x)[0]
+        assert float(tl.xi(x)) == pytest.approx(ref, abs=1e-13)
+    assert float(tl.xi(math.inf)) == pytest.approx(math.sqrt(math.pi / 2))
+
+
+def test_inner_products_match_closed_forms():
+    g = _gen(8)
+    m, n, k = 4, 7, 12
+    vs, ws = torch.randn(m, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    v = torch.randn(k, m, generator=g, dtype=F64)
+    norms = torch.logspace(-1, 1, k, dtype=F64)
+    angles = torch.linspace(0.05, math.pi - 0.05, k, dtype=F64)
+    w = torch.stack(
+        [
+            tl.w_at_angle(ws, float(a), norm=float(r), generator=g)
+            for a, r in zip(angles, norms, strict=True)
+        ]
+    )
+    _, df_dw = tl.population_grad(v, w, vs, ws)
+    vv2 = (v @ vs) ** 2
+    th = tl.theta(w, ws)
+    torch.testing.assert_close(th, angles, rtol=0, atol=1e-12)
+    _, q_quad = tl.clipped_relu_pq(th, norms, method="quadrature")
+    expected = {
+        "relu": torch.sin(th) / (2 * (2 * math.pi) ** 1.5 * norms) * vv2,
+        "clipped_relu": q_quad / (2 * math.pi * norms) * vv2,
+    }
+    for ste, ref in expected.items():
+        _, gw = tl.expected_coarse_grad(v, w, vs, ws, ste)
+        inner = (gw * df_dw).sum(-1)
+        torch.testing.assert_close(inner, ref, rtol=1e-10, atol=1e-14)
+        assert bool((inner >= 0).all())
+    # identity: computed directly from E g_id = (|v|^2 u - (v^T v*) w*)/sqrt(2 pi)
+    wsu = ws / ws.norm()
+    u = w / w.norm(dim=-1, keepdim=True)
+    eg = ((v * v).sum(-1, keepdim=True) * u - (v @ vs)[:, None] * wsu) / SQ2PI
+    _, gw = tl.expected_coarse_grad(v, w, vs, ws, "identity")
+    torch.testing.assert_close(gw, eg)
+    perp = wsu - (u @ wsu)[:, None] * u
+    direct = (
+        eg * (-(v @ vs) / (2 * math.pi * norms))[:, None] * perp / perp.norm(dim=-1, keepdim=True)
+    ).sum(-1)
+    torch.testing.assert_close((gw * df_dw).sum(-1), direct, rtol=1e-10, atol=1e-14)
+
+
+def test_expected_coarse_grad_matches_spec_formulas_as_written():
+    """SPEC's e-form formulas, with p, q from quadrature (precise where MC is only ~1%)."""
+    g = _gen(9)
+    m, n = 4, 6
+    vs, ws = torch.randn(m, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+    wsu = ws / ws.norm()
+    for angle, norm in ((0.3, 0.5), (1.2, 1.0), (2.0, 2.0), (2.9, 4.0)):
+        v = torch.randn(m, generator=g, dtype=F64)
+        w = tl.w_at_angle(ws, angle, norm=norm, generator=g)
+        u = w / w.norm()
+        e = (u + wsu) / (u + wsu).norm()
+        vv, s1, s1s = float(v @ vs), float(v.sum()), float(vs.sum())
+        h = float(v @ v) + s1**2 - s1 * s1s + vv
+        relu = h / (2 * SQ2PI) * u - math.cos(angle / 2) * vv / SQ2PI * e
+        p0, _ = tl.clipped_relu_pq(0.0, norm, method="quadrature")
+        p, q = tl.clipped_relu_pq(angle, norm, method="quadrature")
+        p0, p, q = float(p0), float(p), float(q)
+        crelu = (
+            p0 * h / 2 * u
+            - vv / math.sin(angle / 2) * q * e
+            - vv * (p - q / math.tan(angle / 2)) * u
+        )
+        torch.testing.assert_close(tl.expected_coarse_grad(v, w, vs, ws, "relu")[1], relu)
+        torch.testing.assert_close(
+            tl.expected_coarse_grad(v, w, vs, ws, "clipped_relu")[1], crelu, rtol=1e-9, atol=1e-12
+        )
+
+
+# --------------------------------------------------------------------------- critical points
+
+
+@pytest.mark.parametrize("m", [2, 3, 6])
+def test_identity_norm_at_spurious_minimizer(m):
+    g = _gen(20 + m)
+    for _ in range(3):
+        vs, ws = torch.randn(m, generator=g, dtype=F64), torch.randn(9, generator=g, dtype=F64)
+        cp = tl.critical_points(vs)
+        w = tl.w_at_angle(ws, math.pi, norm=1.7)
+        _, gw = tl.expected_coarse_grad(cp.spurious_min.v, w, vs, ws, "identity")
+        ref = 2 * (m - 1) / (SQ2PI * (m + 1) ** 2) * float(vs.sum()) ** 2
+        assert float(gw.norm()) == pytest.approx(ref, rel=1e-12)
+        assert ref > 0
+        for ste in ("relu", "clipped_relu"):
+            _, gw = tl.expected_coarse_grad(cp.spurious_min.v, w, vs, ws, ste)
+            assert float(gw.norm()) < 1e-14
+
+
+def _teacher_with_saddle(seed: int, m: int = 5):
+    g = _gen(seed)
+    while True:
+        vs = torch.randn(m, generator=g, dtype=F64)
+        if float(vs.sum()) ** 2 < (m + 1) / 2 * float(vs @ vs) and abs(float(vs.sum())) > 0.3:
+            return vs, torch.randn(8, generator=g, dtype=F64)
+
+
+def test_critical_points_are_critical():
+    vs, ws = _teacher_with_saddle(1)
+    cp = tl.critical_points(vs)
+    assert cp.spurious_is_local_min and cp.saddle is not None
+    assert 0 < cp.saddle.theta < math.pi
+    assert cp.global_min.loss == pytest.approx(0.0, abs=1e-15)
+    for pt, zero_coarse in (
+        (cp.global_min, tl.STES),
+        (cp.spurious_min, ("relu", "clipped_relu")),
+        (cp.saddle, ("relu", "clipped_relu")),
+    ):
+        for norm in (0.5, 2.0):
+            w = tl.w_at_angle(ws, pt.theta, norm=norm, generator=_gen(2))
+            gv, gw = tl.population_grad(pt.v, w, vs, ws)
+            assert float(gv.abs().max()) < 1e-14, pt.kind
+            assert float(gw.abs().max()) < 1e-14, pt.kind
+            assert float(tl.population_loss(pt.v, w, vs, ws)) == pytest.approx(pt.loss, abs=1e-14)
+            for ste in tl.STES:
+                cgv, cgw = tl.expected_coarse_grad(pt.v, w, vs, ws, ste)
+                assert float(cgv.abs().max()) < 1e-14
+                if ste in zero_coarse:
+                    assert float(cgw.abs().max()) < 1e-13, (pt.kind, ste)
+                else:  # identity does not vanish at the spurious point or the saddle
+                    assert float(cgw.norm()) > 1e-3, (pt.kind, ste)
+
+
+def test_spurious_minimizer_is_a_local_minimum_and_saddle_is_not():
+    vs, ws = _teacher_with_saddle(4)
+    cp = tl.critical_points(vs)
+    g = _gen(5)
+    m = vs.shape[0]
+    for _ in range(200):  # random nearby points never do better than the spurious value
+        dv = 1e-3 * torch.randn(m, generator=g, dtype=F64)
+        w = tl.w_at_angle(ws, math.pi - 1e-3 * float(torch.rand(1, generator=g)), generator=g)
+        assert float(tl.population_loss(cp.spurious_min.v + dv, w, vs, ws)) >= cp.spurious_min.loss
+    # at the saddle: along v the loss goes up, along theta (with v re-optimised) it goes down
+    sd = cp.saddle
+    w_s = tl.w_at_angle(ws, sd.theta, generator=g)
+    up = tl.population_loss(sd.v + 1e-3 * torch.randn(m, generator=g, dtype=F64), w_s, vs, ws)
+    assert float(up) > sd.loss
+    eye, jm = torch.eye(m, dtype=F64), torch.ones(m, m, dtype=F64)
+    th = sd.theta - 1e-2
+    v_opt = torch.linalg.solve(eye + jm, ((1 - 2 * th / math.pi) * eye + jm) @ vs)
+    down = tl.population_loss(v_opt, tl.w_at_angle(ws, th, generator=g), vs, ws)
+    assert float(down) < sd.loss
+
+
+def test_no_saddle_when_condition_fails():
+    vs = torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=F64)  # (1^T v*)^2 = 16 >= (m+1)/2 |v*|^2 = 10
+    cp = tl.critical_points(vs)
+    assert cp.saddle is None and not cp.spurious_is_local_min
+    torch.testing.assert_close(
+        cp.spurious_min.v, (2 * torch.ones(4, 4) / 5 - torch.eye(4)).to(F64) @ vs
+    )
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_sample_coarse_grad_is_the_coarse_gradient_of_the_batch():
+    """With the same Z, the library's autograd result equals the formula for g_mu."""
+    v, w, vs, ws = _point(30, 3, 5, 0.8, 1.1)
+    for ste in tl.STES:
+        z = torch.randn(64, 3, 5, generator=_gen(31), dtype=F64)
+        loss, gv, gw = tl.coarse_grad_on_batch(z, v, w, vs, ws, ste)
+        pre = z @ w
+        r = ((pre > 0).to(F64) * v).sum(-1) - ((z @ ws > 0).to(F64) * vs).sum(-1)
+        mu = {
+            "identity": torch.ones_like(pre),
+            "relu": (pre > 0).to(F64),
+            "clipped_relu": ((pre > 0) & (pre < 1)).to(F64),
+        }[ste]
+        ref_gw = (((mu * v).unsqueeze(-1) * z).sum(1) * r[:, None]).mean(0)
+        torch.testing.assert_close(gw, ref_gw)
+        torch.testing.assert_close(gv, ((pre > 0).to(F64) * r[:, None]).mean(0))
+        torch.testing.assert_close(loss, 0.5 * (r**2).mean())
+        torch.testing.assert_close(tl.batch_loss(z, v, w, vs, ws), loss)
+        # same generator state -> sample_coarse_grad draws this very batch
+        sv, sw = tl.sample_coarse_grad(v, w, vs, ws, ste, 64, generator=_gen(31))
+        torch.testing.assert_close(sw, gw)
+        torch.testing.assert_close(sv, gv)
+
+
+@pytest.mark.parametrize("ste", tl.STES)
+def test_sample_coarse_grad_mean_matches_expected(ste):
+    v, w, vs, ws = _point(40, 3, 4, 1.3, 1.9)
+    g = _gen(41)
+    draws = torch.stack(
+        [torch.cat(tl.sample_coarse_grad(v, w, vs, ws, ste, 5000, generator=g)) for _ in range(200)]
+    )
+    mean, se = draws.mean(0), draws.std(0) / math.sqrt(draws.shape[0])
+    ev, ew = tl.expected_coarse_grad(v, w, vs, ws, ste)
+    _within(torch.cat([ev, ew]), mean, se)
+
+
+def test_sample_coarse_grad_chunks_large_batches(monkeypatch):
+    v, w, vs, ws = _point(50, 3, 4, 1.0, 1.0)
+    one = tl.sample_coarse_grad(v, w, vs, ws, "relu", 1000, generator=_gen(1))
+    monkeypatch.setattr(tl, "_CHUNK_ELEMS", 12 * 128)  # 128 samples per chunk
+    many = tl.sample_coarse_grad(v, w, vs, ws, "relu", 1000, generator=_gen(1))
+    for a, b in zip(one, many, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- descent
+
+
+def test_coarse_gradient_descent_monotone_and_converges():
+    vs, ws = _teacher_with_saddle(6)
+    g = _gen(7)
+    k = 4
+    v0 = torch.randn(k, 5, generator=g, dtype=F64).abs() * vs.sign()  # v0^T v* > 0
+    w0 = torch.stack([tl.w_at_angle(ws, 1.2, norm=2.0, generator=g) for _ in range(k)])
+    for ste in ("relu", "clipped_relu"):
+        tr = tl.coarse_gradient_descent(v0, w0, vs, ws, ste, 0.1, 1000, record_every=10)
+        assert tr.loss.shape == (101, k)
+        assert float(tr.max_increase.max()) <= 1e-13
+        finite = tr.cosine[torch.isfinite(tr.cosine)]
+        assert float(finite.min()) >= -1e-8
+        assert float(tr.theta[-1].max()) < 1e-6 and float(tr.loss[-1].max()) < 1e-8
+        torch.testing.assert_close(tr.v, vs.expand(k, 5), rtol=0, atol=1e-6)
+
+
+def test_relu_can_collapse_w_but_clipped_relu_does_not():
+    """Large h at the start drives |w| to ~0 under ReLU (for any lr): f jumps at w = 0."""
+    vs = torch.tensor([1.0, -0.5, 0.8, 0.3, -1.2], dtype=F64)
+    ws = torch.randn(8, generator=_gen(6), dtype=F64)
+    v0 = -3.0 * torch.ones(5, dtype=F64)
+    w0 = tl.w_at_angle(ws, 0.5, norm=3.0, generator=_gen(7))
+    for lr in (0.1, 0.02):
+        steps = int(30 / lr)
+        relu = tl.coarse_gradient_descent(v0, w0, vs, ws, "relu", lr, steps, record_every=100)
+        assert float(relu.min_w_norm) < 0.01 and float(relu.max_increase) > 1e-2
+        crelu = tl.coarse_gradient_descent(v0, w0, vs, ws, "clipped_relu", lr, steps)
+        assert float(crelu.min_w_norm) > 1.0 and float(crelu.max_increase) <= 0.0
+        # max_increase and min_w_norm cover every step, the record only a subsample
+        torch.testing.assert_close(crelu.max_increase, crelu.loss.diff(dim=0).max(0).values)
+        torch.testing.assert_close(crelu.min_w_norm, crelu.w_norm.min(0).values)
+    assert float(crelu.theta[-1]) < 1e-4
+
+
+def test_coarse_gradient_descent_matches_manual_loop_and_is_vectorised():
+    v, w, vs, ws = _point(60, 3, 4, 1.5, 2.0)
+    for ste in tl.STES:
+        tr = tl.coarse_gradient_descent(v, w, vs, ws, ste, 0.05, 7, record_every=3)
+        assert tr.step.tolist() == [0, 3, 6, 7]
+        vm, wm = v.clone(), w.clone()
+        for _ in range(7):
+            gv, gw = tl.expected_coarse_grad(vm, wm, vs, ws, ste)
+            vm, wm = vm - 0.05 * gv, wm - 0.05 * gw
+        torch.testing.assert_close(tr.v, vm)
+        torch.testing.assert_close(tr.w, wm)
+        assert float(tr.loss[-1]) == pytest.approx(float(tl.population_loss(vm, wm, vs, ws)))
+        batch = tl.coarse_gradient_descent(
+            torch.stack([v, v]), torch.stack([w, 2 * w]), vs, ws, ste, 0.05, 7
+        )
+        torch.testing.assert_close(batch.v[0], tr.v)
+
+
+# --------------------------------------------------------------------------- conventions, inputs
+
+
+def test_w_star_scale_does_not_matter():
+    v, w, vs, ws = _point(70, 3, 4, 0.9, 1.4)
+    for ste in tl.STES:
+        a = tl.expected_coarse_grad(v, w, vs, ws, ste)
+        b = tl.expected_coarse_grad(v, w, vs, 7.5 * ws, ste)
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y)
+    torch.testing.assert_close(
+        tl.population_loss(v, w, vs, ws), tl.population_loss(v, w, vs, 0.1 * ws)
+    )
+
+
+def test_vectorised_equals_pointwise():
+    g = _gen(80)
+    vs, ws = torch.randn(3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    v, w = (
+        torch.randn(2, 5, 3, generator=g, dtype=F64),
+        torch.randn(2, 5, 4, generator=g, dtype=F64),
+    )
+    for ste in tl.STES:
+        gv, gw = tl.expected_coarse_grad(v, w, vs, ws, ste)
+        assert gv.shape == (2, 5, 3) and gw.shape == (2, 5, 4)
+        pv, pw = tl.expected_coarse_grad(v[1, 3], w[1, 3], vs, ws, ste)
+        torch.testing.assert_close(gw[1, 3], pw)
+        torch.testing.assert_close(gv[1, 3], pv)
+    assert tl.population_loss(v, w, vs, ws).shape == (2, 5)
+
+
+def test_theta_accurate_near_parallel():
+    ws = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+    for eps in (1e-12, 1e-8, 1e-3):
+        w = torch.tensor([math.cos(eps), math.sin(eps), 0.0], dtype=F64)
+        assert float(tl.theta(w, ws)) == pytest.approx(eps, rel=1e-6)
+        assert float(tl.theta(-w, ws)) == pytest.approx(math.pi - eps, rel=1e-12)
+
+
+def test_bad_inputs():
+    v, w, vs, ws = _point(90, 3, 4, 1.0, 1.0)
+    with pytest.raises(ConfigError, match=r"v has shape \(4,\) and v_star has shape \(3,\)"):
+        tl.population_loss(torch.zeros(4), w, vs, ws)
+    with pytest.raises(ConfigError, match=r"w has shape \(5,\) and w_star has shape \(4,\)"):
+        tl.population_grad(v, torch.ones(5), vs, ws)
+    with pytest.raises(ConfigError, match="do not broadcast"):
+        tl.population_loss(torch.zeros(2, 3), torch.ones(3, 4), vs, ws)
+    with pytest.raises(ConfigError, match="did you mean 'relu'"):
+        tl.expected_coarse_grad(v, w, vs, ws, "reul")
+    with pytest.raises(ConfigError, match="clipped_relu, identity, relu"):
+        tl.expected_coarse_grad(v, w, vs, ws, "sigmoid")
+    with pytest.raises(StelabTypeError, match="ste must be a string"):
+        tl.expected_coarse_grad(v, w, vs, ws, 3)
+    with pytest.raises(ConfigError, match="w_star must be nonzero"):
+        tl.population_loss(v, w, vs, torch.zeros(4))
+    with pytest.raises(ConfigError, match="batch must be an integer"):
+        tl.sample_coarse_grad(v, w, vs, ws, "relu", 0)
+    with pytest.raises(ConfigError, match="lr must be"):
+        tl.coarse_gradient_descent(v, w, vs, ws, "relu", -0.1, 10)
+    with pytest.raises(ConfigError, match="steps must be"):
+        tl.coarse_gradient_descent(v, w, vs, ws, "relu", 0.1, -1)
+    with pytest.raises(ConfigError, match="v must be finite"):
+        tl.population_loss(torch.tensor([1.0, math.nan, 0.0]), w, vs, ws)
+    with pytest.raises(StelabTypeError, match="v must be a real vector"):
+        tl.population_loss("abc", w, vs, ws)
+    with pytest.raises(ConfigError, match="v_star must be a vector"):
+        tl.population_loss(v, w, 1.0, ws)
+    with pytest.raises(ConfigError, match=r"z must have shape \(B >= 1, m=3, n=4\)"):
+        tl.coarse_grad_on_batch(torch.zeros(2, 4, 3), v, w, vs, ws, "relu")
+    with pytest.raises(ConfigError, match="angle must be in"):
+        tl.w_at_angle(ws, 4.0)
+    with pytest.raises(ConfigError, match="angle must lie in"):
+        tl.clipped_relu_pq(-0.1, 1.0)
+    with pytest.raises(ConfigError, match="w_norm must be"):
+        tl.clipped_relu_pq(0.5, 0.0)
+    with pytest.raises(ConfigError, match="unknown method"):
+        tl.clipped_relu_pq(0.5, 1.0, method="simpson")
+    with pytest.raises(ConfigError, match="1-D"):
+        tl.sample_coarse_grad(torch.zeros(2, 3), w, vs, ws, "relu", 4)
+
+
+def test_ste_names_map_to_library_estimators():
+    from stelab import estimators
+
+    assert set(tl.LIBRARY_ESTIMATOR) == set(tl.STES)
+    for name in tl.LIBRARY_ESTIMATOR.values():
+        assert name in estimators.names()
