@@ -6,6 +6,7 @@ Heavy modules (torch, Lightning, matplotlib) are imported inside the commands, s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -86,6 +87,9 @@ def register(app: typer.Typer) -> None:
         except TrainingInterrupted as e:
             typer.echo(f"stelab: {e}", err=True)
             raise typer.Exit(130) from None
+
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun: one summary line, not N
+            return
 
         def pct(v: float | None) -> str:
             return "n/a" if v is None else f"{100 * v:.2f}%"

@@ -1,0 +1,76 @@
+"""Training on Lightning Fabric: checkpoints every epoch, bit-identical resume, DDP.
+
+``train(cfg, run_dir)`` trains the zoo model of a :class:`~stelab.config.TrainConfig`
+on its dataset and writes a run directory::
+
+    config.toml  env.json  metrics.csv  metrics.json  train.log
+    checkpoints/last.pt  checkpoints/best.pt
+
+What it does:
+
+* SGD (momentum, Nesterov), Adam, AdamW; constant, multi-step or cosine learning
+  rate set once per epoch; weight decay; element-wise gradient clamp
+  (``train.grad_clip``, SPEC §3 uses 1e3) and norm clipping.
+* Seeds: ``train.seed`` seeds torch (model init), the shuffling generator and the
+  augmentation generator; ``train.deterministic`` turns on
+  ``torch.use_deterministic_algorithms``. On CPU two runs with one seed are equal
+  bit for bit.
+* A checkpoint after every epoch, written atomically (temporary file +
+  ``os.replace``), holding model, optimizer, scheduler, epoch, the RNG states of
+  torch and of the shuffling/augmentation generators (of every process), the
+  resolved config and the metrics history. Only tensors and plain containers:
+  it loads with ``torch.load(..., weights_only=True)``.
+* ``resume=True`` continues from the last checkpoint; on CPU the result equals an
+  uninterrupted run parameter for parameter. Ctrl-C keeps the last checkpoint and
+  says how to resume; a NaN/inf loss raises :class:`TrainingDiverged` and keeps
+  the last good checkpoint.
+* Validation every ``train.eval_every`` epochs, test at the end; metrics.csv per
+  epoch, metrics.json at the end, TensorBoard (``run_dir/tensorboard``) when
+  ``tensorboard`` or ``tensorboardX`` is importable; progress bars on a terminal.
+* ``train.init_from``: copy the weights of a trained float model (a run directory
+  or checkpoint) into the quantized one ([Y19]).
+* ``train.devices = N``: N data-parallel processes (DDP; gloo on CPU, NCCL on
+  GPUs). ``data.batch_size`` is the batch of one optimizer step over all processes;
+  each takes ``batch_size / N`` rows of the same shuffled order. Processes are
+  spawned by :func:`train`, or started by the standard launchers::
+
+      torchrun --nproc-per-node 2 $(which stelab) train cfg.toml --devices 2
+
+Why Fabric and not Lightning's ``Trainer``: the loop here is short and must control
+exactly what a checkpoint holds (the shuffling generator's state, per-process RNG
+states, plain containers for ``weights_only``) and when it is written (atomically,
+after the epoch's metrics), which the Trainer's callbacks and checkpoint format
+would hide. Fabric gives the parts that are hard to get right: device placement,
+DDP setup and process launching, precision plugins, gradient clipping and
+collectives.
+"""
+
+from .checkpoint import check_state, load_checkpoint, load_model
+from .launch import train
+from .parts import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    load_data,
+    lr_factor,
+    shard_batches,
+)
+
+__all__ = [
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "check_state",
+    "evaluate",
+    "load_checkpoint",
+    "load_data",
+    "load_model",
+    "lr_factor",
+    "shard_batches",
+    "train",
+]

@@ -1,0 +1,517 @@
+"""One process's part of a run: setup, the epoch loop, checkpoints, final metrics.
+
+See :mod:`stelab.train` for the overview and the run-directory layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TrainConfig, config_to_dict
+from ..errors import ConfigError
+from . import files
+from .checkpoint import FORMAT, check_state, load_checkpoint, model_from_checkpoint
+from .parts import (
+    TrainingDiverged,
+    TrainingInterrupted,
+    _determinism,
+    _logging,
+    _quiet_lightning,
+    _threads,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    load_data,
+    log,
+    num_steps,
+    shard_batches,
+)
+
+# --- the session --------------------------------------------------------------------
+
+
+def _mix(seed: int, stream: int, rank: int) -> int:
+    """A distinct 63-bit seed per (seed, stream, rank)."""
+    return (seed * 0x9E3779B97F4A7C15 + stream * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % (
+        2**63
+    )
+
+
+def _step(s: _Session, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns the (detached) mean loss and the number correct."""
+    out = s.model(xb)
+    loss = F.cross_entropy(out.float(), yb)
+    s.opt.zero_grad(set_to_none=True)
+    s.fabric.backward(loss)
+    t = s.cfg.train
+    if t.grad_clip is not None:
+        s.fabric.clip_gradients(s.model, s.opt, clip_val=t.grad_clip)
+    if t.grad_clip_norm is not None:
+        s.fabric.clip_gradients(s.model, s.opt, max_norm=t.grad_clip_norm, error_if_nonfinite=False)
+    s.opt.step()
+    return loss.detach(), (out.detach().argmax(1) == yb).sum()
+
+
+class _Session:
+    """One process's part of a run (built inside the launched process)."""
+
+    def __init__(
+        self,
+        fabric: Any,
+        cfg: TrainConfig,
+        run_dir: Path,
+        resume_from: str | None,
+        progress: bool,
+    ):
+        self.fabric, self.cfg, self.run_dir = fabric, cfg, run_dir
+        self.resume_from, self.progress = resume_from, progress
+        self.rank, self.world = fabric.global_rank, fabric.world_size
+        self.main = self.rank == 0
+        self.ckpt_dir = run_dir / files.CKPT_DIR
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"val_acc": None, "epoch": None}
+        self.epoch = 0  # finished epochs
+        self.global_step = 0
+        self.elapsed_before = 0.0
+        self.t_start = time.perf_counter()
+
+    # -- setup --
+
+    def run(self) -> dict[str, Any]:
+        t = self.cfg.train
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_determinism(t.deterministic))
+            stack.enter_context(_threads(t.threads))
+            stack.enter_context(_quiet_lightning())
+            logfile = self.run_dir / files.LOG if self.main else None
+            stack.enter_context(_logging(logfile, self.progress and self.main))
+            return self._run()
+
+    def _setup(self) -> None:
+        f, cfg, t = self.fabric, self.cfg, self.cfg.train
+        f.seed_everything(t.seed, verbose=False)
+        with f.rank_zero_first():
+            self.data = load_data(cfg, progress=self.progress and self.main)
+        d = self.data
+        n = len(d.train)
+        if n == 0 or (self.world > 1 and n < cfg.data.batch_size):
+            raise ConfigError(
+                f"the training split has {n} rows; it needs at least data.batch_size = "
+                f"{cfg.data.batch_size} with {self.world} processes (and at least 1 row)"
+            )
+        self.model_args = {"num_classes": int(d.num_classes), "in_shape": list(d.input_shape)}
+        ckpt = load_checkpoint(self.resume_from) if self.resume_from else None
+        if ckpt is not None and ckpt.get("format") != FORMAT:
+            raise ConfigError(f"{self.resume_from!r} is not a stelab checkpoint; cannot resume")
+        init = None
+        if ckpt is None and t.init_from is not None:
+            init = self._init_source(t.init_from)
+        model = build_model(cfg.model, d.num_classes, d.input_shape, init_from=init)
+        if ckpt is not None:
+            check_state(model, ckpt["model"], str(self.resume_from))
+            model.load_state_dict(ckpt["model"])
+        if self.rank > 0:  # different model noise per process (e.g. stochastic estimators)
+            torch.manual_seed(_mix(t.seed, 1, self.rank))
+        self.raw_model = model
+        self.model = f.setup_module(model)
+        opt = build_optimizer(cfg.optim, self.model.parameters())
+        self.sched = build_scheduler(cfg, opt)
+        self.shuffle_gen = torch.Generator().manual_seed(t.seed)
+        self.aug_gen = torch.Generator().manual_seed(_mix(t.seed, 2, self.rank))
+        if ckpt is not None:
+            before = ckpt.get("config", {}).get("train", {}).get("epochs")
+            if self.main and cfg.schedule.name == "cosine" and before not in (None, t.epochs):
+                log.warning(
+                    "train.epochs changed from %s to %d: the cosine schedule follows the new "
+                    "length from here on",
+                    before,
+                    t.epochs,
+                )
+            opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+            self._restore(ckpt)
+        self.opt = f.setup_optimizers(opt)
+        dev = f.device
+        self.train_xy = (d.train.x.to(dev), d.train.y.to(dev))
+        self.augment = None
+        if cfg.data.augment != "none":
+            from ..data import FlipCrop
+
+            if d.train.x.dim() != 4:
+                raise ConfigError(
+                    f"data.augment = {cfg.data.augment!r} needs image data (N, C, H, W); "
+                    f"{d.name!r} has inputs of shape {tuple(d.input_shape)}"
+                )
+            self.augment = FlipCrop(4, generator=self.aug_gen, flip=cfg.data.augment == "flip_crop")
+
+    def _init_source(self, source: str) -> nn.Module:
+        """The float model to copy weights from ([Y19]: start from a trained float net)."""
+        src = load_checkpoint(source)
+        if "config" in src and "model_args" in src:
+            model = model_from_checkpoint(src, source)
+        else:  # a bare state_dict: assume the float twin of this model
+            from dataclasses import replace
+
+            fcfg = replace(self.cfg.model, bits=None, weights=None)
+            d = self.data
+            model = build_model(fcfg, d.num_classes, d.input_shape)
+        check_state(model, src["model"], source)
+        model.load_state_dict(src["model"])
+        if self.main:
+            log.info("initialised from %s (epoch %s)", source, src.get("epoch", "?"))
+        return model
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.epoch = int(ckpt["epoch"])
+        self.global_step = int(ckpt.get("global_step", 0))
+        self.history = [dict(r) for r in ckpt.get("history", [])]
+        self.best = dict(ckpt.get("best", self.best))
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        rng = ckpt.get("rng", {})
+        saved_world = int(ckpt.get("world_size", 1))
+        if "shuffle" in rng:
+            self.shuffle_gen.set_state(rng["shuffle"])
+        if saved_world == self.world:
+            if rng.get("torch"):
+                torch.set_rng_state(rng["torch"][self.rank])
+            if rng.get("augment"):
+                self.aug_gen.set_state(rng["augment"][self.rank])
+            if rng.get("cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"][self.rank], self.fabric.device)
+        elif self.main:
+            log.warning(
+                "resuming with %d processes from a checkpoint written by %d: the run continues "
+                "but is not bit-identical to an uninterrupted one",
+                self.world,
+                saved_world,
+            )
+
+    # -- loop --
+
+    def _run(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        self._setup()
+        if self.main:
+            files.write_env(
+                self.run_dir,
+                files.environment(
+                    cfg,
+                    device=str(self.fabric.device),
+                    world_size=self.world,
+                    extra={
+                        "strategy": type(self.fabric.strategy).__name__,
+                        "precision": t.precision,
+                        "resumed_from_epoch": self.epoch if self.resume_from else None,
+                        "data_source": self.data.source,
+                    },
+                ),
+            )
+            what = f"resuming at epoch {self.epoch + 1}" if self.resume_from else "starting"
+            log.info(
+                "%s %s: %s on %s (%d train / %d val / %d test), %d epochs, %d process(es) on %s",
+                what,
+                cfg.name or self.run_dir.name,
+                cfg.model.name,
+                self.data.name,
+                len(self.data.train),
+                len(self.data.val),
+                len(self.data.test),
+                t.epochs,
+                self.world,
+                self.fabric.device,
+            )
+        if self.epoch > t.epochs:
+            raise ConfigError(
+                f"the run already has {self.epoch} epochs, more than train.epochs = {t.epochs}"
+            )
+        epoch = self.epoch
+        try:
+            for epoch in range(self.epoch, t.epochs):
+                self._epoch(epoch)
+        except KeyboardInterrupt:
+            msg = self._interrupt_message(epoch)
+            raise TrainingInterrupted(msg, self.run_dir, self.epoch) from None
+        return self._finish()
+
+    def _epoch(self, epoch: int) -> None:
+        cfg, f, t = self.cfg, self.fabric, self.cfg.train
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.model.train()
+        lr = float(self.opt.param_groups[0]["lr"])
+        x, y = self.train_xy
+        steps = num_steps(len(x), cfg.data.batch_size, self.world)
+        batches = shard_batches(
+            x,
+            y,
+            cfg.data.batch_size,
+            self.shuffle_gen,
+            rank=self.rank,
+            world=self.world,
+            augment=self.augment,
+        )
+        bar = None
+        if self.progress and self.main and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False)
+        check_every = 1 if f.device.type == "cpu" else 25
+        dev = f.device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        seen = 0
+        try:
+            for i, (xb, yb) in enumerate(batches):
+                loss, c = _step(self, xb, yb)
+                self.global_step += 1
+                loss_sum += loss.double() * len(yb)
+                correct += c
+                seen += len(yb)
+                if (i + 1) % check_every == 0 or i + 1 == steps:
+                    self._check_finite(loss, epoch, i + 1, steps, lr)
+                if bar is not None:
+                    bar.update(1)
+                    if i % 10 == 0:
+                        bar.set_postfix(loss=f"{float(loss):.4g}")
+        finally:
+            if bar is not None:
+                bar.close()
+        train_seconds = time.perf_counter() - t0
+        train_cpu_seconds = time.process_time() - c0
+        tot = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=dev)])
+        if self.world > 1:
+            tot = f.all_reduce(tot, reduce_op="sum")
+            self._sync_buffers()
+        train_loss, train_acc = float(tot[0] / tot[2]), float(tot[1] / tot[2])
+        val_loss = val_acc = None
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+            val_loss, val_acc = self._evaluate(self.data.val)
+        self.sched.step()
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,
+            "train_cpu_seconds": train_cpu_seconds,
+        }
+        self.history.append(row)
+        self.epoch = epoch + 1
+        improved = val_acc is not None and (
+            self.best["val_acc"] is None or val_acc > self.best["val_acc"]
+        )
+        if improved:
+            self.best = {"val_acc": val_acc, "epoch": epoch + 1}
+        self._save(best=improved and t.save_best)
+        if self.main:
+            vtxt = "" if val_acc is None else f", val loss {val_loss:.4f}, val acc {val_acc:.4f}"
+            log.info(
+                "epoch %d/%d: train loss %.4f, train acc %.4f%s, lr %.3g, %.1f s",
+                epoch + 1,
+                t.epochs,
+                train_loss,
+                train_acc,
+                vtxt,
+                lr,
+                row["seconds"],
+            )
+            self._tensorboard(row)
+
+    def _check_finite(
+        self, loss: torch.Tensor, epoch: int, step: int, steps: int, lr: float
+    ) -> None:
+        bad = ~torch.isfinite(loss)
+        if self.world > 1:
+            bad = self.fabric.all_reduce(bad.float(), reduce_op="sum") > 0
+        if not bool(bad):
+            return
+        last = self.ckpt_dir / files.LAST
+        kept = (
+            f"the last good checkpoint (epoch {self.epoch}) is kept at {last}"
+            if self.epoch > 0
+            else "no checkpoint was written (it diverged in the first epoch)"
+        )
+        msg = (
+            f"training diverged: the loss became {float(loss)} in epoch {epoch + 1}/"
+            f"{self.cfg.train.epochs}, step {step}/{steps} (lr {lr:g}); {kept}. Try a smaller "
+            "optim.lr, or set train.grad_clip / train.grad_clip_norm"
+        )
+        if self.main:
+            log.error(msg)
+        raise TrainingDiverged(msg)
+
+    def _sync_buffers(self) -> None:
+        """Copy rank 0's buffers (BN statistics) to every process, so the checkpoint
+        holds what was evaluated."""
+        import torch.distributed as dist
+
+        for b in self.raw_model.buffers():
+            dist.broadcast(b, src=0)
+
+    @torch.no_grad()
+    def _evaluate(self, split: Any) -> tuple[float | None, float | None]:
+        """Loss and accuracy on ``split``, each process taking a contiguous share."""
+        n = len(split)
+        if n == 0:
+            return None, None
+        f, module = self.fabric, self.raw_model
+        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
+        x, y = split.x[lo:hi], split.y[lo:hi]
+        dev = f.device
+        was = module.training
+        module.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        bs = self.cfg.data.eval_batch_size
+        convert = f.strategy.precision.convert_input
+        try:
+            with f.autocast():
+                for s in range(0, hi - lo, bs):
+                    xb = convert(x[s : s + bs].to(dev))
+                    yb = y[s : s + bs].to(dev)
+                    out = module(xb).float()
+                    loss_sum += F.cross_entropy(out, yb, reduction="sum").double()
+                    correct += (out.argmax(1) == yb).sum()
+        finally:
+            module.train(was)
+        tot = torch.stack([loss_sum, correct.double()])
+        if self.world > 1:
+            tot = f.all_reduce(tot, reduce_op="sum")
+        return float(tot[0]) / n, float(tot[1]) / n
+
+    # -- checkpoints and outputs --
+
+    def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """``t`` of every process (a collective under DDP), on CPU."""
+        if self.world == 1:
+            return [t.clone()]
+        import torch.distributed as dist
+
+        t = t.to(self.fabric.device)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        return [o.cpu() for o in out]
+
+    def _state(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {
+            "torch": self._gather(torch.get_rng_state()),
+            "shuffle": self.shuffle_gen.get_state(),
+            "augment": self._gather(self.aug_gen.get_state()),
+        }
+        if self.fabric.device.type == "cuda":
+            rng["cuda"] = self._gather(torch.cuda.get_rng_state(self.fabric.device))
+        return {
+            "format": FORMAT,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "model": {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()},
+            "model_args": self.model_args,
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": rng,
+            "config": config_to_dict(self.cfg),
+            "history": [dict(r) for r in self.history],
+            "best": dict(self.best),
+            "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
+            "world_size": self.world,
+        }
+
+    def _save(self, best: bool) -> None:
+        state = self._state()  # collective under DDP: every process takes part
+        if self.main:
+            files.save_atomic(self.ckpt_dir / files.LAST, lambda fh: torch.save(state, fh))
+            if best:
+                files.save_atomic(self.ckpt_dir / files.BEST, lambda fh: torch.save(state, fh))
+            files.write_metrics_csv(self.run_dir, self.history)
+        self.fabric.barrier()
+
+    def _tensorboard(self, row: dict[str, Any]) -> None:
+        if not hasattr(self, "_tb"):
+            self._tb = None
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+                try:
+                    from lightning.fabric.loggers import TensorBoardLogger
+
+                    self._tb = TensorBoardLogger(
+                        root_dir=str(self.run_dir), name="tensorboard", version=""
+                    )
+                except Exception as e:  # pragma: no cover - optional dependency
+                    log.warning("TensorBoard logging is off: %s", e)
+        if self._tb is not None:
+            metrics = {k: v for k, v in row.items() if k != "epoch" and v is not None}
+            self._tb.log_metrics(metrics, step=int(row["epoch"]))
+
+    def _ranks_in_sync(self) -> bool | None:
+        if self.world == 1:
+            return None
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.raw_model.parameters()])
+        g = self._gather(flat)
+        return all(torch.equal(g[0], g[i]) for i in range(1, self.world))
+
+    def _finish(self) -> dict[str, Any]:
+        cfg = self.cfg
+        test_loss, test_acc = self._evaluate(self.data.test)
+        in_sync = self._ranks_in_sync()
+        last_val = next((r for r in reversed(self.history) if r.get("val_acc") is not None), {})
+        final = self.history[-1] if self.history else {}
+        metrics = {
+            "name": cfg.name or self.run_dir.name,
+            "epochs": self.epoch,
+            "final_train_loss": final.get("train_loss"),
+            "final_train_acc": final.get("train_acc"),
+            "final_val_loss": last_val.get("val_loss"),
+            "final_val_acc": last_val.get("val_acc"),
+            "best_val_acc": self.best["val_acc"],
+            "best_epoch": self.best["epoch"],
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "wall_time_s": self.elapsed_before + (time.perf_counter() - self.t_start),
+            "train_seconds": sum(float(r.get("train_seconds") or 0.0) for r in self.history),
+            "world_size": self.world,
+            "ranks_in_sync": in_sync,
+            "device": str(self.fabric.device),
+        }
+        if self.main:
+            files.write_json(self.run_dir / files.METRICS_JSON, metrics)
+            tacc = "n/a" if test_acc is None else f"{test_acc:.4f}"
+            log.info(
+                "finished %d epochs in %.1f s: test acc %s, best val acc %s (epoch %s); %s",
+                self.epoch,
+                metrics["wall_time_s"],
+                tacc,
+                "n/a" if self.best["val_acc"] is None else f"{self.best['val_acc']:.4f}",
+                self.best["epoch"],
+                self.run_dir,
+            )
+            if getattr(self, "_tb", None) is not None:
+                self._tb.finalize("success")
+        self.fabric.barrier()
+        return metrics
+
+    def _interrupt_message(self, epoch: int) -> str:
+        last = self.ckpt_dir / files.LAST
+        kept = (
+            f"the last checkpoint (epoch {self.epoch}) is kept at {last}"
+            if self.epoch > 0
+            else "no epoch had finished, so there is no checkpoint yet"
+        )
+        msg = (
+            f"training interrupted in epoch {epoch + 1}/{self.cfg.train.epochs}; {kept}. "
+            f"Resume with: stelab train {self.run_dir} --resume "
+            "(Python: train(cfg, run_dir, resume=True))"
+        )
+        if self.main:
+            log.warning(msg)
+        return msg
