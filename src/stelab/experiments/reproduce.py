@@ -46,7 +46,8 @@ PAPERS: dict[str, dict[str, Any]] = {
 
 
 def register_part(paper: str, part: str, module: str) -> None:
-    """Add a reproduction part (a module of stelab.experiments with ``run``)."""
+    """Add a reproduction part: a module with ``run`` (a bare name is looked up in
+    stelab.experiments, a dotted name imported as is)."""
     if paper not in PAPERS:
         raise unknown("paper", paper, PAPERS)
     PAPERS[paper]["parts"][part] = module
@@ -98,7 +99,7 @@ def reproduce(
                 log(f"{paper}/{part}: reused finished part ({_verdicts(prev)})")
                 continue
         t0 = time.perf_counter()
-        module = importlib.import_module(f"stelab.experiments.{mod}")
+        module = importlib.import_module(mod if "." in mod else f"stelab.experiments.{mod}")
         r = module.run(d, quick=quick, seed=seed, progress=progress)
         r = {
             "mode": mode,

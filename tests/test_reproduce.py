@@ -1,0 +1,55 @@
+"""`stelab reproduce`: parts run once, resume, and the report embeds everything."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from stelab.experiments import reproduce as rp
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fake_part  # noqa: E402
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    papers = {k: {**v, "parts": {}} for k, v in rp.PAPERS.items()}
+    papers["yin2019"]["parts"] = {"fake": "fake_part"}
+    monkeypatch.setattr(rp, "PAPERS", papers)
+    monkeypatch.setitem(sys.modules, "stelab.experiments.fake_part", fake_part)
+    fake_part.CALLS.clear()
+    return papers
+
+
+def test_report_has_verdicts_and_self_contained_html(tmp_path, fake_registry):
+    lines: list[str] = []
+    path = rp.reproduce(["all"], tmp_path, quick=True, seed=3, log=lines.append)
+    md = path.read_text()
+    assert "| fake | (a) the sky \\| is blue | **reproduced** | seed 3 |" in md
+    assert "![a curve](yin2019/fake/curve.png)" in md  # image path rewritten to the part
+    assert "No reproduction part of this paper is available yet." in md  # psa2020 here
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html and "curve.png" not in html
+    assert any("yin2019/fake: 1 reproduced" in ln for ln in lines)
+
+
+def test_finished_parts_are_reused_and_rerun_on_request(tmp_path, fake_registry):
+    rp.reproduce(["yin2019"], tmp_path, quick=True, log=lambda s: None)
+    rp.reproduce(["yin2019"], tmp_path, quick=True, log=lambda s: None)
+    assert len(fake_part.CALLS) == 1
+    rp.reproduce(["yin2019"], tmp_path, quick=False, log=lambda s: None)  # other mode
+    assert len(fake_part.CALLS) == 2
+    rp.reproduce(["yin2019"], tmp_path, quick=False, rerun=True, log=lambda s: None)
+    assert len(fake_part.CALLS) == 3
+
+
+def test_unknown_paper_and_unwritable_output(tmp_path, fake_registry):
+    with pytest.raises(ValueError, match="did you mean 'yin2019'"):
+        rp.reproduce(["yin2091"], tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder cannot be made under a file, even by root
+    with pytest.raises(ValueError, match="not writable"):
+        rp.reproduce(["yin2019"], blocker / "out")
+    assert not fake_part.CALLS
