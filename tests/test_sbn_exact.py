@@ -1,0 +1,182 @@
+"""Exact enumeration of SBNs against independent truth: brute force over joint states and
+finite differences; the Monte-Carlo reference against the exact gradient; refusals."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from stelab.errors import ConfigError
+from stelab.sbn import (
+    all_states,
+    exact_expected_loss,
+    exact_gradient,
+    logistic_loss,
+    mc_reference,
+    sbn_conv8,
+    sbn_mlp,
+)
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and contention on shared CPUs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cdf(noise: str, z: torch.Tensor) -> torch.Tensor:
+    """Noise CDFs written out independently of stelab.sbn.noise."""
+    if noise == "logistic":
+        return 1.0 / (1.0 + torch.exp(-z))
+    if noise == "gaussian":
+        return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    return ((z + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _net(noise="logistic", hidden=(3, 2), out=1, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    m = sbn_mlp(2, hidden, out, noise=noise, dtype=D)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * scale)
+    return m
+
+
+def brute_force_loss(model, x, y, loss_fn, noise):
+    """E[loss] summed over every joint hidden state with explicit probabilities."""
+    hidden = list(model.hidden)
+    widths = [layer.out_features for layer in hidden]
+    total = 0.0
+    for n in range(x.shape[0]):
+        for flat in itertools.product([-1.0, 1.0], repeat=sum(widths)):
+            prob = torch.ones((), dtype=D)
+            h = x[n]
+            pos = 0
+            for layer, w in zip(hidden, widths, strict=True):
+                s = torch.tensor(flat[pos : pos + w], dtype=D)
+                pos += w
+                a = layer.weight @ h + layer.bias
+                p_plus = _cdf(noise, a)
+                prob = prob * torch.where(s > 0, p_plus, 1.0 - p_plus).prod()
+                h = s
+            eta = model.output.weight @ h + model.output.bias
+            total = total + prob * loss_fn(eta[None], y[n : n + 1])[0]
+    return total / x.shape[0]
+
+
+def _ce(eta, y):
+    return F.cross_entropy(eta, y, reduction="none")
+
+
+@pytest.mark.parametrize("noise", ["logistic", "gaussian", "uniform"])
+def test_exact_matches_brute_force_value_and_gradient(noise):
+    m = _net(noise, scale=0.8)
+    x = torch.randn(5, 2, dtype=D)
+    t = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=D)
+    bf = brute_force_loss(m, x, t, logistic_loss, noise)
+    bf_grads = torch.autograd.grad(bf, list(m.parameters()))
+    ref = exact_gradient(m, x, t, logistic_loss)
+    assert torch.allclose(ref.value, bf.detach(), rtol=1e-12, atol=0)
+    for (name, g), gb in zip(ref.grads.items(), bf_grads, strict=True):
+        assert torch.allclose(g, gb, rtol=1e-10, atol=1e-14), name
+
+
+def test_exact_matches_brute_force_multiclass_three_layers():
+    m = _net(hidden=(2, 3, 2), out=3, seed=3)
+    x = torch.randn(3, 2, dtype=D)
+    y = torch.tensor([0, 2, 1])
+    bf = brute_force_loss(m, x, y, _ce, "logistic")
+    assert torch.allclose(exact_expected_loss(m, x, y, _ce), bf, rtol=1e-12)
+
+
+def test_exact_gradient_matches_finite_differences():
+    m = _net(hidden=(3, 3), seed=1)
+    x = torch.randn(6, 2, dtype=D)
+    t = torch.tensor([1.0, -1.0] * 3, dtype=D)
+    ref = exact_gradient(m, x, t, logistic_loss)
+    h = 1e-6
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            fd = torch.empty_like(p)
+            for i in range(p.numel()):
+                old = p.view(-1)[i].item()
+                p.view(-1)[i] = old + h
+                up = exact_expected_loss(m, x, t, logistic_loss)
+                p.view(-1)[i] = old - h
+                down = exact_expected_loss(m, x, t, logistic_loss)
+                p.view(-1)[i] = old
+                fd.view(-1)[i] = (up - down) / (2 * h)
+            assert torch.allclose(ref.grads[name], fd, rtol=1e-6, atol=1e-9), name
+
+
+def test_exact_blocks_over_data_give_same_result():
+    m = _net(hidden=(3, 2), seed=2)
+    x = torch.randn(7, 2, dtype=D)
+    t = torch.ones(7, dtype=D)
+    full = exact_expected_loss(m, x, t, logistic_loss)
+    blocked = exact_expected_loss(m, x, t, logistic_loss, max_states=64)  # 2 rows per block
+    assert torch.allclose(full, blocked, rtol=1e-13)
+
+
+def test_all_states_enumerates_each_state_once():
+    s = all_states(4, D)
+    assert s.shape == (16, 4)
+    assert set(s.abs().flatten().tolist()) == {1.0}
+    assert len({tuple(r) for r in s.tolist()}) == 16
+
+
+def test_exact_refuses_large_network_with_state_count_and_alternative():
+    m = sbn_mlp(2, (12, 12), 1)
+    x, t = torch.randn(2, 2), torch.ones(2)
+    with pytest.raises(ConfigError, match=r"2\^24 = 16777216 joint hidden states") as e:
+        exact_expected_loss(m, x, t, logistic_loss)
+    assert "mc_reference" in str(e.value) and "4096 x 4096" in str(e.value)
+    with pytest.raises(ValueError, match="mc_reference"):
+        m.surrogate_loss(x, t, logistic_loss, estimator="exact")
+
+
+def test_exact_refuses_conv_layers():
+    m = sbn_conv8(1, 8, 2, channels=(2, 2), padding=1)
+    with pytest.raises(ConfigError, match="exact.*SBNConv2d"):
+        exact_expected_loss(m, torch.randn(1, 1, 8, 8), torch.tensor([0]), _ce)
+    with pytest.raises(ConfigError, match="estimator 'exact' does not support SBNConv2d"):
+        m.surrogate_loss(torch.randn(1, 1, 8, 8), torch.tensor([0]), _ce, estimator="exact")
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_loo", "arm"])
+def test_mc_reference_agrees_with_exact(estimator):
+    """z-test: |mean - exact| / SE below the Bonferroni-corrected t threshold for a
+    family-wise false-alarm rate of 1e-3 (per seed) over all 20 coordinates."""
+    m = _net(seed=4)
+    x = torch.randn(4, 2, dtype=D)
+    t = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=D)
+    ref = exact_gradient(m, x, t, logistic_loss)
+    mc = mc_reference(m, x, t, logistic_loss, 40_000, 7, estimator=estimator, groups=80)
+    assert mc.samples == 40_000 and mc.groups == 80 and mc.estimator == estimator
+    crit = stats.t.ppf(1 - 1e-3 / (2 * 21), df=79)
+    for name, g in ref.grads.items():
+        z = (mc.grads[name] - g) / mc.grads_se[name]
+        assert z.abs().max() < crit, (name, z)
+    assert abs((mc.value - ref.value) / mc.value_se) < crit
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_mc_reference_rejects_biased_estimator_and_bad_groups():
+    m = _net()
+    x, t = torch.randn(2, 2, dtype=D), torch.ones(2, dtype=D)
+    with pytest.raises(ConfigError, match="unbiased for every layer.*'psa'"):
+        mc_reference(m, x, t, logistic_loss, 100, 0, estimator="psa")
+    with pytest.raises(ConfigError, match="groups"):
+        mc_reference(m, x, t, logistic_loss, 100, 0, groups=1)
+    with pytest.raises(ConfigError, match="draws per group"):
+        mc_reference(m, x, t, logistic_loss, 100, 0, estimator="reinforce_loo", groups=100)
