@@ -7,20 +7,38 @@ The public API, re-exported from the core modules (which import torch only)::
     model = stelab.quantize(torch_model, weights="sign:ste", activations={...})
     stelab.summary(model, (1, 28, 28), print_fn=print)
 
-Heavier parts are imported on demand: ``stelab.models``, ``stelab.data``,
-``stelab.sbn``, ``stelab.theory``, ``stelab.disguise``, ``stelab.analysis``.
+Names are resolved on first use (PEP 562), so ``import stelab`` and the CLI's
+``--help`` do not pay for importing torch until something needs it. Subpackages:
+``stelab.models``, ``stelab.data``, ``stelab.sbn``, ``stelab.theory``,
+``stelab.disguise``, ``stelab.analysis``, ``stelab.train``.
 """
 
-from . import estimators
-from .errors import ConfigError, DataError, StelabError, StelabTypeError
-from .estimators import Estimator, custom
-from .estimators import get as estimator
-from .estimators import names as estimator_names
-from .estimators import register as register_estimator
-from .nn import QuantConv2d, QuantLinear, quantize, summary
-from .quantizers import QuantAct, Quantizer, halfnormal_alpha
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> (module, attribute)
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "ConfigError": ("errors", "ConfigError"),
+    "DataError": ("errors", "DataError"),
+    "StelabError": ("errors", "StelabError"),
+    "StelabTypeError": ("errors", "StelabTypeError"),
+    "Estimator": ("estimators", "Estimator"),
+    "custom": ("estimators", "custom"),
+    "estimator": ("estimators", "get"),
+    "estimator_names": ("estimators", "names"),
+    "register_estimator": ("estimators", "register"),
+    "Quantizer": ("quantizers", "Quantizer"),
+    "QuantAct": ("quantizers", "QuantAct"),
+    "halfnormal_alpha": ("quantizers", "halfnormal_alpha"),
+    "QuantLinear": ("nn", "QuantLinear"),
+    "QuantConv2d": ("nn", "QuantConv2d"),
+    "quantize": ("nn", "quantize"),
+    "summary": ("nn", "summary"),
+}
 
 __all__ = [
     "ConfigError",
@@ -32,6 +50,7 @@ __all__ = [
     "Quantizer",
     "StelabError",
     "StelabTypeError",
+    "__version__",
     "custom",
     "estimator",
     "estimator_names",
@@ -40,5 +59,30 @@ __all__ = [
     "quantize",
     "register_estimator",
     "summary",
-    "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
+        globals()[name] = value
+        return value
+    if name == "estimators":
+        return importlib.import_module(".estimators", __name__)
+    raise AttributeError(f"module 'stelab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, "estimators"})
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from . import estimators
+    from .errors import ConfigError, DataError, StelabError, StelabTypeError
+    from .estimators import Estimator, custom
+    from .estimators import get as estimator
+    from .estimators import names as estimator_names
+    from .estimators import register as register_estimator
+    from .nn import QuantConv2d, QuantLinear, quantize, summary
+    from .quantizers import QuantAct, Quantizer, halfnormal_alpha
