@@ -9,8 +9,9 @@ subclass the builtin exception a Python user would expect (``ValueError`` or
 from __future__ import annotations
 
 import difflib
+import inspect
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -68,3 +69,17 @@ def check_int(name: str, value: Any, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
     return int(value)
+
+
+def construct(kind: str, name: str, ctor: Callable[..., Any], params: dict[str, Any]) -> Any:
+    """``ctor(**params)``, or a ConfigError naming the unexpected parameters of
+    ``kind`` ``name`` and the allowed ones (registries share this)."""
+    try:
+        inspect.signature(ctor).bind(**params)
+    except TypeError:
+        allowed = [p for p in inspect.signature(ctor).parameters if p != "self"]
+        raise ConfigError(
+            f"{kind} {name!r} got unexpected parameters {sorted(params)}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        ) from None
+    return ctor(**params)

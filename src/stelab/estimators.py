@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, StelabTypeError, check_positive, unknown
+from .errors import ConfigError, StelabTypeError, check_positive, construct, unknown
 
 __all__ = [
     "Context",
@@ -203,17 +203,7 @@ def get(name: str | Estimator | Callable[[Tensor], Tensor], **params: Any) -> Es
         )
     if name not in _REGISTRY:
         raise unknown("estimator", name, _REGISTRY)
-    ctor = _REGISTRY[name]
-    try:
-        sig = inspect.signature(ctor)
-        sig.bind(**params)
-    except TypeError:
-        allowed = [p for p in inspect.signature(ctor).parameters if p != "self"]
-        raise ConfigError(
-            f"estimator {name!r} got unexpected parameters {sorted(params)}; "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        ) from None
-    return ctor(**params)
+    return construct("estimator", name, _REGISTRY[name], params)
 
 
 def describe() -> list[dict[str, Any]]:

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, StelabTypeError, check_int, unknown
+from ..errors import ConfigError, StelabTypeError, check_int, construct, unknown
 from .layers import SBN, SBNConv2d, SBNLinear
 from .noise import as_generator
 
@@ -210,16 +210,7 @@ def get(estimator: str | SBNEstimator, **params: Any) -> SBNEstimator:
         )
     if estimator not in _REGISTRY:
         raise unknown("SBN estimator", estimator, _REGISTRY)
-    cls = _REGISTRY[estimator]
-    try:
-        inspect.signature(cls).bind(**params)
-    except TypeError:
-        allowed = [p for p in inspect.signature(cls).parameters if p != "self"]
-        raise ConfigError(
-            f"SBN estimator {estimator!r} got unexpected parameters {sorted(params)}; "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        ) from None
-    return cls(**params)
+    return construct("SBN estimator", estimator, _REGISTRY[estimator], params)
 
 
 def describe() -> list[dict[str, Any]]:
