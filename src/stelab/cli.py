@@ -132,6 +132,34 @@ def demo(
 
 
 @app.command()
+def disguise(
+    estimator: Annotated[str, typer.Argument(help="A weight estimator, e.g. cosine, dsq.")],
+    step: Annotated[float, typer.Option(help="Quantizer step Δ.")] = 1.0,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="Estimator parameter NAME=VALUE (repeatable)."),
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw q̂', the map M and the STE-equivalent to this file.")
+    ] = None,
+) -> None:
+    """[S24]: the STE equivalent of a cyclical weight estimator (α, the map M)."""
+    from .disguise import disguise_report
+    from .errors import ConfigError
+
+    params: dict[str, float] = {}
+    for p in param or []:
+        name, eq, value = p.partition("=")
+        try:
+            params[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--param must be NAME=NUMBER, got {p!r}") from None
+        if not eq or not name.strip():
+            raise ConfigError(f"--param must be NAME=NUMBER, got {p!r}")
+    typer.echo(disguise_report(estimator, step, params, plot))
+
+
+@app.command()
 def reproduce(
     paper: Annotated[
         str, typer.Argument(help="yin2019, psa2020, disguise2024 or all.")
