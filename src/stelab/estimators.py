@@ -94,6 +94,8 @@ class Estimator:
     needs_output: bool = False
     #: whether :meth:`grad_input` reads the input ``x`` (identity STE does not)
     needs_input: bool = True
+    #: a function of the position inside a bin only, period = step ([S24]'s class)
+    cyclical: bool = False
 
     def derivative(self, x: Tensor, ctx: Context) -> Tensor:
         raise NotImplementedError
@@ -411,6 +413,7 @@ class DSQ(Estimator):
     formula = "(s*k/2) * sech(k*(x - m)/step)^2,  s = 1/tanh(k/2), m = nearest jump"
     reference = "Gong et al. 2019 (Differentiable Soft Quantization)"
     serves = frozenset({"uniform", "act"})
+    cyclical = True
 
     def __init__(self, k: float = 3.0):
         self.k = check_positive("k", k)

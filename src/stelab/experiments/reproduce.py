@@ -40,7 +40,7 @@ PAPERS: dict[str, dict[str, Any]] = {
     "disguise2024": {
         "title": "[S24] Schoenbauer et al., Custom Gradient Estimators are Straight-Through "
         "Estimators in Disguise (2024)",
-        "parts": {},
+        "parts": {"trajectories": "disguise2024"},
     },
 }
 

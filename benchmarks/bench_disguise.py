@@ -1,0 +1,119 @@
+"""Time the [S24] weight map M on every weight of a ResNet-20-size model.
+
+    .venv/bin/python benchmarks/bench_disguise.py [--repeat 50] [--threads 1] [--json out.json]
+
+Builds stelab's ResNet-20 (CIFAR, 0.27M weights in ~20 tensors) with 4-bit uniform
+weight quantizers (a fixed step per layer) and the cosine estimator (a = 0.5), then
+reports the median wall time of applying M to all quantized weights (float32, as
+trained), also as this process's CPU time (close to the wall time on an idle machine;
+on a shared one the wall time includes time spent descheduled), of M⁻¹, of building the
+Equivalence (the quadrature table), and of the whole ``to_ste`` conversion (deep copy +
+M + optimizer). Goal: M <= 10 ms on a laptop-class CPU.
+Prints one markdown table row per measurement; ``--json`` writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from stelab.disguise import equivalent_ste, to_ste
+from stelab.quantizers import Quantizer
+
+
+def _model() -> torch.nn.Module:
+    from stelab import models
+
+    def wq(name: str, module: torch.nn.Module) -> Quantizer:
+        bound = 1.0 / module.weight[0].numel() ** 0.5  # kaiming-uniform bound
+        return Quantizer("uniform", "cosine", bits=4, step=bound / 6, a=0.5)
+
+    return models.build("resnet20", in_shape=(3, 32, 32), weights=wq)
+
+
+def _median_ms(fn, repeat: int, clock=time.perf_counter) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = clock()
+        fn()
+        times.append(clock() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model = _model()
+    layers = [
+        (m.weight.detach(), m.weight_quantizer.step)
+        for m in model.modules()
+        if getattr(m, "weight_quantizer", None) is not None
+    ]
+    n_weights = sum(w.numel() for w, _ in layers)
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=4)
+    ws = [w for w, _ in layers]
+    steps = [s for _, s in layers]
+    mapped = eq.M_many(ws, steps)
+
+    res = {
+        "model": "resnet20 (stelab.models), 4-bit uniform weights, cosine a=0.5",
+        "tensors": len(layers),
+        "weights": n_weights,
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "m_ms": _median_ms(lambda: eq.M_many(ws, steps), args.repeat),
+        # CPU time of this process: what the wall time would be on an otherwise idle CPU
+        "m_cpu_ms": _median_ms(lambda: eq.M_many(ws, steps), args.repeat, time.process_time),
+        "m_inv_ms": _median_ms(
+            lambda: [eq.M_inv(y, step=s) for y, s in zip(mapped, steps, strict=True)],
+            args.repeat,
+        ),
+        "build_ms": _median_ms(
+            lambda: equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=4),
+            max(3, args.repeat // 10),
+        ),
+    }
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    res["to_ste_ms"] = _median_ms(lambda: to_ste(model, opt), max(3, args.repeat // 10))
+    res["goal_ms"] = 10.0
+    res["meets_goal"] = res["m_ms"] <= res["goal_ms"]
+    res["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    print("| what | tensors | weights | threads | median ms |")
+    print("|---|---:|---:|---:|---:|")
+    for key, what in [
+        ("m_ms", "M(w), all weights (float32, per-layer step)"),
+        ("m_cpu_ms", "M(w), all weights: process CPU time"),
+        ("m_inv_ms", "M_inv(w), all weights"),
+        ("build_ms", "equivalent_ste (table)"),
+        ("to_ste_ms", "to_ste(model, SGD) total"),
+    ]:
+        print(f"| {what} | {len(layers)} | {n_weights} | {args.threads} | {res[key]:.2f} |")
+    print(f"(1-min load average during the run: {res['load_average']})")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=args.json.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(res, f, indent=2)
+        os.replace(tmp, args.json)
+    return res
+
+
+if __name__ == "__main__":
+    main()

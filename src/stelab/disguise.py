@@ -1,0 +1,951 @@
+"""Custom weight-gradient estimators are STEs in disguise [S24].
+
+Schoenbauer, Moro, Lew, Howard 2024, "Custom Gradient Estimators are
+Straight-Through Estimators in Disguise", arXiv:2405.05171 (SPEC §4).
+
+Setting: weights quantized with a fixed uniform step Δ, Q(w) = Δ·round(w/Δ)
+(optionally clipped), trained with a *cyclical* weight-gradient estimator q̂'(w)
+(the same shape on every bin, positive and bounded). The theorem: SGD (with or
+without momentum) with q̂', learning rate η and initial latent weights w₀ is, to
+first order in η, SGD with the identity STE, learning rate α·η and initial weights
+M(w₀), where
+
+    α    = Δ / ∫_bin ds / q̂'(s)                (the harmonic mean of q̂' over a bin)
+    M(w) = w_b + α ∫_{w_b}^{w} ds / q̂'(s)       (w_b any change point; M' = α / q̂')
+
+M is increasing, maps each bin onto itself and fixes every change point, so
+Q(M(w)) = Q(w): the two networks compute the same function. With Adam nothing
+needs to change (the per-coordinate normalisation cancels q̂').
+
+This module computes α, M and M⁻¹ for any cyclical estimator
+(:func:`equivalent_ste`), converts a trained or fresh model and its optimizer to
+the STE equivalent (:func:`to_ste`), and renders the text and plot behind
+``stelab disguise`` (:func:`disguise_report`).
+
+Numerics. Everything is computed in float64 on one bin, in units of the step:
+r ∈ [-1/2, 1/2] is the position from the bin centre and
+
+    Φ(r) = ∫_{-1/2}^{r} dρ / g(ρ)  /  ∫_{-1/2}^{1/2} dρ / g(ρ),   g(ρ) = q̂'(Δ·ρ),
+
+so that α = 1 / ∫_{-1/2}^{1/2} dρ/g(ρ) and M(w) = Δ·(n - 1/2 + Φ(r)), n = round(w/Δ).
+Φ is tabulated by composite Gauss-Legendre quadrature (order 10) on N equal
+panels and interpolated by the cubic Hermite polynomial that uses the exact
+derivative Φ' = α/g at the panel ends; N doubles until both the Hermite error
+(checked against quadrature at every panel midpoint) and the change of the bin
+integral are below ``tol`` (default 1e-10). The integer part n is taken exactly
+as the quantizer takes it (``torch.round(w / step)`` in the weight's dtype, halves
+to even), and every result is nudged by at most a few ulps into its own bin, so
+Q(M(w)) == Q(w) and Q(M⁻¹(w)) == Q(w) hold exactly, also at change points.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import estimators as _est
+from .errors import ConfigError, StelabTypeError, check_int, check_positive
+from .estimators import Estimator
+from .quantizers import Forward, Quantizer
+
+__all__ = [
+    "ConversionReport",
+    "DegenerateEstimatorWarning",
+    "Equivalence",
+    "LayerChange",
+    "STEConversion",
+    "disguise_report",
+    "equivalent_ste",
+    "is_cyclical",
+    "to_ste",
+]
+
+_F64 = torch.float64
+_GL_ORDER = 10
+_N_START = 64
+_N_MAX = 1 << 16
+# below this fraction of its maximum, q̂' counts as vanishing (α would be below it too)
+_MIN_RATIO = 1e-20
+# regularisation of a degenerate estimator (allow_degenerate=True)
+_EPS_DEGENERATE = 1e-4
+# bins (besides bin 0) on which an estimator is checked to repeat itself
+_CHECK_BINS = (-1000, -37, -5, -1, 1, 2, 8, 123, 4096)
+
+
+class DegenerateEstimatorWarning(UserWarning):
+    """An estimator outside the [S24] class (vanishing or negative in a bin) was mapped
+    anyway (``allow_degenerate=True``); the result is a limit, not an equivalence."""
+
+
+# ---------------------------------------------------------------------------
+# Quadrature helpers (float64, torch only)
+# ---------------------------------------------------------------------------
+
+
+def _gauss_legendre(order: int) -> tuple[Tensor, Tensor]:
+    """Nodes and weights of Gauss-Legendre quadrature on [-1, 1] (Golub-Welsch)."""
+    k = torch.arange(1, order, dtype=_F64)
+    b = k / torch.sqrt(4 * k * k - 1)
+    jac = torch.diag(b, 1) + torch.diag(b, -1)
+    x, v = torch.linalg.eigh(jac)
+    return x, 2 * v[0] ** 2
+
+
+_GL_X, _GL_W = _gauss_legendre(_GL_ORDER)
+
+
+def _panel_integrals(inv_g: Callable[[Tensor], Tensor], a: Tensor, h: float) -> Tensor:
+    """∫_{a_j}^{a_j + h} inv_g for every left end a_j (Gauss-Legendre)."""
+    nodes = a[:, None] + (h / 2) * (1 + _GL_X)[None, :]
+    return (h / 2) * (inv_g(nodes) * _GL_W).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Φ on N equal panels of [-1/2, 1/2]: Horner coefficients per panel and nodes."""
+
+    n: int
+    coef: Tensor  # (N, 4): Φ = c0 + u(c1 + u(c2 + u c3)), u ∈ [0, 1] within a panel
+    cols: tuple[Tensor, Tensor, Tensor, Tensor]  # the four columns, contiguous (fast gather)
+    cols_centred: tuple[Tensor, Tensor, Tensor, Tensor]  # the same for Φ - 1/2 (used by M)
+    phi: Tensor  # (N + 1,) Φ at the panel ends, Φ_0 = 0, Φ_N = 1
+    integral: float  # ∫_{-1/2}^{1/2} dρ/g(ρ)
+    interp_error: float  # max Hermite error at the panel midpoints (units of Φ)
+    quad_change: float  # relative change of the integral at the last doubling
+
+
+def _build_table(inv_g: Callable[[Tensor], Tensor], tol: float) -> _Table | None:
+    """Tabulate Φ with N doubling until ``tol`` is met; None if N_MAX does not suffice."""
+    prev_integral = None
+    n = _N_START
+    while n <= _N_MAX:
+        h = 1.0 / n
+        edges = (torch.arange(n + 1, dtype=_F64) - n // 2) / n  # exact; holds 0 and ±1/2
+        panels = _panel_integrals(inv_g, edges[:-1], h)
+        cum = torch.cat([torch.zeros(1, dtype=_F64), torch.cumsum(panels, 0)])
+        integral = float(cum[-1])
+        phi = cum / integral
+        phi[-1] = 1.0
+        d = inv_g(edges) / integral * h  # h·Φ' at the panel ends
+        p0, p1, d0, d1 = phi[:-1], phi[1:], d[:-1], d[1:]
+        dp = p1 - p0
+        coef = torch.stack([p0, d0, 3 * dp - 2 * d0 - d1, -2 * dp + d0 + d1], dim=1)
+        # Hermite at panel midpoints vs. quadrature from the left end
+        half = _panel_integrals(inv_g, edges[:-1], h / 2) / integral
+        herm = (p0 + p1) / 2 + (d0 - d1) / 8
+        interp_error = float((herm - (p0 + half)).abs().max())
+        quad_change = (
+            math.inf if prev_integral is None else abs(integral - prev_integral) / integral
+        )
+        # monotone cubic Hermite: slopes within [0, 3] secants (Fritsch-Carlson)
+        ratio = torch.cat([d0 / dp, d1 / dp])
+        monotone = bool(((ratio >= 0) & (ratio <= 3)).all())
+        if interp_error <= tol and quad_change <= tol and monotone:
+            cols = tuple(coef[:, i].contiguous() for i in range(4))
+            centred = (cols[0] - 0.5, *cols[1:])
+            return _Table(n, coef, cols, centred, phi, integral, interp_error, quad_change)
+        prev_integral = integral
+        n *= 2
+    return None
+
+
+def _horner(cols: tuple[Tensor, ...], j: Tensor, u: Tensor) -> Tensor:
+    """c0[j] + u(c1[j] + u(c2[j] + u c3[j])): 1-D gathers into one buffer, then in place.
+
+    (Much faster than ``coef[j]`` on a (N, 4) table, and allocation-light.)
+    """
+    jf = j.reshape(-1)
+    buf = torch.empty((4, jf.numel()), dtype=_F64, device=u.device)
+    for i, c in enumerate(cols):
+        torch.index_select(c, 0, jf, out=buf[i])
+    c0, c1, c2, c3 = (b.view(j.shape) for b in buf)
+    return c0.addcmul_(u, c1.addcmul_(u, c2.addcmul_(u, c3)))
+
+
+# ---------------------------------------------------------------------------
+# The equivalence
+# ---------------------------------------------------------------------------
+
+
+def _describe_r(r: float) -> str:
+    if abs(abs(r) - 0.5) < 1e-12:
+        return "the change points (w = ±Δ/2 from a level)"
+    if abs(r) < 1e-12:
+        return "the bin centres (the levels)"
+    return f"w = level {r:+.4g}·Δ"
+
+
+class Equivalence:
+    """The STE equivalent of a cyclical estimator [S24]: α, M and M⁻¹.
+
+    Built by :func:`equivalent_ste`. Attributes:
+
+    * ``estimator``, ``step`` (Δ), ``bits`` (None: unclipped quantizer);
+    * ``alpha``: α = Δ / ∫_bin ds/q̂'(s), the learning-rate factor of the STE;
+    * ``ste``: the name of the equivalent estimator: ``"ste"`` (identity) for an
+      unclipped quantizer, ``"clipped"`` (1 inside the quantizer's range, 0 outside,
+      where the cyclical estimators vanish too) for a clipped one;
+    * ``g_min``/``g_max`` and ``r_min``/``r_max``: the extremes of q̂' over a bin and
+      where they sit (position from the bin centre in units of Δ);
+    * ``max_shift``: max |M(w) - w| / Δ;
+    * ``degenerate``: True when q̂' vanishes or is negative in a bin (only with
+      ``allow_degenerate=True``): α = 0 and M is the limit of the map of
+      max(q̂', 0) + ε·max q̂' with ε = 1e-4 (a finite-ε stand-in for the ε → 0 limit);
+    * ``panels``, ``interp_error``: the quadrature table's size and its checked error.
+
+    ``M(w)``, ``M_inv(w)``, ``M_prime(w)`` = α/q̂'(w) and ``derivative(w)`` = q̂'(w)
+    act elementwise on tensors of any shape and floating dtype (computed in float64,
+    returned in the input's dtype).
+    """
+
+    def __init__(
+        self,
+        estimator: Estimator,
+        step: float,
+        bits: int | None,
+        table: _Table,
+        alpha: float,
+        extremes: tuple[float, float, float, float],
+        degenerate: bool,
+        scale_free: bool,
+        notes: list[str],
+    ):
+        self.estimator = estimator
+        self.step = step
+        self.bits = bits
+        self._table = table
+        self.alpha = alpha
+        self.g_min, self.r_min, self.g_max, self.r_max = extremes
+        self.degenerate = degenerate
+        self.scale_free = scale_free
+        self.notes = notes
+        self._fwd = Forward("uniform", bits)
+        self._lo, self._hi = self._fwd.qrange
+        r = torch.linspace(-0.5, 0.5, 4097, dtype=_F64)
+        self.max_shift = float((self._phi(r.clone()) - 0.5 - r).abs().max())
+        self.symmetric = abs(float(self._phi(torch.zeros(1, dtype=_F64))) - 0.5) < 1e-9
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def ste(self) -> str:
+        """Name of the equivalent estimator: 'ste' (unclipped) or 'clipped' (clipped)."""
+        return "ste" if self.bits is None else "clipped"
+
+    @property
+    def panels(self) -> int:
+        return self._table.n
+
+    @property
+    def interp_error(self) -> float:
+        return self._table.interp_error
+
+    def __repr__(self) -> str:
+        b = "" if self.bits is None else f", bits={self.bits}"
+        d = ", degenerate" if self.degenerate else ""
+        return f"Equivalence({self.estimator!r}, step={self.step:g}{b}: alpha={self.alpha:.6g}{d})"
+
+    # -- Φ and its inverse on one bin ----------------------------------------
+
+    def _phi(self, r: Tensor, centred: bool = False) -> Tensor:
+        """Φ(r) (``centred``: Φ(r) - 1/2) for r ∈ [-1/2, 1/2], float64. Consumes ``r``."""
+        n = self._table.n
+        x = r.mul_(n).add_(n / 2).clamp_(0, n).nan_to_num_(0.0)  # (r + 1/2)·N
+        j = x.floor().to(torch.int32).clamp_(max=n - 1)
+        cols = self._table.cols_centred if centred else self._table.cols
+        return _horner(cols, j, x.sub_(j))
+
+    def _phi_inv(self, p: Tensor) -> Tensor:
+        """r with Φ(r) = p for p ∈ [0, 1] (float64): bracket, then Newton on the cubic."""
+        t = self._table
+        p = p.clamp(0, 1).nan_to_num_(0.5)
+        j = (torch.searchsorted(t.phi, p, right=True) - 1).clamp_(0, t.n - 1)
+        p0 = t.phi.index_select(0, j.reshape(-1)).view(j.shape)
+        p1 = t.phi.index_select(0, (j + 1).reshape(-1)).view(j.shape)
+        u = ((p - p0) / (p1 - p0)).nan_to_num_(0.5).clamp_(0, 1)
+        c0, c1, c2, c3 = (c.index_select(0, j.reshape(-1)).view(j.shape) for c in t.cols)
+        for _ in range(3):
+            f = c0 + u * (c1 + u * (c2 + u * c3)) - p
+            df = c1 + u * (2 * c2 + 3 * u * c3)
+            u = (u - f / df).nan_to_num_(0.5).clamp_(0, 1)
+        return (j.to(_F64) + u) / t.n - 0.5
+
+    # -- the maps --------------------------------------------------------------
+
+    def _step_for(self, w: Tensor, step: float | Tensor | None) -> float | Tensor:
+        if step is None:
+            return self.step
+        if isinstance(step, Tensor):
+            if step.numel() > 1 and not self.scale_free:
+                raise ConfigError(
+                    f"a per-channel step needs an estimator defined in units of the step; "
+                    f"{self.estimator!r} is a function of w (build one Equivalence per step)"
+                )
+            return step.detach()
+        return check_positive("step", step)
+
+    @torch.no_grad()
+    def _apply(self, w: Tensor, step: float | Tensor | None, inverse: bool) -> Tensor:
+        if not isinstance(w, Tensor) or not w.is_floating_point():
+            raise StelabTypeError(
+                f"M expects a floating-point tensor, got {type(w).__name__}"
+                + (f" of dtype {w.dtype}" if isinstance(w, Tensor) else "")
+            )
+        st = self._step_for(w, step)
+        clipped = self.bits is not None
+        n = torch.round(w / st)  # exactly the quantizer's expression (halves to even)
+        if clipped:
+            n.clamp_(self._lo, self._hi)
+        n64 = n.to(_F64)
+        st64 = st.to(_F64) if isinstance(st, Tensor) else st
+        # r = w/Δ - n ∈ [-1/2, 1/2] (clamped: the weight's dtype may round differently);
+        # NaN/±inf inputs give r = 0 and come out as n·Δ = NaN/±inf again
+        r = w.to(_F64, copy=True).div_(st64).sub_(n64)
+        if inverse:  # w = Δ(n - 1/2 + Φ(r')) -> r'
+            y = self._phi_inv(r.add_(0.5))
+        else:  # Δ(n - 1/2 + Φ(r))
+            y = self._phi(r, centred=True)
+        out = y.add_(n64).mul_(st64).to(w.dtype)
+        keep = None
+        if clipped:  # outside [lo·Δ, hi·Δ]: M(w) = w
+            mid, half = (self._lo + self._hi) / 2, (self._hi - self._lo) / 2
+            keep = (w - mid * st).abs_() > half * st
+            out = torch.where(keep, w, out)
+        return _into_bins(out, n, st, self._lo if clipped else None, self._hi, keep)
+
+    def M(self, w: Tensor, step: float | Tensor | None = None) -> Tensor:
+        """M(w) = w_b + α ∫_{w_b}^{w} ds/q̂'(s), elementwise; same shape and dtype as ``w``.
+
+        ``step``: override Δ (a number, or a tensor broadcastable to ``w``, e.g. the
+        quantizer's step buffer or per-channel steps; only for estimators defined in
+        units of the step, see :func:`is_cyclical`). With a clipped quantizer M is the
+        identity outside [lo·Δ, hi·Δ]. The bin index is ``torch.round(w / step)``, the
+        quantizer's own expression, so pass the quantizer's step tensor to get
+        Q(M(w)) == Q(w) bit for bit.
+        """
+        return self._apply(w, step, inverse=False)
+
+    def M_inv(self, w: Tensor, step: float | Tensor | None = None) -> Tensor:
+        """The inverse map: M⁻¹(M(w)) = w (to ~1e-15·Δ in float64)."""
+        return self._apply(w, step, inverse=True)
+
+    def M_many(
+        self, ws: Sequence[Tensor], steps: Sequence[float | Tensor | None] | None = None
+    ) -> list[Tensor]:
+        """``[self.M(w, s) for w, s in zip(ws, steps)]`` (e.g. all weights of a model).
+
+        ``steps``: one step per tensor (a number, a tensor broadcastable to it, or None
+        for ``self.step``). Tensors are processed one by one: on a CPU that keeps each
+        one's float64 intermediates in cache, which measured faster than concatenating.
+        """
+        ws = list(ws)
+        steps = [None] * len(ws) if steps is None else list(steps)
+        if len(steps) != len(ws):
+            raise ConfigError(f"M_many got {len(ws)} tensors but {len(steps)} steps")
+        return [self.M(w, s) for w, s in zip(ws, steps, strict=True)]
+
+    def derivative(self, w: Tensor) -> Tensor:
+        """q̂'(w) of the estimator (paired with this quantizer)."""
+        ctx = self._fwd.context(self.step)
+        return self.estimator.derivative(w, ctx)
+
+    def M_prime(self, w: Tensor) -> Tensor:
+        """M'(w) = α / q̂'(w)."""
+        return self.alpha / self.derivative(w)
+
+
+def _into_bins(
+    out: Tensor,
+    n: Tensor,
+    step: float | Tensor,
+    lo: float | None,
+    hi: float,
+    skip: Tensor | None,
+) -> Tensor:
+    """Nudge ``out`` by ulps towards the bin centre n·step until Q(out) == n·step.
+
+    ``skip``: elements left as they are (outside a clipped range); NaN is skipped too.
+    """
+
+    def q(v: Tensor) -> Tensor:
+        m = torch.round(v / step)
+        return m if lo is None else m.clamp(lo, hi)
+
+    bad = q(out) != n
+    if not bool(bad.any()):  # the common case: one check, no copies
+        return out
+    skip = torch.isnan(n) if skip is None else skip | torch.isnan(n)
+    bad = bad & ~skip
+    if not bool(bad.any()):
+        return out
+    centre = (n * step).to(out.dtype)
+    for _ in range(64):
+        out = torch.where(bad, torch.nextafter(out, centre), out)
+        bad = (q(out) != n) & ~skip
+        if not bool(bad.any()):
+            return out
+    raise AssertionError("stelab.disguise: could not place M(w) in its bin (please report)")
+
+
+def _as_estimator(
+    estimator: str | Estimator | Callable[[Tensor], Tensor], params: Mapping[str, Any] | None
+) -> Estimator:
+    params = dict(params or {})
+    if isinstance(estimator, (str, Estimator)) or callable(estimator):
+        return _est.get(estimator, **params)
+    raise StelabTypeError(
+        "estimator must be a registered name, an Estimator or a function of w, "
+        f"got {type(estimator).__name__}"
+    )
+
+
+def is_cyclical(estimator: Estimator) -> bool:
+    """Whether ``estimator`` is known to be cyclical (a function of w/Δ mod 1 only).
+
+    True for ``dsq`` and the [S24] estimators (``cosine``, ``triangle_wave``,
+    ``soft_staircase``, ``periodic``): every estimator whose ``cyclical`` attribute is
+    set. The identity STE is trivially cyclical but needs no conversion (False).
+    """
+    return bool(estimator.cyclical)
+
+
+def equivalent_ste(
+    estimator: str | Estimator | Callable[[Tensor], Tensor],
+    step: float | Tensor,
+    *,
+    params: Mapping[str, Any] | None = None,
+    bits: int | None = None,
+    allow_degenerate: bool = False,
+    tol: float = 1e-10,
+) -> Equivalence:
+    """The STE that a cyclical weight estimator is in disguise [S24].
+
+    Args:
+        estimator: a registered name (with ``params``), an :class:`Estimator`, or a
+            function ``w -> q̂'(w)`` (it must repeat with period ``step``).
+        step: the quantizer's step Δ > 0. Pass the exact value the quantizer uses
+            (for a ``Quantizer`` that is ``q.step.item()``).
+        params: the estimator's parameters when it is given by name, e.g. ``{"a": 0.5}``.
+        bits: None for the unclipped quantizer Δ·round(w/Δ) (the [S24] setting);
+            b for the clipped signed b-bit quantizer. Clipped: M is the identity outside
+            [lo·Δ, hi·Δ] and the equivalent estimator is ``clipped`` (0 outside, as the
+            cyclical estimators).
+        allow_degenerate: map an estimator that vanishes (or is negative) somewhere in
+            a bin anyway: α = 0 (the limit) and M the limit map, with a
+            :class:`DegenerateEstimatorWarning`. Otherwise such estimators raise
+            ``ConfigError`` naming where they vanish.
+        tol: accuracy of the tabulated map in units of Δ (the table is refined until the
+            checked error is below it).
+
+    Returns:
+        An :class:`Equivalence` with ``alpha`` = Δ / ∫_bin ds/q̂'(s) and the maps
+        ``M(w) = w_b + α ∫_{w_b}^{w} ds/q̂'(s)``, ``M_inv``.
+
+    Raises:
+        ConfigError: the estimator cannot serve a uniform quantizer, is not cyclical
+        with period Δ (e.g. ``clipped`` with a fixed c, which is 0 far out), vanishes or
+        is negative in a bin (clipped STE, sharp DSQ where sech² underflows), or is too
+        sharp to tabulate accurately.
+    """
+    est = _as_estimator(estimator, params)
+    if isinstance(step, Tensor):
+        if step.numel() != 1:
+            raise ConfigError(
+                f"step must be one number here (got a tensor of shape {tuple(step.shape)}); "
+                "for per-channel steps build the Equivalence with one of them and pass the "
+                "tensor to M(w, step=...)"
+            )
+        step = float(step.detach().reshape(()).item())
+    step = check_positive("step", step)
+    if bits is not None:
+        bits = check_int("bits", bits, 2, 16)
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1e-3):
+        raise ConfigError(f"tol must be a number in (0, 1e-3), got {tol!r}")
+    fwd_free = Forward("uniform", None)
+    ctx = fwd_free.context(step)
+    est.check(ctx)
+    name = repr(est)
+
+    def g_of_r(r: Tensor) -> Tensor:
+        d = est.derivative(r * step, ctx)
+        if not isinstance(d, Tensor):
+            raise StelabTypeError(f"estimator {name} returned {type(d).__name__}, not a tensor")
+        return d.to(_F64).expand(r.shape)
+
+    notes: list[str] = []
+    # 1. cyclical: the same function on other bins (inside the range when clipped)
+    r_chk = (torch.arange(256, dtype=_F64) + 0.5) / 256 - 0.5
+    g0 = g_of_r(r_chk)
+    scale = float(g0.abs().max()) if bool(torch.isfinite(g0).all()) else 1.0
+    bins = _CHECK_BINS
+    if bits is not None:
+        lo_b, hi_b = Forward("uniform", bits).qrange
+        bins = tuple(b for b in bins if lo_b < b < hi_b) + (int(lo_b) + 1, int(hi_b) - 1)
+    for b in bins:
+        gb = est.derivative((b + r_chk) * step, ctx).to(_F64)
+        diff = (gb - g0).abs()
+        bad = ~(diff <= 1e-6 * max(scale, 1e-300) + 1e-12)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            w_bad = (b + float(r_chk[i])) * step
+            raise ConfigError(
+                f"estimator {name} is not cyclical with period step={step:g}: "
+                f"q̂'({w_bad:.6g}) = {float(gb[i]):.6g} on bin {b} but "
+                f"q̂'({float(r_chk[i]) * step:.6g}) = {float(g0[i]):.6g} on bin 0. "
+                "The [S24] equivalence covers only estimators that repeat on every bin "
+                "(e.g. cosine, triangle_wave, soft_staircase, periodic, dsq)"
+            )
+
+    # 2. positive and finite on the whole bin (dense grid incl. edges and centre)
+    r_dense = torch.linspace(-0.5, 0.5, 8193, dtype=_F64)
+    g_dense = g_of_r(r_dense)
+    if not bool(torch.isfinite(g_dense).all()):
+        i = int((~torch.isfinite(g_dense)).nonzero()[0, 0])
+        raise ConfigError(
+            f"estimator {name} is not finite at w = {float(r_dense[i]) * step:.6g} "
+            f"(q̂' = {float(g_dense[i])}); the [S24] theorem needs a bounded q̂'"
+        )
+    i_min, i_max = int(g_dense.argmin()), int(g_dense.argmax())
+    g_min, g_max = float(g_dense[i_min]), float(g_dense[i_max])
+    r_min, r_max = float(r_dense[i_min]), float(r_dense[i_max])
+    extremes = (g_min, r_min, g_max, r_max)
+    degenerate = g_min <= 0.0
+    why = ""
+    if degenerate:
+        kind = "vanishes" if g_min == 0.0 else "is negative"
+        zero = r_dense[g_dense <= 0]
+        if zero.numel() == 1 or bool((zero.abs() == 0.5).all()):
+            where = _describe_r(r_min)
+        else:
+            frac = zero.numel() / r_dense.numel()
+            where = (
+                f"{frac:.0%} of every bin, between w = level {float(zero[0]):+.4g}·Δ "
+                f"and level {float(zero[-1]):+.4g}·Δ"
+            )
+        why = (
+            f"estimator {name} {kind} at {where} (q̂' = {g_min:.3g} at "
+            f"w = {r_min * step:+.6g} with step {step:g}); the [S24] theorem needs "
+            "q̂' > 0 on the whole bin (its harmonic mean α would be 0)"
+        )
+
+    table = None
+    if not degenerate and g_min < _MIN_RATIO * g_max:
+        degenerate = True
+        why = (
+            f"estimator {name} nearly vanishes (min q̂' = {g_min:.3g} at {_describe_r(r_min)}, "
+            f"below {_MIN_RATIO:g} × its max {g_max:.3g}): α would be below ~{_MIN_RATIO:g}"
+        )
+    if not degenerate:
+        table = _build_table(lambda r: 1.0 / g_of_r(r), tol)
+        if table is None:
+            degenerate = True
+            why = (
+                f"estimator {name} nearly vanishes (min q̂' = {g_min:.3g} at "
+                f"{_describe_r(r_min)}, max {g_max:.3g}): 1/q̂' is too sharp to integrate "
+                f"to tol={tol:g} with {_N_MAX} panels"
+            )
+    if degenerate:
+        if not allow_degenerate:
+            raise ConfigError(why + "; pass allow_degenerate=True for the limit (α = 0)")
+        warnings.warn(
+            why + f". Returning the limit α = 0; M is the map of max(q̂', 0) + {_EPS_DEGENERATE:g}"
+            "·max q̂' (a finite-ε stand-in for the limit map)",
+            DegenerateEstimatorWarning,
+            stacklevel=2,
+        )
+        eps = _EPS_DEGENERATE * max(g_max, 1e-300)
+        table = _build_table(lambda r: 1.0 / (g_of_r(r).clamp_min(0) + eps), 1e-6)
+        if table is None:  # pragma: no cover - the regularised integrand is bounded
+            raise ConfigError(why)
+        alpha = 0.0
+        notes.append(why)
+    else:
+        alpha = 1.0 / table.integral
+        if alpha < 1e-6:
+            notes.append(
+                f"α = {alpha:.3g}: the equivalent STE barely moves (q̂' ranges over "
+                f"[{g_min:.3g}, {g_max:.3g}])"
+            )
+    scale_free = is_cyclical(est)
+    eq = Equivalence(est, step, bits, table, alpha, extremes, degenerate, scale_free, notes)
+    if bits is not None and not eq.symmetric:
+        notes.append(
+            "q̂' is not symmetric about the bin centre: M moves the outermost levels' "
+            "centres, so the clipped half-bins are not mapped onto themselves exactly"
+        )
+    return eq
+
+
+# ---------------------------------------------------------------------------
+# Model conversion
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """What :func:`to_ste` did to one layer's weight quantizer."""
+
+    name: str
+    estimator: str
+    alpha: float
+    step: str
+    bits: int | None
+    new_estimator: str
+    weights_mapped: bool
+    max_shift: float  # max |M(w) - w| / Δ over this layer's weights (0 if not mapped)
+    lr_factor: float
+
+
+@dataclass
+class ConversionReport:
+    """Per-layer α and what was changed, plus notes (printable)."""
+
+    layers: list[LayerChange] = field(default_factory=list)
+    unchanged: list[tuple[str, str]] = field(default_factory=list)
+    optimizer: str = "none given"
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = ["[S24] conversion to the equivalent STE"]
+        head = f"{'layer':<24} {'estimator':<22} {'alpha':>9} {'step':>10} {'-> estimator':<13}"
+        head += f" {'lr x':>8} {'M(w) max shift':>15}"
+        lines += [head, "-" * len(head)]
+        for c in self.layers:
+            shift = f"{c.max_shift:.4f} step" if c.weights_mapped else "not mapped"
+            lines.append(
+                f"{c.name:<24} {c.estimator:<22} {c.alpha:>9.6f} {c.step:>10} "
+                f"{c.new_estimator:<13} {c.lr_factor:>8.4f} {shift:>15}"
+            )
+        if not self.layers:
+            lines.append("(no layer with a cyclical weight estimator)")
+        for name, why in self.unchanged:
+            lines.append(f"unchanged: {name}: {why}")
+        lines.append(f"optimizer: {self.optimizer}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass
+class STEConversion:
+    """The result of :func:`to_ste`; unpacks as ``model, optimizer, report``."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    report: ConversionReport
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.optimizer, self.report))
+
+
+def _weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, m in model.named_modules():
+        q = getattr(m, "weight_quantizer", None)
+        if isinstance(q, Quantizer) and isinstance(getattr(m, "weight", None), nn.Parameter):
+            yield name or "(model)", m
+
+
+def _opt_kind(optimizer: torch.optim.Optimizer | None) -> str | None:
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adam"
+    if isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            f"to_ste knows the [S24] equivalence for SGD (with or without momentum) and "
+            f"Adam/AdamW, got {type(optimizer).__name__}; pass optimizer=None to convert "
+            "the model only"
+        )
+    raise StelabTypeError(
+        f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+    )
+
+
+def to_ste(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    map_weights: bool | None = None,
+    allow_degenerate: bool = False,
+) -> STEConversion:
+    """Convert a model trained with cyclical weight estimators to its STE equivalent [S24].
+
+    Returns ``(model, optimizer, report)`` (an :class:`STEConversion`):
+
+    * ``model``: a deep copy in which every weight quantizer (``weight_quantizer`` of
+      :class:`~stelab.nn.QuantLinear` / :class:`~stelab.nn.QuantConv2d`) whose forward is
+      ``uniform`` with a fixed step and whose estimator is cyclical (see
+      :func:`is_cyclical`) uses ``ste`` (``clipped`` for a clipped quantizer) instead,
+      and whose latent weight is mapped w -> M(w). The quantized weights, hence the
+      network function, are unchanged: Q(M(w)) == Q(w).
+    * ``optimizer``: for ``torch.optim.SGD`` (momentum, dampening and Nesterov kept) a
+      new SGD over the new model with each converted weight's learning rate
+      multiplied by its layer's α (param groups split per α; other parameters keep
+      their rate), momentum buffers divided by q̂'(w) (the first-order conversion).
+      For Adam/AdamW: the same hyperparameters, weights *not* mapped (the theorem
+      needs neither M nor α for Adam), moment estimates divided by q̂' and q̂'² so the
+      next update is the same. None when no optimizer is given.
+    * ``report``: a :class:`ConversionReport` with per-layer α and what changed.
+
+    ``map_weights``: None (default) maps unless the optimizer is Adam/AdamW. Learned
+    steps (LSQ) and non-cyclical estimators are left unchanged and listed as such.
+    """
+    if not isinstance(model, nn.Module):
+        raise StelabTypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    kind = _opt_kind(optimizer)
+    if map_weights is None:
+        map_weights = kind != "adam"
+    report = ConversionReport()
+    new_model = copy.deepcopy(model)
+    old_params = dict(model.named_parameters())
+    new_params = dict(new_model.named_parameters())
+    old_mods = dict(model.named_modules())
+
+    cache: dict[tuple[Any, ...], Equivalence] = {}
+    alpha_of: dict[int, float] = {}  # id(new weight) -> α
+    gdiv: dict[int, Tensor] = {}  # id(new weight) -> q̂'(w_old), for optimizer state
+    for name, mod in _weight_layers(new_model):
+        q: Quantizer = mod.weight_quantizer
+        est = q.estimator
+        if q.kind != "uniform":
+            if is_cyclical(est):
+                report.unchanged.append((name, f"forward {q.kind!r} is not 'uniform'"))
+            continue
+        if not is_cyclical(est):
+            continue
+        if q.learn_step:
+            report.unchanged.append((name, "learned step (LSQ): [S24] assumes a fixed step"))
+            continue
+        bits = q.fwd.bits
+        step_t = q.step.detach()
+        if step_t.numel() == 1:
+            step_f = float(step_t.item())
+            step_s = f"{step_f:.4g}"
+        else:
+            step_f = float(step_t.flatten()[0].item())
+            step_s = "per-channel"
+        key = (est, step_f if step_t.numel() == 1 else "scale-free", bits)
+        if key not in cache:
+            cache[key] = equivalent_ste(est, step_f, bits=bits, allow_degenerate=allow_degenerate)
+        eq = cache[key]
+        old_w = old_mods[name if name != "(model)" else ""].weight.detach()
+        with torch.no_grad():
+            gd = est.derivative(old_w, q.context())
+            gdiv[id(mod.weight)] = gd
+            shift = 0.0
+            if map_weights:
+                new_w = eq.M(old_w, step=step_t)
+                shift = float(((new_w - old_w) / step_t).abs().max()) if old_w.numel() else 0.0
+                mod.weight.copy_(new_w)
+        mod.weight_quantizer = q.with_estimator(eq.ste)
+        alpha_of[id(mod.weight)] = eq.alpha if kind == "sgd" or kind is None else 1.0
+        report.layers.append(
+            LayerChange(
+                name=name,
+                estimator=repr(est),
+                alpha=eq.alpha,
+                step=step_s,
+                bits=bits,
+                new_estimator=eq.ste,
+                weights_mapped=map_weights,
+                max_shift=shift,
+                lr_factor=eq.alpha if kind == "sgd" else 1.0,
+            )
+        )
+        for n in eq.notes:
+            if n not in report.notes:
+                report.notes.append(n)
+        if bits is not None and "clipped" not in " ".join(report.notes):
+            report.notes.append(
+                "clipped quantizers get the 'clipped' STE (1 inside [lo, hi], 0 outside), "
+                "since the cyclical estimators are 0 outside the range too"
+            )
+
+    new_opt = None
+    if optimizer is None:
+        report.optimizer = "none given"
+        if report.layers and map_weights:
+            report.notes.append(
+                "no optimizer given: weights mapped through M (the SGD equivalence); "
+                "train with SGD at lr × α per layer (α above); for Adam use map_weights=False"
+            )
+    else:
+        new_opt = _convert_optimizer(
+            optimizer, kind, old_params, new_params, alpha_of, gdiv, report
+        )
+    return STEConversion(new_model, new_opt, report)
+
+
+def _convert_optimizer(
+    opt: torch.optim.Optimizer,
+    kind: str | None,
+    old_params: dict[str, nn.Parameter],
+    new_params: dict[str, nn.Parameter],
+    alpha_of: dict[int, float],
+    gdiv: dict[int, Tensor],
+    report: ConversionReport,
+) -> torch.optim.Optimizer:
+    to_new = {id(p): new_params[n] for n, p in old_params.items()}
+    groups = []
+    for g in opt.param_groups:
+        by_alpha: dict[float, list[nn.Parameter]] = {}
+        for p in g["params"]:
+            if id(p) not in to_new:
+                raise ConfigError(
+                    f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not "
+                    "in the model; to_ste can only convert an optimizer of this model"
+                )
+            pn = to_new[id(p)]
+            by_alpha.setdefault(alpha_of.get(id(pn), 1.0), []).append(pn)
+        for a, ps in by_alpha.items():
+            ng = {k: v for k, v in g.items() if k != "params"}
+            if kind == "sgd" and a != 1.0:
+                ng["lr"] = g["lr"] * a
+                if "initial_lr" in ng:
+                    ng["initial_lr"] = ng["initial_lr"] * a
+            ng["params"] = ps
+            groups.append(ng)
+    sig = inspect.signature(type(opt).__init__).parameters
+    defaults = {k: v for k, v in opt.defaults.items() if k in sig}
+    new_opt = type(opt)(groups, **defaults)
+    # carry the state over, divided by q̂'(w) where a weight was converted
+    for p_old, st in opt.state.items():
+        pn = to_new.get(id(p_old))
+        if pn is None:
+            continue
+        d = gdiv.get(id(pn))
+        new_st = {}
+        for k, v in st.items():
+            if isinstance(v, Tensor):
+                v = v.detach().clone()
+                if d is not None and v.shape == d.shape and k != "step":
+                    power = 2 if k in ("exp_avg_sq", "max_exp_avg_sq") else 1
+                    v = torch.where(d > 0, v / d.clamp_min(1e-300) ** power, v)
+            new_st[k] = v
+        new_opt.state[pn] = new_st
+    n_groups = len(groups)
+    if kind == "sgd":
+        mom = any(g.get("momentum", 0) for g in opt.param_groups)
+        report.optimizer = (
+            f"SGD{' + momentum' if mom else ''}: converted weights' lr × α "
+            f"({n_groups} param groups)"
+            + ("; momentum buffers divided by q̂'(w)" if opt.state else "")
+        )
+        if any(g.get("weight_decay", 0) for g in opt.param_groups):
+            report.notes.append(
+                "weight_decay > 0: the decay term is not scaled by q̂', so the [S24] "
+                "equivalence holds only approximately"
+            )
+    else:
+        report.optimizer = (
+            f"{type(opt).__name__}: unchanged (same lr and betas; weights not mapped): "
+            "Adam's normalisation cancels q̂' [S24]"
+            + ("; moments divided by q̂' and q̂'²" if opt.state else "")
+        )
+        report.notes.append(
+            f"{type(opt).__name__}: the equivalence needs eps << sqrt(v) and weights that "
+            "move much less than a step over Adam's averaging window ~1/(1 - beta2) steps"
+        )
+    return new_opt
+
+
+# ---------------------------------------------------------------------------
+# CLI helper
+# ---------------------------------------------------------------------------
+
+
+def disguise_report(
+    estimator_name: str,
+    step: float,
+    params: Mapping[str, Any] | None = None,
+    plot: Path | None = None,
+) -> str:
+    """The text of ``stelab disguise ESTIMATOR --step Δ [--plot FILE]``.
+
+    α, where q̂' is smallest and largest within a bin, the map's largest displacement
+    max |M(w) - w| in units of Δ, and how to train the equivalent STE. With ``plot``,
+    draws q̂' (with α), M, and the estimator seen in the coordinates v = M(w), where
+    it is the constant α (the STE with lr × α), to that file (PNG/PDF/SVG by suffix).
+    """
+    if plot is not None:
+        from .plots import check_plot_path
+
+        plot = check_plot_path(plot)
+    eq = equivalent_ste(estimator_name, step, params=params)
+    est = eq.estimator
+    s = eq.step
+    r = torch.linspace(-0.5, 0.5, 4097, dtype=_F64)
+    i = int((eq._phi(r.clone()) - 0.5 - r).abs().argmax())
+    shift_at = float(r[i])
+    where_shift = f"±{abs(shift_at):.4f}" if eq.symmetric else f"{shift_at:+.4f}"
+    lines = [
+        f"estimator    {est!r}   q̂'(w) = {est.formula or '?'}",
+        f"step         Δ = {s:g}",
+        f"alpha        α = {eq.alpha:.8g}   (harmonic mean of q̂' over a bin)",
+        f"q̂' min       {eq.g_min:.6g} at {_describe_r(eq.r_min)}",
+        f"q̂' max       {eq.g_max:.6g} at {_describe_r(eq.r_max)}",
+        f"M shift      max |M(w) - w| = {eq.max_shift:.6f} Δ  (at w = level {where_shift}·Δ)",
+        f"equivalent   SGD / SGD+momentum: STE with lr × {eq.alpha:.6g} from weights M(w₀)",
+        "             Adam/AdamW: STE with the same lr and weights (normalisation cancels q̂')",
+        "reference    Schoenbauer et al. 2024, arXiv:2405.05171",
+    ]
+    lines += [f"note         {n}" for n in eq.notes]
+    if plot is not None:
+        _plot(eq, Path(plot))
+        lines.append(f"plot         {plot}")
+    return "\n".join(lines)
+
+
+def _plot(eq: Equivalence, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+
+    s = eq.step
+    w = torch.linspace(-1.5 * s, 1.5 * s, 3001, dtype=_F64)
+    g = eq.derivative(w)
+    m = eq.M(w)
+    # the estimator in the coordinates v = M(w): dv/dt = M'(w)·dw/dt ∝ M'(w)·q̂'(w)
+    h = 1e-6 * s
+    mp = (eq.M(w + h) - eq.M(w - h)) / (2 * h)
+    wn, gn, mn, en = (t.numpy() / d for t, d in ((w, s), (g, 1), (m, s), (mp * g, 1)))
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    for a in ax:
+        for e in (-1.5, -0.5, 0.5, 1.5):
+            a.axvline(e, color="0.85", lw=0.8, zorder=0)
+        a.set_xlabel("w / Δ")
+    ax[0].plot(wn, gn, lw=2, label=f"q̂'(w)  {eq.estimator!r}")
+    ax[0].axhline(eq.alpha, color="C3", ls="--", label=f"α = {eq.alpha:.4f} (harmonic mean)")
+    ax[0].axhline(1.0, color="0.5", ls=":", label="STE = 1")
+    ax[0].set_title("custom estimator q̂'")
+    top = 1.5 * max(float(gn.max()), 1.0)
+    ax[0].set_ylim(0, top)
+    ax[0].legend(fontsize=8, loc="upper center", ncol=2)
+    ax[1].plot(wn, wn, color="0.6", ls=":", label="identity")
+    ax[1].plot(wn, torch.round(w / s).numpy(), color="0.75", lw=1, label="Q(w)/Δ")
+    ax[1].plot(wn, mn, lw=2, color="C2", label="M(w)/Δ")
+    ax[1].set_title(f"map M (max |M(w) - w| = {eq.max_shift:.3f} Δ)")
+    ax[1].legend(fontsize=8, loc="upper left")
+    ax[2].plot(wn, gn, lw=1, color="C0", alpha=0.5, label="q̂'(w) (in w)")
+    ax[2].plot(mn, en, lw=2, color="C3", label="M'(w)·q̂'(w) (in v = M(w))")
+    ax[2].set_title(f"in v = M(w): STE with lr × {eq.alpha:.4f}")
+    ax[2].set_xlabel("w / Δ  (v / Δ for the red curve)")
+    ax[2].set_ylim(0, top)
+    ax[2].legend(fontsize=8, loc="upper center", ncol=2)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)

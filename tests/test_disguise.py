@@ -1,0 +1,468 @@
+"""stelab.disguise against closed forms, finite differences and the [S24] theorem.
+
+Truths used (derived independently of the code, SPEC §4):
+
+* cosine q̂' = 1 + a·cos(2πw/Δ):  α = sqrt(1 - a²) and, from
+  ∫ dθ/(1 + a cos θ) = 2/sqrt(1-a²)·atan(sqrt((1-a)/(1+a))·tan(θ/2)),
+  M(w) = nΔ + (Δ/π)·atan(β·tan(π r)),  β = sqrt((1-a)/(1+a)), n = round(w/Δ), r = w/Δ - n;
+* DSQ q̂' = A·sech²(kρ), A = (k/2)/tanh(k/2), ρ the offset from the nearest jump (units
+  of Δ): ∫ dρ/q̂' = (ρ/2 + sinh(2kρ)/(4k))/A, so α = k·s/(1 + sinh(k)/k) (SPEC's formula
+  with its dimensionful k = ours/Δ) and M(w) = Δ(n - 1/2 + α(ρ/2 + sinh(2kρ)/(4k))/A)
+  for r <= 0 (ρ = r + 1/2), mirrored for r > 0;
+* triangle q̂' = m + 4(1-m)|r|: α = 2(1 - m)/ln((2 - m)/m);
+* M' = α/q̂' (central finite differences);
+* the theorem itself on a toy regression: the latent gap of (iii) is O(η).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from stelab.disguise import (
+    DegenerateEstimatorWarning,
+    disguise_report,
+    equivalent_ste,
+    is_cyclical,
+    to_ste,
+)
+from stelab.errors import ConfigError, StelabTypeError
+from stelab.estimators import get
+from stelab.nn import QuantConv2d, QuantLinear
+from stelab.quantizers import Forward, Quantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+
+
+def cosine_M(w: torch.Tensor, step: float, a: float) -> torch.Tensor:
+    beta = math.sqrt((1 - a) / (1 + a))
+    n = torch.round(w / step)
+    r = w / step - n
+    return n * step + step / math.pi * torch.atan(beta * torch.tan(math.pi * r))
+
+
+def dsq_alpha(k: float) -> float:
+    return k / math.tanh(k / 2) / (1 + math.sinh(k) / k)
+
+
+def dsq_M(w: torch.Tensor, step: float, k: float) -> torch.Tensor:
+    A = (k / 2) / math.tanh(k / 2)
+    alpha = dsq_alpha(k)
+    n = torch.round(w / step)
+    r = w / step - n
+
+    def phi_left(r):  # r <= 0
+        rho = r + 0.5
+        return alpha * (rho / 2 + torch.sinh(2 * k * rho) / (4 * k)) / A
+
+    phi = torch.where(r <= 0, phi_left(-r.abs()), 1 - phi_left(-r.abs()))
+    return step * (n - 0.5 + phi)
+
+
+def dense_grid(step: float, bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """A dense grid over ±bins plus every change point and its float neighbours."""
+    base = torch.linspace(-bins * step, bins * step, 20001, dtype=F64)
+    edges = (torch.arange(-bins, bins, dtype=F64) + 0.5) * step
+    pts = torch.cat([base, edges]).to(dtype)
+    e = edges.to(dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    pts = torch.cat([pts, e, torch.nextafter(e, inf), torch.nextafter(e, -inf)])
+    return pts.sort().values
+
+
+# --- α against closed forms
+
+
+@pytest.mark.parametrize("a", [0.0, 0.3, 0.5, 0.9, -0.6, 0.99])
+def test_cosine_alpha(a):
+    eq = equivalent_ste("cosine", 0.1, params={"a": a})
+    assert eq.alpha == pytest.approx(math.sqrt(1 - a * a), abs=1e-8)
+
+
+@pytest.mark.parametrize("k", [0.5, 3.0, 8.0])
+def test_dsq_alpha_spec_formula(k):
+    step = 0.1
+    k_spec = k / step  # SPEC's dimensionful k: our k is kΔ
+    s = 1 / math.tanh(k_spec * step / 2)
+    want = step * s * k_spec / (1 + math.sinh(k_spec * step) / (k_spec * step))
+    assert equivalent_ste("dsq", step, params={"k": k}).alpha == pytest.approx(want, abs=1e-8)
+    if k == 3.0:
+        assert want == pytest.approx(0.7638, abs=5e-5)
+
+
+@pytest.mark.parametrize("m", [0.1, 0.5, 1.0, 1.7])
+def test_triangle_alpha(m):
+    want = 1.0 if m == 1.0 else 2 * (1 - m) / math.log((2 - m) / m)
+    eq = equivalent_ste("triangle_wave", 0.3, params={"m": m})
+    assert eq.alpha == pytest.approx(want, abs=1e-8)
+
+
+def test_soft_staircase_alpha_is_dsq_at_half_sharpness():
+    eq = equivalent_ste("soft_staircase", 0.2, params={"k": 6.0})
+    assert eq.alpha == pytest.approx(dsq_alpha(3.0), abs=1e-8)
+
+
+def test_alpha_does_not_depend_on_step_and_estimator_forms_agree():
+    a = 0.4
+    f = lambda w: 1 + a * torch.cos(2 * math.pi * w / 0.07)  # noqa: E731
+    by_fn = equivalent_ste(f, 0.07)
+    by_obj = equivalent_ste(get("cosine", a=a), 3.0)
+    by_name = equivalent_ste("cosine", 1e-4, params={"a": a})
+    for eq in (by_fn, by_obj, by_name):
+        assert eq.alpha == pytest.approx(math.sqrt(1 - a * a), abs=1e-8)
+
+
+# --- M against closed forms and its properties
+
+
+@pytest.mark.parametrize("a", [0.5, 0.9, -0.5])
+def test_cosine_M_closed_form(a):
+    step = 0.1
+    eq = equivalent_ste("cosine", step, params={"a": a})
+    w = dense_grid(step, 7, F64)
+    torch.testing.assert_close(eq.M(w), cosine_M(w, step, a), rtol=0, atol=1e-8 * step)
+
+
+@pytest.mark.parametrize("k", [1.0, 3.0, 6.0])
+def test_dsq_M_closed_form(k):
+    step = 0.05
+    eq = equivalent_ste("dsq", step, params={"k": k})
+    w = dense_grid(step, 5, F64)
+    torch.testing.assert_close(eq.M(w), dsq_M(w, step, k), rtol=0, atol=1e-8 * step)
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("cosine", {"a": 0.5}), ("dsq", {"k": 3.0}), ("triangle_wave", {"m": 0.3}),
+     ("soft_staircase", {"k": 4.0}), ("cosine", {"a": 0.97})],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_M_monotone_fixes_change_points_and_keeps_Q(name, params, dtype):
+    step = 0.1  # not a binary fraction: change points are not exact in floating point
+    eq = equivalent_ste(name, step, params=params)
+    w = dense_grid(step, 9, dtype)
+    m = eq.M(w)
+    assert m.dtype == dtype and m.shape == w.shape
+    # the quantizer's own forward, and the plain formula with the same Python step
+    q = Quantizer("uniform", "ste", step=step)
+    assert torch.equal(q(eq.M(w, step=q.step)), q(w))
+    assert torch.equal(torch.round(m / step), torch.round(w / step))
+    assert bool((m[1:] >= m[:-1]).all())  # monotone (non-decreasing on the float grid)
+    edges = ((torch.arange(-9, 9, dtype=F64) + 0.5) * step).to(dtype)
+    # a float "change point" is off the true one by an ulp, which M stretches by M' <= α/min q̂'
+    ulp = torch.finfo(dtype).eps * 4 * (1 + eq.alpha / eq.g_min)
+    assert ((eq.M(edges) - edges).abs() <= ulp * edges.abs().clamp_min(step)).all()
+
+
+def test_Q_exact_at_exact_half_integers_round_half_to_even():
+    # step 0.25: w = (n + 1/2)·Δ exactly; torch.round sends them to the even level
+    eq = equivalent_ste("cosine", 0.25, params={"a": 0.6})
+    w = (torch.arange(-20, 20, dtype=F64) + 0.5) * 0.25
+    m = eq.M(w)
+    assert torch.equal(torch.round(m / 0.25), torch.round(w / 0.25))
+    assert torch.equal(m, w)  # change points are fixed exactly here
+
+
+@pytest.mark.parametrize("name,params", [("cosine", {"a": 0.5}), ("dsq", {"k": 3.0})])
+def test_M_inverse_roundtrip(name, params):
+    step = 0.1
+    eq = equivalent_ste(name, step, params=params)
+    w = dense_grid(step, 6, F64)
+    torch.testing.assert_close(eq.M_inv(eq.M(w)), w, rtol=0, atol=1e-12 * step)
+    torch.testing.assert_close(eq.M(eq.M_inv(w)), w, rtol=0, atol=1e-12 * step)
+    w32 = w.float()
+    back = eq.M_inv(eq.M(w32))
+    assert back.dtype == torch.float32
+    assert ((back - w32).abs() <= 8 * torch.finfo(torch.float32).eps * step * 10).all()
+    assert torch.equal(torch.round(eq.M_inv(w32) / step), torch.round(w32 / step))
+
+
+@pytest.mark.parametrize("name,params", [("cosine", {"a": 0.5}), ("triangle_wave", {"m": 0.4})])
+def test_M_prime_is_alpha_over_qhat(name, params):
+    step = 0.2
+    eq = equivalent_ste(name, step, params=params)
+    w = torch.linspace(-0.47, 0.53, 97, dtype=F64)
+    w = w[((w / step - torch.round(w / step)).abs() - 0.5).abs() > 1e-3]  # off the kinks
+    w = w[(w / step - torch.round(w / step)).abs() > 1e-3]
+    h = 1e-6
+    fd = (eq.M(w + h) - eq.M(w - h)) / (2 * h)
+    ctx = Forward("uniform").context(step)
+    want = eq.alpha / eq.estimator.derivative(w, ctx)
+    torch.testing.assert_close(fd, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(eq.M_prime(w), want)
+
+
+def test_M_any_shape_nan_inf_and_per_channel_step():
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5})
+    w = torch.randn(3, 4, 5, dtype=F64)
+    assert eq.M(w).shape == (3, 4, 5)
+    x = torch.tensor([math.nan, math.inf, -math.inf, 0.03], dtype=F64)
+    y = eq.M(x)
+    assert math.isnan(y[0]) and y[1] == math.inf and y[2] == -math.inf
+    assert y[3] == pytest.approx(float(cosine_M(x[3:], 0.1, 0.5)), abs=1e-12)
+    steps = torch.tensor([[0.1], [0.05], [0.2]], dtype=F64)
+    v = torch.randn(3, 7, dtype=F64) * 0.3
+    per = eq.M(v, step=steps)
+    for i, s in enumerate(steps[:, 0].tolist()):
+        torch.testing.assert_close(per[i], cosine_M(v[i], s, 0.5), rtol=0, atol=1e-9 * s)
+    many = eq.M_many([v[0], v[1]], [0.1, 0.05])
+    torch.testing.assert_close(many[1], per[1])
+
+
+def test_clipped_quantizer_map():
+    step = 0.1
+    eq = equivalent_ste("cosine", step, params={"a": 0.5}, bits=4)
+    assert eq.ste == "clipped"
+    w = dense_grid(step, 12, F64)
+    m = eq.M(w)
+    q = Quantizer("uniform", "ste", bits=4, step=step)
+    assert torch.equal(q(eq.M(w, step=q.step)), q(w))
+    outside = (w < -8 * step) | (w > 7 * step)
+    assert torch.equal(m[outside], w[outside])
+    inside = ~outside
+    torch.testing.assert_close(m[inside], cosine_M(w[inside], step, 0.5), rtol=0, atol=1e-9)
+    assert bool((m[1:] >= m[:-1]).all())
+
+
+# --- what the theorem does not cover is reported
+
+
+def test_vanishing_estimators_raise_naming_where():
+    with pytest.raises(ConfigError) as e:
+        equivalent_ste("cosine", 0.1, params={"a": 1.0})
+    msg = str(e.value)
+    assert "cosine(a=1.0)" in msg and "vanishes" in msg and "change points" in msg
+    with pytest.raises(ConfigError, match="is negative"):
+        equivalent_ste("cosine", 0.1, params={"a": -1.5})
+    with pytest.raises(ConfigError, match="vanishes at the bin centres"):
+        equivalent_ste("triangle_wave", 0.1, params={"m": 0.0})
+    with pytest.raises(ConfigError, match="vanishes at .* of every bin"):  # sech² underflows
+        equivalent_ste("dsq", 0.1, params={"k": 2000.0})
+    with pytest.raises(ConfigError, match="nearly vanishes"):
+        equivalent_ste("dsq", 0.1, params={"k": 100.0})
+
+
+def test_non_cyclical_and_unsupported_estimators_raise():
+    with pytest.raises(ConfigError, match="not cyclical"):
+        equivalent_ste("clipped", 0.1, params={"c": 0.5})  # clipped STE: 0 beyond |w| > c
+    with pytest.raises(ConfigError, match="not cyclical"):
+        equivalent_ste(lambda w: 1 + 0.5 * torch.cos(w), 0.1)  # wrong period
+    with pytest.raises(ConfigError, match="cannot serve quantizer 'uniform'"):
+        equivalent_ste("approx_sign", 0.1)
+    with pytest.raises(ConfigError, match="step must be a finite number > 0, got -1"):
+        equivalent_ste("cosine", -1)
+    with pytest.raises(ConfigError, match="bits must be an integer in"):
+        equivalent_ste("cosine", 0.1, bits=1)
+    eq = equivalent_ste("cosine", 0.1)
+    with pytest.raises(StelabTypeError, match="floating-point"):
+        eq.M(torch.arange(3))
+
+
+def test_allow_degenerate_returns_the_limit_with_a_warning():
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        eq = equivalent_ste("cosine", 0.1, params={"a": 1.0}, allow_degenerate=True)
+    assert any(issubclass(r.category, DegenerateEstimatorWarning) for r in rec)
+    assert eq.degenerate and eq.alpha == 0.0
+    w = dense_grid(0.1, 3, F64)
+    m = eq.M(w)
+    assert torch.equal(torch.round(m / 0.1), torch.round(w / 0.1))
+    assert bool((m[1:] >= m[:-1]).all())
+    # the limit of a -> 1: everything inside a bin collapses onto its level
+    inner = (w / 0.1 - torch.round(w / 0.1)).abs() < 0.4
+    assert ((m - 0.1 * torch.round(w / 0.1))[inner].abs() < 0.05 * 0.1).all()
+
+
+def test_is_cyclical():
+    assert is_cyclical(get("cosine")) and is_cyclical(get("dsq"))
+    assert not is_cyclical(get("ste")) and not is_cyclical(get("clipped"))
+
+
+# --- to_ste
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.conv = QuantConv2d(
+            1, 3, 3, weight_quantizer=Quantizer("uniform", "cosine", step=0.05, a=0.5)
+        )
+        self.fc = QuantLinear(
+            12, 5, weight_quantizer=Quantizer("uniform", "dsq", bits=4, step=0.03, k=3.0)
+        )
+        self.plain = QuantLinear(5, 4, weight_quantizer=Quantizer("uniform", "ste", step=0.1))
+        self.binary = QuantLinear(4, 2, weight_quantizer=Quantizer("sign", "approx_sign"))
+        self.to(dtype)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(1)
+        return self.binary(self.plain(self.fc(h)))
+
+
+def test_to_ste_maps_weights_keeps_function_and_scales_sgd_lr():
+    torch.manual_seed(0)
+    net = Net(F64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 1, 4, 4, dtype=F64)
+    net(x).square().sum().backward()
+    opt.step()  # momentum buffers exist now
+    conv, fc, opt2 = None, None, None
+    new, opt2, report = to_ste(net, opt)
+    conv, fc = new.conv, new.fc
+    assert conv.weight_quantizer.estimator.name == "ste"
+    assert fc.weight_quantizer.estimator.name == "clipped"  # clipped 4-bit quantizer
+    assert new.plain.weight_quantizer.estimator.name == "ste"
+    assert new.binary.weight_quantizer.estimator.name == "approx_sign"
+    # latent weights through M (closed forms), same quantized weights, same function
+    torch.testing.assert_close(conv.weight, cosine_M(net.conv.weight, 0.05, 0.5), atol=1e-9, rtol=0)
+    step_fc = float(net.fc.weight_quantizer.step)
+    fc_in = (net.fc.weight >= -8 * step_fc) & (net.fc.weight <= 7 * step_fc)
+    want = torch.where(fc_in, dsq_M(net.fc.weight, step_fc, 3.0), net.fc.weight)
+    torch.testing.assert_close(fc.weight, want, atol=1e-9, rtol=0)
+    assert torch.equal(new(x), net(x))
+    assert torch.equal(new.conv.bias, net.conv.bias)
+    # round trip: M⁻¹ of the mapped weights gives the originals back
+    eq = equivalent_ste("cosine", float(net.conv.weight_quantizer.step), params={"a": 0.5})
+    back = eq.M_inv(conv.weight, step=net.conv.weight_quantizer.step)
+    torch.testing.assert_close(back, net.conv.weight, atol=1e-13, rtol=0)
+    # the original is untouched
+    assert net.conv.weight_quantizer.estimator.name == "cosine"
+    # lr × α per layer, other parameters at lr
+    lr_of = {id(p): g["lr"] for g in opt2.param_groups for p in g["params"]}
+    assert lr_of[id(conv.weight)] == pytest.approx(0.1 * math.sqrt(0.75), abs=1e-9)
+    assert lr_of[id(fc.weight)] == pytest.approx(0.1 * dsq_alpha(3.0), abs=1e-9)
+    assert lr_of[id(conv.bias)] == 0.1 and lr_of[id(new.plain.weight)] == 0.1
+    assert all(g["momentum"] == 0.9 for g in opt2.param_groups)
+    # momentum buffer: first-order conversion buf / q̂'(w)
+    qd = 1 + 0.5 * torch.cos(2 * math.pi * net.conv.weight / 0.05)
+    buf_old = opt.state[net.conv.weight]["momentum_buffer"]
+    torch.testing.assert_close(opt2.state[conv.weight]["momentum_buffer"], buf_old / qd)
+    text = str(report)
+    assert "conv" in text and "0.866025" in text and "SGD + momentum" in text
+    assert [c.name for c in report.layers] == ["conv", "fc"]
+
+
+def test_to_ste_float32_roundtrip_and_no_optimizer():
+    torch.manual_seed(1)
+    net = Net(torch.float32)
+    new, opt, report = to_ste(net)
+    assert opt is None and "no optimizer given" in str(report)
+    x = torch.randn(4, 1, 4, 4)
+    assert torch.equal(new(x), net(x))
+    eq = equivalent_ste("cosine", float(net.conv.weight_quantizer.step), params={"a": 0.5})
+    back = eq.M_inv(new.conv.weight, step=net.conv.weight_quantizer.step)
+    assert (back - net.conv.weight).abs().max() <= 1e-6 * 0.05
+
+
+def test_to_ste_adam_changes_nothing_but_the_estimator():
+    net = Net(F64)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, eps=1e-9)
+    new, opt2, report = to_ste(net, opt)
+    assert torch.equal(new.conv.weight, net.conv.weight)  # not mapped
+    assert new.conv.weight_quantizer.estimator.name == "ste"
+    assert isinstance(opt2, torch.optim.AdamW)
+    assert all(g["lr"] == 1e-3 and g["eps"] == 1e-9 for g in opt2.param_groups)
+    assert "unchanged" in report.optimizer and all(c.lr_factor == 1.0 for c in report.layers)
+
+
+def test_to_ste_rejects_other_optimizers_and_skips_learned_steps():
+    net = Net()
+    with pytest.raises(ConfigError, match="RMSprop"):
+        to_ste(net, torch.optim.RMSprop(net.parameters()))
+    m = nn.Sequential(
+        QuantLinear(
+            3, 2, weight_quantizer=Quantizer("uniform", "cosine", bits=4, step=0.1, learn_step=True)
+        )  # fmt: skip
+    )
+    new, _, report = to_ste(m)
+    assert new[0].weight_quantizer.estimator.name == "cosine"
+    assert report.unchanged and "learned step" in report.unchanged[0][1]
+
+
+def test_one_sgd_step_matches_to_second_order():
+    # the theorem per step: M(w - η q̂' G) = M(w) - αηG + O(η²)
+    torch.manual_seed(2)
+    net = Net(F64)
+    x = torch.randn(16, 1, 4, 4, dtype=F64)
+    gaps = []
+    for lr in (1e-4, 5e-5):
+        a = Net(F64)
+        a.load_state_dict(net.state_dict())
+        b, opt_b, _ = to_ste(a, torch.optim.SGD(a.parameters(), lr=lr))
+        opt_a = torch.optim.SGD(a.parameters(), lr=lr)
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        eq = equivalent_ste("cosine", 0.05, params={"a": 0.5})
+        step = a.conv.weight_quantizer.step
+        gaps.append((eq.M(a.conv.weight.detach(), step=step) - b.conv.weight).abs().max())
+    assert 0 < gaps[1] < gaps[0] / 3  # ~ 4: second order
+
+
+# --- the theorem on a toy regression (fast and exact, float64)
+
+
+def _toy(est: str, params: dict, eta: float, horizon: float = 0.15, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    d, n, step = 8, 32, 0.05
+    X = torch.randn(n, d, dtype=F64, generator=g)
+    y = X @ torch.randn(d, dtype=F64, generator=g)
+    w0 = 0.3 * torch.randn(d, dtype=F64, generator=g)
+    eq = equivalent_ste(est, step, params=params)
+    ctx = Forward("uniform").context(step)
+
+    def Q(w):
+        return step * torch.round(w / step)
+
+    def G(w):  # ∂L/∂Q at Q(w), L = |XQ - y|²/(2n)
+        return X.T @ (X @ Q(w) - y) / n
+
+    w, u, v = w0.clone(), w0.clone(), eq.M(w0)  # custom, (i) plain STE, (iii) STE αη + M(w0)
+    for _ in range(round(horizon / eta)):
+        w = w - eta * eq.estimator.derivative(w, ctx) * G(w)
+        u = u - eta * G(u)
+        v = v - eq.alpha * eta * G(v)
+    gap = ((eq.M(w) - v).abs() / step).mean().item()
+    flips_iii = (Q(w) != Q(v)).double().mean().item()
+    flips_i = (Q(w) != Q(u)).double().mean().item()
+    return gap, flips_iii, flips_i
+
+
+@pytest.mark.parametrize("est,params", [("cosine", {"a": 0.5}), ("dsq", {"k": 3.0})])
+def test_toy_regression_gap_is_order_eta(est, params):
+    gap1, f3a, f1a = _toy(est, params, 5e-4)
+    gap2, f3b, f1b = _toy(est, params, 2.5e-4)
+    assert gap2 < gap1
+    assert 2 * 0.8 <= gap1 / gap2 <= 2 * 1.2  # halving η halves the gap (within 20%)
+    assert f3a == 0 and f3b == 0  # (iii): same quantized weights at the end
+    assert f1a >= 0.25 and f1b >= 0.25  # (i): plain STE drifts away
+
+
+# --- the CLI helper
+
+
+def test_disguise_report_text_and_plot(tmp_path):
+    a = 0.5
+    text = disguise_report("cosine", 0.1, {"a": a}, plot=tmp_path / "d.png")
+    assert f"α = {math.sqrt(1 - a * a):.8g}" in text
+    assert "q̂' min       0.5 at the change points" in text
+    assert "q̂' max       1.5 at the bin centres" in text
+    # max |M(w) - w| / Δ from the closed form, on a fine grid
+    r = torch.linspace(-0.5, 0.5, 200001, dtype=F64)
+    beta = math.sqrt((1 - a) / (1 + a))
+    shift = (torch.atan(beta * torch.tan(math.pi * r)) / math.pi - r).abs().max().item()
+    assert f"max |M(w) - w| = {shift:.6f} Δ" in text
+    assert equivalent_ste("cosine", 0.1, params={"a": a}).max_shift == pytest.approx(shift, 1e-6)
+    png = (tmp_path / "d.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="vanishes"):
+        disguise_report("cosine", 0.1, {"a": 1.0}, plot=None)
+    with pytest.raises(ConfigError, match=r"\.png, \.pdf or \.svg"):
+        disguise_report("cosine", 0.1, {"a": a}, plot=tmp_path / "d.txt")
