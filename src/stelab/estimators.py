@@ -433,6 +433,22 @@ class DSQ(Estimator):
             d = d * _indicator((x >= lo) & (x <= hi), x)
         return d
 
+    def grad_input(self, x: Tensor | None, y: Tensor | None, g: Tensor, ctx: Context) -> Tensor:
+        if not isinstance(ctx.step, float):
+            return super().grad_input(x, y, g, ctx)
+        # the same formula as in-place passes, sech² = 1 - tanh², and the range
+        # indicator fused into one hardtanh_backward (its open interval widened by an ulp)
+        u = torch.sub(x, ctx.jump_offset).div_(ctx.step)
+        u.sub_(torch.round(u)).mul_(self.k).tanh_()
+        d = u.square_().neg_().add_(1.0).mul_(self._s * self.k / 2).mul_(g)
+        lo = ctx.first_jump - ctx.step / 2
+        hi = ctx.last_jump + ctx.step / 2
+        if math.isfinite(lo) or math.isfinite(hi):
+            d = torch.ops.aten.hardtanh_backward(
+                d, x, _next(lo, -math.inf, x.dtype), _next(hi, math.inf, x.dtype)
+            )
+        return d
+
 
 @register("ewgs")
 class EWGS(Estimator):
@@ -461,7 +477,8 @@ class EWGS(Estimator):
         )
 
     def grad_input(self, x: Tensor | None, y: Tensor | None, g: Tensor, ctx: Context) -> Tensor:
-        return g * (1 + self.delta * torch.sign(g) * (x - y))
+        # g·(1 + δ·sign(g)·(x - q)) = g + δ·|g|·(x - q): three passes, no sign()
+        return torch.addcmul(g, g.abs(), x - y, value=self.delta)
 
 
 class Custom(Estimator):
