@@ -30,7 +30,11 @@ PAPERS: dict[str, dict[str, Any]] = {
     "yin2019": {
         "title": "[Y19] Yin et al., Understanding Straight-Through Estimator in Training "
         "Activation Quantized Neural Nets (ICLR 2019)",
-        "parts": {"synthetic": "yin2019_synthetic"},
+        "parts": {
+            "synthetic": "yin2019_synthetic",
+            "table1": "yin2019_table1",
+            "instability": "yin2019_instability",  # after table1: reuses its cells
+        },
     },
     "psa2020": {
         "title": "[S20] Shekhovtsov, Yanush, Flach, Path Sample-Analytic Gradient Estimators "
