@@ -70,6 +70,7 @@ RESUMABLE_CHANGES = (
     "train.accelerator",
     "train.threads",
     "train.save_best",
+    "train.init_from",  # used only before epoch 1; a resumed run starts from its checkpoint
     "data.data_dir",
     "data.download",
     "data.eval_batch_size",
