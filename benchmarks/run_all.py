@@ -103,53 +103,61 @@ def main() -> None:
         scripts = [s for s in scripts if s.name in wanted]
     import torch
 
-    sections = []
+    sys.path.insert(0, str(ROOT / "src"))
+    from stelab.io import atomic_write_text, write_json
+
+    # each script's rows are kept in benchmarks/results/, so --only refreshes some
+    # sections and BENCHMARKS.md is always assembled from every saved result
+    results = HERE / "results"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"Python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
     for script in scripts:
         extra, adapt = SCRIPTS[script.name]
         quick = ["--quick"] if args.quick and script.name != "bench_disguise.py" else []
         cmd = [sys.executable, str(script.relative_to(ROOT)), *quick, *extra]
+        shown = "python " + " ".join(cmd[1:])
         with tempfile.TemporaryDirectory() as tmp:
             js = Path(tmp) / "out.json"
             t0 = time.perf_counter()
             p = subprocess.run([*cmd, "--json", str(js)], cwd=ROOT, capture_output=True,
                                text=True)  # fmt: skip
-            secs = time.perf_counter() - t0
-            shown = "python " + " ".join(cmd[1:])
-            print(f"{shown}: exit {p.returncode} ({secs:.0f} s)", flush=True)
+            print(f"{shown}: exit {p.returncode} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            entry = {"command": shown, "date": dt.date.today().isoformat(), "machine": machine}
             if p.returncode != 0 or not js.exists():
-                tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
-                sections.append((shown, None, " / ".join(tail)))
-                continue
-            sections.append((shown, {"rows": adapt(json.loads(js.read_text()))}, ""))
+                entry["failed"] = " / ".join((p.stderr or p.stdout).strip().splitlines()[-3:])
+            else:
+                entry["rows"] = adapt(json.loads(js.read_text()))
+        write_json(results / f"{script.stem}.json", entry)
+
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on "
-        f"{dt.date.today().isoformat()}: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}. "
-        "Medians of repeated runs; ratios are measured side by side in one process. This "
-        "machine is shared, so absolute times move between runs; ratios are the numbers "
-        "to read.",
+        "Written by `python benchmarks/run_all.py` (`--quick` for fewer repeats, `--only qat,sbn` "
+        "to refresh some sections). Medians of repeated runs; ratios are measured side by side "
+        "in one process, with one torch thread, so other jobs on this shared 2-core machine "
+        "disturb them least; absolute times move between runs, ratios are the numbers to read.",
         "",
     ]
-    for cmd, data, text in sections:
-        lines += [f"## `{cmd}`", ""]
-        if data is None:
-            lines += [f"Failed: {text}", ""]
+    for name in SCRIPTS:
+        f = results / f"{Path(name).stem}.json"
+        if not f.exists():
+            continue
+        e = json.loads(f.read_text())
+        lines += [f"## `{e['command']}`", "", f"{e['date']}, {e['machine']}.", ""]
+        if "failed" in e:
+            lines += [f"Failed: {e['failed']}", ""]
             continue
         lines += ["| benchmark | metric | value | unit | goal | met |", "|---|---|---|---|---|---|"]
-        for r in data["rows"]:
+        for r in e["rows"]:
             met = {True: "yes", False: "**no**", None: ""}[r.get("met")]
             v = r["value"]
             val = f"{v:.3g}" if isinstance(v, float) else str(v)
             lines.append(f"| {r['benchmark']} | {r['metric']} | {val} | {r.get('unit', '')} | "
                          f"{r.get('goal') or ''} | {met} |")  # fmt: skip
-        if data.get("notes"):
-            lines += ["", data["notes"]]
         lines.append("")
-    sys.path.insert(0, str(ROOT / "src"))
-    from stelab.io import atomic_write_text
-
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
     atomic_write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
 
