@@ -88,6 +88,7 @@ SCRIPTS = {
     "bench_sbn.py": (["--threads", "1"], _sbn),
     "bench_train.py": (["--threads", "1"], _train),
     "bench_disguise.py": ([], _disguise),
+    "bench_analysis.py": (["--threads", "1"], _native),
 }
 
 

@@ -161,15 +161,11 @@ def disguise(
 
 @app.command()
 def reproduce(
-    paper: Annotated[
-        str, typer.Argument(help="yin2019, psa2020, disguise2024 or all.")
-    ] = "all",
+    paper: Annotated[str, typer.Argument(help="yin2019, psa2020, disguise2024 or all.")] = "all",
     quick: Annotated[
         bool, typer.Option(help="Small settings on data that ships with the install.")
     ] = False,
-    out: Annotated[Path, typer.Option(help="Output folder for the report.")] = Path(
-        "stelab-out"
-    ),
+    out: Annotated[Path, typer.Option(help="Output folder for the report.")] = Path("stelab-out"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     rerun: Annotated[bool, typer.Option(help="Run finished parts again.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -184,9 +180,10 @@ def reproduce(
 
 
 def _register_more() -> None:
-    from . import cli_train
+    from . import cli_analysis, cli_train
 
     cli_train.register(app)
+    cli_analysis.register(app)
 
 
 _register_more()

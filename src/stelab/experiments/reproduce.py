@@ -39,7 +39,7 @@ PAPERS: dict[str, dict[str, Any]] = {
     "psa2020": {
         "title": "[S20] Shekhovtsov, Yanush, Flach, Path Sample-Analytic Gradient Estimators "
         "for Stochastic Binary Networks (NeurIPS 2020)",
-        "parts": {},
+        "parts": {"gradeval": "psa2020_gradeval", "training": "psa2020_training"},
     },
     "disguise2024": {
         "title": "[S24] Schoenbauer et al., Custom Gradient Estimators are Straight-Through "
