@@ -11,6 +11,7 @@ import torch
 
 from . import estimators as _est
 from .errors import ConfigError
+from .io import _umask
 from .quantizers import Quantizer
 
 # the quantizer each built-in estimator is drawn with
@@ -52,6 +53,7 @@ def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix, prefix=".tmp-")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
     try:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
         os.replace(tmp, path)

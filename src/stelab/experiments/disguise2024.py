@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -44,6 +42,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stelab.io import atomic_write_bytes
+from stelab.plots import save_figure as _save_figure
 
 from ..disguise import Equivalence, equivalent_ste, to_ste
 from ..nn import QuantConv2d, QuantLinear
@@ -305,15 +306,7 @@ def _lockstep(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
@@ -332,15 +325,10 @@ def _plots(out: Path, res: dict) -> list[str]:
     import matplotlib.pyplot as plt
 
     def save_figure(fig: Any, path: Path) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
         try:
-            fig.savefig(tmp, dpi=100, format="png")
-            os.replace(tmp, path)
+            _save_figure(fig, path, dpi=100)
         finally:
             plt.close(fig)
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     colors = {"i": "C3", "ii": "C1", "iii": "C2", "custom": "C0"}
     main = res["main"]

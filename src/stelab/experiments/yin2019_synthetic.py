@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ from typing import Any
 import torch
 
 from stelab.errors import StelabTypeError, check_int
+from stelab.io import atomic_write_bytes
+from stelab.plots import save_figure
 from stelab.theory import two_layer as tl
 
 NAME = "yin2019-synthetic"
@@ -80,40 +81,15 @@ def _config(quick: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- output helpers
 
 
-def _umask_mode() -> int:
-    """0o666 minus the process umask (mkstemp creates 0o600 files)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, data)
 
 
 _DPI = {"quick": 80, "full": 110}
 
 
 def _save_fig(fig: Any, path: Path, dpi: int = _DPI["full"]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_figure(fig, path, dpi=dpi)
 
 
 def _jsonable(x: Any) -> Any:
