@@ -9,6 +9,11 @@ trained), also as this process's CPU time (close to the wall time on an idle mac
 on a shared one the wall time includes time spent descheduled), of M⁻¹, of building the
 Equivalence (the quadrature table), and of the whole ``to_ste`` conversion (deep copy +
 M + optimizer). Goal: M <= 10 ms on a laptop-class CPU.
+
+``M_many`` (all tensors in one call) is timed in ``--rounds`` rounds interleaved with
+``[M(w) for w in weights]`` (one call per tensor), so the ratio of the two is measured
+side by side; the table gives the median over all samples and the spread of the
+per-round medians (this VM's speed drifts by up to 2x over minutes).
 Prints one markdown table row per measurement; ``--json`` writes the numbers.
 """
 
@@ -39,19 +44,24 @@ def _model() -> torch.nn.Module:
     return models.build("resnet20", in_shape=(3, 32, 32), weights=wq)
 
 
-def _median_ms(fn, repeat: int, clock=time.perf_counter) -> float:
+def _samples_ms(fn, repeat: int, clock=time.perf_counter) -> list[float]:
     fn()  # warm-up
     times = []
     for _ in range(repeat):
         t = clock()
         fn()
-        times.append(clock() - t)
-    return 1e3 * statistics.median(times)
+        times.append(1e3 * (clock() - t))
+    return times
+
+
+def _median_ms(fn, repeat: int, clock=time.perf_counter) -> float:
+    return statistics.median(_samples_ms(fn, repeat, clock))
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
     args = ap.parse_args(argv)
@@ -69,6 +79,15 @@ def main(argv: list[str] | None = None) -> dict:
     steps = [s for _, s in layers]
     mapped = eq.M_many(ws, steps)
 
+    many, single, round_medians = [], [], []
+    for _ in range(args.rounds):
+        m = _samples_ms(lambda: eq.M_many(ws, steps), args.repeat)
+        single += _samples_ms(
+            lambda: [eq.M(w, s) for w, s in zip(ws, steps, strict=True)], args.repeat
+        )
+        many += m
+        round_medians.append(statistics.median(m))
+
     res = {
         "model": "resnet20 (stelab.models), 4-bit uniform weights, cosine a=0.5",
         "tensors": len(layers),
@@ -77,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
         "repeat": args.repeat,
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "m_ms": _median_ms(lambda: eq.M_many(ws, steps), args.repeat),
+        "m_ms": statistics.median(many),
+        "m_round_medians_ms": round_medians,
+        "m_per_tensor_ms": statistics.median(single),
         # CPU time of this process: what the wall time would be on an otherwise idle CPU
         "m_cpu_ms": _median_ms(lambda: eq.M_many(ws, steps), args.repeat, time.process_time),
         "m_inv_ms": _median_ms(
@@ -100,12 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
     for key, what in [
         ("m_ms", "M(w), all weights (float32, per-layer step)"),
         ("m_cpu_ms", "M(w), all weights: process CPU time"),
+        ("m_per_tensor_ms", "M(w) called once per tensor"),
         ("m_inv_ms", "M_inv(w), all weights"),
         ("build_ms", "equivalent_ste (table)"),
         ("to_ste_ms", "to_ste(model, SGD) total"),
     ]:
         print(f"| {what} | {len(layers)} | {n_weights} | {args.threads} | {res[key]:.2f} |")
-    print(f"(1-min load average during the run: {res['load_average']})")
+    spread = f"{min(round_medians):.2f}-{max(round_medians):.2f}"
+    print(f"(M_many per-round medians {spread} ms; 1-min load average {res['load_average']})")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=args.json.parent, prefix=".tmp-")

@@ -215,6 +215,54 @@ def test_M_any_shape_nan_inf_and_per_channel_step():
     torch.testing.assert_close(many[1], per[1])
 
 
+def test_M_many_across_chunks_dtypes_and_per_channel_steps(monkeypatch):
+    # M_many maps tensors together in chunks; a small chunk makes tensors straddle
+    # chunk edges. It must equal per-element closed form and the quantizer's bins.
+    import stelab.disguise as dg
+
+    monkeypatch.setattr(dg, "_CHUNK", 37)
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=4)
+    g = torch.Generator().manual_seed(0)
+    ws = [
+        torch.randn(5, 3, 2, 2, generator=g) * 0.4,  # float32, 0-d float64 step buffer
+        torch.randn(0),  # empty
+        torch.randn(90, generator=g, dtype=F64) * 0.3,  # float64, Python step
+        torch.randn(4, 30, generator=g) * 0.3,  # float32, per-channel float64 steps
+        torch.randn(11, generator=g) * 2.0,  # float32, mostly outside the clipped range
+        torch.randn(3, 25, generator=g, dtype=F64) * 0.3,  # float64, per-channel steps
+    ]
+    qs = [Quantizer("uniform", "cosine", bits=4, step=0.07, a=0.5)]
+    per_channel = torch.tensor([[0.1], [0.05], [0.2], [0.3]], dtype=F64)
+    steps = [qs[0].step, None, 0.05, per_channel, 0.1, per_channel[1:]]
+    many = eq.M_many(ws, steps)
+    assert [m.shape for m in many] == [w.shape for w in ws]
+    assert [m.dtype for m in many] == [w.dtype for w in ws]
+    for w, st, m in zip(ws, steps, many, strict=True):
+        torch.testing.assert_close(m, eq.M(w, st), rtol=0, atol=0)
+        st_v = 0.1 if st is None else st
+        q = Forward("uniform", 4)  # the quantizer's forward with this step
+        assert torch.equal(q(m, st_v), q(w, st_v))
+        inside = ((w / st_v) >= -8) & ((w / st_v) <= 7)  # M = w outside [-8Δ, 7Δ]
+        assert torch.equal(m[~inside], w[~inside])
+        lo = torch.as_tensor(st_v, dtype=F64) * torch.round(w.double() / st_v)
+        s64 = torch.as_tensor(st_v, dtype=F64).expand(w.shape)[inside]
+        want = cosine_M(w.double()[inside], s64, 0.5)
+        # the table's accuracy (1e-10·Δ) plus a few ulps, stretched by M' <= α/min q̂'
+        ulps = 4 * torch.finfo(w.dtype).eps * (1 + eq.alpha / eq.g_min)
+        tol = 1e-10 * s64 + ulps * (lo[inside].abs() + s64)
+        assert ((m.double()[inside] - want).abs() <= tol).all()
+    with pytest.raises(ConfigError, match="does not broadcast"):
+        eq.M(ws[3], torch.ones(5, dtype=F64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_M_on_cuda_matches_cpu():
+    eq = equivalent_ste("dsq", 0.1, params={"k": 3.0})
+    w = torch.randn(1000, 7) * 0.5
+    torch.testing.assert_close(eq.M(w.cuda()).cpu(), eq.M(w), rtol=0, atol=1e-7)
+    torch.testing.assert_close(eq.M_inv(w.cuda()).cpu(), eq.M_inv(w), rtol=0, atol=1e-7)
+
+
 def test_clipped_quantizer_map():
     step = 0.1
     eq = equivalent_ste("cosine", step, params={"a": 0.5}, bits=4)
