@@ -88,3 +88,42 @@ def test_report_has_the_tables_and_the_statements(result):
     assert len(res["summary"]["statements"]) >= 8
     assert {r["sweep"] for r in res["adam"]} == {"window", "eps"}
     assert set(res["summary"]["lr_slopes"]) == {"SGD"}
+
+
+def test_claims_carry_verdicts_from_the_numbers(result):
+    out, res = result
+    assert [c["id"] for c in res["claims"]] == ["alpha", "sgd", "first-order", "adam"]
+    assert all(c["verdict"] in ("reproduced", "partly", "not") for c in res["claims"])
+    assert res["claims"][0]["verdict"] == "reproduced"  # α to 1e-8, checked above too
+    text = (out / "report.md").read_text()
+    assert "## Verdicts" in text and text.count("| **") == 4
+
+
+def _fake(slope_iii: float, slope_i: float, gaps: tuple[float, float, float]) -> dict:
+    g1, g2, g3 = gaps
+    final = {
+        "gap_M_mean_i": g1,
+        "gap_M_mean_ii": g2,
+        "gap_M_mean_iii": g3,
+        "flips_i": 0.1,
+        "flips_iii": 0.01,
+        "gap_id_mean_i": 0.2,
+        "gap_id_mean_ii": 0.1,
+        "moved": 1.0,
+    }
+    main = [{"estimator": "cosine", "params": {"a": 0.5}, "alpha": math.sqrt(0.75),
+             "optimizer": "SGD", "final": final}]  # fmt: skip
+    return {"main": main, "adam": [], "summary": {"lr_slopes": {"SGD": {"iii": slope_iii,
+                                                                        "i": slope_i}}}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "slopes,gaps,want",
+    [((1.0, 0.0), (0.2, 0.1, 0.01), ("reproduced", "reproduced")),
+     ((0.5, 0.0), (0.2, 0.1, 0.08), ("partly", "not")),
+     ((0.1, 0.1), (0.2, 0.1, 0.01), ("not", "reproduced"))],
+)  # fmt: skip
+def test_claim_verdict_rules(slopes, gaps, want):
+    claims = {c["id"]: c["verdict"] for c in disguise2024._claims(_fake(*slopes, gaps))}
+    assert (claims["first-order"], claims["sgd"]) == want
+    assert "adam" not in claims  # no Adam runs: no verdict invented

@@ -168,10 +168,22 @@ def reproduce(
     out: Annotated[Path, typer.Option(help="Output folder for the report.")] = Path("stelab-out"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     rerun: Annotated[bool, typer.Option(help="Run finished parts again.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Progress bars and per-run lines (default: on when stderr is a terminal).",
+        ),
+    ] = None,
 ) -> None:
-    """Reproduce the papers' claims and write report.md + report.html (parts resume)."""
+    """Reproduce the papers' claims and write report.md + report.html (parts resume).
+
+    One summary line per finished part is always printed.
+    """
     from .experiments.reproduce import reproduce as _reproduce
+
+    if progress is None:
+        progress = sys.stderr.isatty()
 
     path = _reproduce(
         [paper], out, quick=quick, seed=seed, progress=progress, rerun=rerun, log=typer.echo
