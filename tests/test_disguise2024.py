@@ -113,8 +113,8 @@ def _fake(slope_iii: float, slope_i: float, gaps: tuple[float, float, float]) ->
     }
     main = [{"estimator": "cosine", "params": {"a": 0.5}, "alpha": math.sqrt(0.75),
              "optimizer": "SGD", "final": final}]  # fmt: skip
-    return {"main": main, "adam": [], "summary": {"lr_slopes": {"SGD": {"iii": slope_iii,
-                                                                        "i": slope_i}}}}  # fmt: skip
+    slopes = {"SGD": {"iii": slope_iii, "i": slope_i}}
+    return {"main": main, "adam": [], "summary": {"lr_slopes": slopes}}
 
 
 @pytest.mark.parametrize(

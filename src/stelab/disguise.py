@@ -34,8 +34,9 @@ derivative Φ' = α/g at the panel ends; N doubles until both the Hermite error
 (checked against quadrature at every panel midpoint) and the change of the bin
 integral are below ``tol`` (default 1e-10). The integer part n is taken exactly
 as the quantizer takes it (``torch.round(w / step)`` in the weight's dtype, halves
-to even; r = w/step - n is then exact in that dtype), and every result is nudged by at most a few ulps into its own bin, so
-Q(M(w)) == Q(w) and Q(M⁻¹(w)) == Q(w) hold exactly, also at change points.
+to even; r = w/step - n is then exact in that dtype), and every result is nudged
+by at most a few ulps into its own bin, so Q(M(w)) == Q(w) and Q(M⁻¹(w)) == Q(w)
+hold exactly, also at change points.
 """
 
 from __future__ import annotations
