@@ -436,18 +436,22 @@ class DSQ(Estimator):
     def grad_input(self, x: Tensor | None, y: Tensor | None, g: Tensor, ctx: Context) -> Tensor:
         if not isinstance(ctx.step, float):
             return super().grad_input(x, y, g, ctx)
-        # the same formula as in-place passes, sech² = 1 - tanh², and the range
-        # indicator fused into one hardtanh_backward (its open interval widened by an ulp)
-        u = torch.sub(x, ctx.jump_offset).div_(ctx.step)
-        u.sub_(torch.round(u)).mul_(self.k).tanh_()
-        d = u.square_().neg_().add_(1.0).mul_(self._s * self.k / 2).mul_(g)
+        # the same formula as in-place passes: g·sech²(kr) = tanh_backward(g, tanh(kr))
+        # (one fused kernel), and the range indicator fused into one hardtanh_backward
+        # (its open interval widened by an ulp)
+        if ctx.jump_offset:
+            u = torch.sub(x, ctx.jump_offset).div_(ctx.step)
+        else:
+            u = torch.div(x, ctx.step)
+        t = u.sub_(torch.round(u)).mul_(self.k).tanh_()
+        d = torch.ops.aten.tanh_backward(g, t)
         lo = ctx.first_jump - ctx.step / 2
         hi = ctx.last_jump + ctx.step / 2
         if math.isfinite(lo) or math.isfinite(hi):
             d = torch.ops.aten.hardtanh_backward(
                 d, x, _next(lo, -math.inf, x.dtype), _next(hi, math.inf, x.dtype)
             )
-        return d
+        return d.mul_(self._s * self.k / 2)
 
 
 @register("ewgs")
