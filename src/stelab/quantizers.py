@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from . import estimators as _est
 from .errors import ConfigError, StelabTypeError, check_int, check_positive, unknown
 from .estimators import Context, Estimator
+from .halfnormal import halfnormal_alpha  # noqa: F401  (re-exported: stelab.quantizers API)
 
 __all__ = ["Forward", "Quantizer", "QuantAct", "forward_names", "quantize_tensor"]
 
@@ -473,53 +474,3 @@ class QuantAct(Quantizer):
 def context_with(ctx: Context, **changes: Any) -> Context:
     """A copy of ``ctx`` with some fields changed (for custom estimators' tests)."""
     return replace(ctx, **changes)
-
-
-def halfnormal_alpha(bits: int, *, tol: float = 1e-12) -> float:
-    """The resolution α of [Y19]'s σ_α that minimises E[(σ_α(x) - x)²] for x ~ |N(0, 1)|.
-
-    [Y19] fixes α per bit width as the MSE-optimal uniform quantizer of the
-    half-Gaussian that follows a batch norm without affine parameters. With
-    p(x) = 2φ(x) on x > 0, bin k = ((k-1)α, kα] (the last one unbounded) maps to
-    level kα, and each bin contributes exactly
-
-        L²·ΔP - 2L·ΔM1 + ΔM2,  P = 2Φ(t), M1 = 2(φ(0) - φ(t)), M2 = 2(Φ(t) - tφ(t)),
-
-    so the MSE is evaluated in closed form (float64) and minimised over α by
-    golden-section search. 1 bit gives α = E|x| = sqrt(2/π).
-    """
-    bits = check_int("bits", bits, 1, 16)
-    qp = 2**bits - 1
-    k = torch.arange(1, qp + 1, dtype=torch.float64)
-    sqrt2 = math.sqrt(2.0)
-
-    def mse(a: float) -> float:
-        lo = (k - 1) * a
-        hi = k * a
-        hi[-1] = math.inf
-
-        def parts(t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            cdf = 1 + torch.erf(t / sqrt2)  # 2Φ(t)
-            phi = torch.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
-            tphi = torch.where(torch.isinf(t), 0.0, t * phi)
-            return cdf, 2 * (1 / math.sqrt(2 * math.pi) - phi), cdf - 2 * tphi
-
-        p1, m1, s1 = parts(hi)
-        p0, m0, s0 = parts(lo)
-        level = k * a
-        return float((level**2 * (p1 - p0) - 2 * level * (m1 - m0) + (s1 - s0)).sum())
-
-    lo, hi = 1e-6, 10.0 / qp + 1.0
-    g = (math.sqrt(5) - 1) / 2
-    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
-    fc, fd = mse(c), mse(d)
-    while hi - lo > tol * max(1.0, hi):
-        if fc < fd:
-            hi, d, fd = d, c, fc
-            c = hi - g * (hi - lo)
-            fc = mse(c)
-        else:
-            lo, c, fc = c, d, fd
-            d = lo + g * (hi - lo)
-            fd = mse(d)
-    return (lo + hi) / 2

@@ -41,7 +41,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from typing import Any
 
 from ..config import TrainConfig, config_to_dict, diff_configs, load_config, parse_config
 from ..errors import ConfigError, DataError, StelabTypeError, check_int, unknown
+from ..halfnormal import halfnormal_alpha, halfnormal_mse, lloyd_alpha
 from ..io import atomic_write_text, write_json
 
 __all__ = [
@@ -147,71 +147,9 @@ _HARMLESS = (
 # --------------------------------------------------------------------------- α values
 
 
-def _halfnormal_parts(t: float) -> tuple[float, float, float]:
-    """(P, M1, M2) = (P(X <= t), E[X 1{X <= t}], E[X² 1{X <= t}]) for X ~ |N(0, 1)|."""
-    if math.isinf(t):
-        return 1.0, math.sqrt(2 / math.pi), 1.0
-    phi = math.exp(-0.5 * t * t) / math.sqrt(2 * math.pi)
-    cdf = math.erf(t / math.sqrt(2))  # 2Φ(t) - 1
-    return cdf, 2 * (1 / math.sqrt(2 * math.pi) - phi), cdf - 2 * t * phi
-
-
-def _bins(alpha: float, bits: int) -> list[tuple[int, float, float, float]]:
-    """Per level k = 1..2^b-1 of σ_α: (k, ΔP, ΔM1, ΔM2) over its bin ((k-1)α, kα]
-    (the top bin is unbounded), for X ~ |N(0, 1)|."""
-    top = 2**bits - 1
-    out = []
-    lo = _halfnormal_parts(0.0)
-    for k in range(1, top + 1):
-        hi = _halfnormal_parts(math.inf if k == top else k * alpha)
-        out.append((k, hi[0] - lo[0], hi[1] - lo[1], hi[2] - lo[2]))
-        lo = hi
-    return out
-
-
-def halfnormal_mse(alpha: float, bits: int) -> float:
-    """E[(σ_α(X) - X)²] for X ~ |N(0, 1)|, in closed form (float64).
-
-    σ_α maps the bin ((k-1)α, kα] to kα (k = 1..2^b-1, the top bin unbounded), so
-    the MSE is Σ_k (kα)² ΔP_k - 2 kα ΔM1_k + ΔM2_k with the bin's probability and
-    first two moments.
-    """
-    bits = check_int("bits", bits, 1, 16)
-    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-        raise ConfigError(f"alpha must be a finite number > 0, got {alpha!r}")
-    return sum(
-        (k * alpha) ** 2 * p - 2 * k * alpha * m1 + m2 for k, p, m1, m2 in _bins(alpha, bits)
-    )
-
-
-def lloyd_alpha(bits: int, *, tol: float = 1e-14, max_iter: int = 100_000) -> float:
-    """The fixed point of the Lloyd-style iteration α ← E[k(X) X] / E[k(X)²], X ~ |N(0, 1)|.
-
-    ``k(x) = σ_α(x) / α`` is the level index under the current α; the update is the
-    least-squares scale for fixed bin assignments. It differs from the MSE minimiser
-    (:func:`stelab.quantizers.halfnormal_alpha`) for b >= 2 because the ceil-based
-    σ_α's error jumps at the bin edges, so moving α also moves mass between bins.
-    For b = 1 both equal E[X] = sqrt(2/π).
-    """
-    bits = check_int("bits", bits, 1, 16)
-    a = math.sqrt(2 / math.pi) / max(1, 2 ** (bits - 1))
-    for _ in range(max_iter):
-        num = den = 0.0
-        for k, p, m1, _m2 in _bins(a, bits):
-            num += k * m1
-            den += k * k * p
-        new = num / den
-        if abs(new - a) <= tol * max(1.0, a):
-            return new
-        a = new
-    raise ConfigError(f"lloyd_alpha(bits={bits}) did not converge in max_iter={max_iter} steps")
-
-
 def alpha_table(bits: Sequence[int] = (1, 2, 4)) -> dict[int, dict[str, float]]:
     """Per bit width: the MSE-optimal α (the one the models use), the Lloyd fixed point,
     and the half-Gaussian MSE of each."""
-    from ..quantizers import halfnormal_alpha
-
     out = {}
     for b in bits:
         a_mse, a_lloyd = halfnormal_alpha(b), lloyd_alpha(b)
