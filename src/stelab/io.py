@@ -6,30 +6,50 @@ previous version (or nothing) in place.
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from .errors import ConfigError
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically; creates the parent folder."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path`` (``"w"``: UTF-8 text, ``"wb"``: bytes);
+    when the block ends without an exception, fsync it and move it onto ``path``.
+
+    Creates the parent folder. On an exception the temporary file is removed and
+    ``path`` keeps its previous content (or stays absent).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        kw = {} if mode == "wb" else {"encoding": "utf-8", "newline": ""}
+        with os.fdopen(fd, mode, **kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; creates the parent folder."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -38,8 +58,33 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON, atomically (non-finite floats become null)."""
-    return atomic_write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as indented JSON, atomically (non-finite floats become null, other
+    non-JSON values their ``str``)."""
+    text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=str)
+    return atomic_write_text(path, text + "\n")
+
+
+def read_numeric_csv(
+    path: str | os.PathLike[str], int_columns: tuple[str, ...] = ()
+) -> list[dict[str, float | int | None]]:
+    """The rows of a CSV file with a header as dicts of numbers: None for empty cells,
+    ints in ``int_columns``; a cell that is not a number is a ConfigError naming the
+    file and the column."""
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for rec in csv.DictReader(f):
+            row: dict[str, float | int | None] = {}
+            for k, v in rec.items():
+                if k is None:
+                    continue
+                try:
+                    row[k] = None if v in ("", None) else (int if k in int_columns else float)(v)
+                except ValueError:
+                    raise ConfigError(
+                        f"{str(path)!r}: column {k!r} has a non-number {v!r}"
+                    ) from None
+            rows.append(row)
+    return rows
 
 
 def _finite(obj: Any) -> Any:

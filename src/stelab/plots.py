@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import torch
 
 from . import estimators as _est
 from .errors import ConfigError
-from .io import _umask
+from .io import atomic_open
 from .quantizers import Quantizer
 
 # the quantizer each built-in estimator is drawn with
@@ -50,16 +49,8 @@ def check_plot_path(path: str | os.PathLike[str]) -> Path:
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
     """Save ``fig`` atomically (temp file in the same folder, then rename)."""
     path = check_plot_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix, prefix=".tmp-")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".").lower(), dpi=dpi, bbox_inches="tight")
     return path
 
 

@@ -18,20 +18,19 @@ directories were copied.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import os
 import re
 import statistics
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .io import atomic_open, read_numeric_csv
 
 __all__ = ["Run", "load_run", "group_runs", "write_report"]
 
@@ -110,24 +109,6 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{str(path)!r} is not a valid TOML file: {e}") from None
 
 
-def _read_csv(path: Path) -> list[dict[str, float | None]]:
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for rec in csv.DictReader(f):
-            row: dict[str, float | None] = {}
-            for k, v in rec.items():
-                if k is None:
-                    continue
-                try:
-                    row[k] = float(v) if v not in ("", None) else None
-                except ValueError:
-                    raise ConfigError(
-                        f"{str(path)!r}: column {k!r} has a non-number {v!r}"
-                    ) from None
-            rows.append(row)
-    return rows
-
-
 def load_run(path: str | os.PathLike[str]) -> Run:
     """Read a run directory; a ConfigError names ``path`` if it is not one."""
     p = Path(path)
@@ -145,7 +126,9 @@ def load_run(path: str | os.PathLike[str]) -> Run:
             metrics = json.loads((p / "metrics.json").read_text(encoding="utf-8"))
         except ValueError as e:
             raise ConfigError(f"{str(p / 'metrics.json')!r} is not valid JSON: {e}") from None
-    return Run(p, _read_toml(p / "config.toml"), _read_csv(p / "metrics.csv"), metrics)
+    return Run(
+        p, _read_toml(p / "config.toml"), read_numeric_csv(p / "metrics.csv", ("epoch",)), metrics
+    )
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -226,26 +209,10 @@ _COLUMNS: list[tuple[str, str, Callable[[list[float | None]], str]]] = [
 # --- files --------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic(path: Path, mode: str = "w") -> Any:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        kw = {} if "b" in mode else {"encoding": "utf-8", "newline": ""}
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _save_png(fig: Any, path: Path) -> None:
-    with _atomic(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    from .plots import save_figure  # imports torch; `stelab report` does not need it
+
+    save_figure(fig, path, dpi=110)
 
 
 def _slug(text: str) -> str:
@@ -424,7 +391,7 @@ def write_report(
     w.writeheader()
     for rec in summary:
         w.writerow({k: ("" if v is None else v) for k, v in rec.items()})
-    with _atomic(out / "summary.csv") as f:
+    with atomic_open(out / "summary.csv") as f:
         f.write(buf.getvalue())
 
     # report.md
@@ -463,6 +430,6 @@ def write_report(
             f"![loss and accuracy of {r.path.name}]({names[r.path]})",
             "",
         ]
-    with _atomic(out / "report.md") as f:
+    with atomic_open(out / "report.md") as f:
         f.write("\n".join(lines))
     return out / "report.md"

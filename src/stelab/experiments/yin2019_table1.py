@@ -38,7 +38,6 @@ loss is the epoch mean of the mini-batch losses of the last epoch.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
@@ -51,6 +50,7 @@ from ..config import TrainConfig, config_to_dict, diff_configs, load_config, par
 from ..errors import ConfigError, DataError, StelabTypeError, check_int, unknown
 from ..halfnormal import halfnormal_alpha, halfnormal_mse, lloyd_alpha
 from ..io import atomic_write_text, write_json
+from ..train.files import read_metrics_csv
 
 __all__ = [
     "ESTIMATORS",
@@ -348,18 +348,7 @@ def cell_config(
 def read_history(run_dir: Path) -> list[dict[str, float | int | None]]:
     """The per-epoch rows of ``run_dir/metrics.csv`` (numbers; None for empty cells)."""
     path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for rec in csv.DictReader(f):
-            row: dict[str, float | int | None] = {}
-            for k, v in rec.items():
-                if k is None:
-                    continue
-                row[k] = None if v in ("", None) else (int(v) if k == "epoch" else float(v))
-            rows.append(row)
-    return rows
+    return read_metrics_csv(path) if path.is_file() else []
 
 
 def _stored_config(run_dir: Path) -> TrainConfig | None:

@@ -21,24 +21,23 @@ place with :func:`os.replace`, so a crash or Ctrl-C never leaves half a file.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
 import platform
 import shutil
 import socket
 import sys
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..config import TrainConfig, config_to_dict, diff_configs, dump_config
 from ..errors import ConfigError
+from ..io import atomic_write_text as write_text
+from ..io import read_numeric_csv, write_json
 
 CONFIG = "config.toml"
 ENV = "env.json"
@@ -75,47 +74,6 @@ RESUMABLE_CHANGES = (
     "data.download",
     "data.eval_batch_size",
 )
-
-
-@contextlib.contextmanager
-def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
-    """Open a temporary file next to ``path``; on success move it onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
-    with atomic_open(path, "w") as f:
-        f.write(text)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def save_atomic(path: Path, writer: Callable[[IO[bytes]], None]) -> None:
-    """Call ``writer(file)`` on a temporary binary file, then move it onto ``path``."""
-    with atomic_open(path, "wb") as f:
-        writer(f)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -280,19 +238,5 @@ def write_metrics_csv(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> No
 
 
 def read_metrics_csv(path: Path) -> list[dict[str, float | int | None]]:
-    """The rows of a metrics.csv as dicts of numbers (None for empty cells)."""
-    rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for rec in csv.DictReader(f):
-            row: dict[str, float | int | None] = {}
-            for k, v in rec.items():
-                if k is None:
-                    continue
-                if v in ("", None):
-                    row[k] = None
-                elif k == "epoch":
-                    row[k] = int(v)
-                else:
-                    row[k] = float(v)
-            rows.append(row)
-    return rows
+    """The rows of a metrics.csv as dicts of numbers (``epoch`` an int)."""
+    return read_numeric_csv(path, int_columns=("epoch",))

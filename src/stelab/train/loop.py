@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import TrainConfig, config_to_dict
 from ..errors import ConfigError
+from ..io import atomic_open
 from . import files
 from .checkpoint import FORMAT, check_state, load_checkpoint, model_from_checkpoint
 from .parts import (
@@ -429,9 +430,9 @@ class _Session:
     def _save(self, best: bool) -> None:
         state = self._state()  # collective under DDP: every process takes part
         if self.main:
-            files.save_atomic(self.ckpt_dir / files.LAST, lambda fh: torch.save(state, fh))
-            if best:
-                files.save_atomic(self.ckpt_dir / files.BEST, lambda fh: torch.save(state, fh))
+            for name in (files.LAST, files.BEST) if best else (files.LAST,):
+                with atomic_open(self.ckpt_dir / name, "wb") as fh:
+                    torch.save(state, fh)
             files.write_metrics_csv(self.run_dir, self.history)
         self.fabric.barrier()
 

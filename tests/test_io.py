@@ -1,0 +1,50 @@
+"""stelab.io: atomic writes and the numeric CSV reader that run directories use."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+from stelab.errors import ConfigError
+from stelab.io import atomic_open, atomic_write_text, read_numeric_csv, write_json
+
+
+def test_atomic_open_replaces_only_on_success(tmp_path):
+    p = tmp_path / "sub" / "f.txt"
+    atomic_write_text(p, "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_open(p) as f:
+            f.write("half")
+            raise RuntimeError("interrupted")
+    assert p.read_text() == "old\n"
+    assert sorted(os.listdir(p.parent)) == ["f.txt"]  # the temporary file is gone
+    with atomic_open(p, "wb") as f:
+        f.write(b"new")
+    assert p.read_bytes() == b"new"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would create it
+    with pytest.raises(ValueError, match="mode"):
+        with atomic_open(p, "a"):
+            pass
+
+
+def test_write_json_makes_non_finite_null_and_stringifies(tmp_path):
+    p = write_json(tmp_path / "x.json", {"a": math.nan, "b": [1.5, math.inf], "c": tmp_path})
+    assert p.read_text() == (
+        '{\n  "a": null,\n  "b": [\n    1.5,\n    null\n  ],\n  "c": "' + str(tmp_path) + '"\n}\n'
+    )
+
+
+def test_read_numeric_csv(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("epoch,loss,acc\n1,0.5,\n2,0.25,0.75\n")
+    assert read_numeric_csv(p, ("epoch",)) == [
+        {"epoch": 1, "loss": 0.5, "acc": None},
+        {"epoch": 2, "loss": 0.25, "acc": 0.75},
+    ]
+    p.write_text("epoch,loss\n1,oops\n")
+    with pytest.raises(ConfigError, match="column 'loss' has a non-number 'oops'"):
+        read_numeric_csv(p)
