@@ -436,22 +436,23 @@ class DSQ(Estimator):
     def grad_input(self, x: Tensor | None, y: Tensor | None, g: Tensor, ctx: Context) -> Tensor:
         if not isinstance(ctx.step, float):
             return super().grad_input(x, y, g, ctx)
-        # the same formula as in-place passes: g·sech²(kr) = tanh_backward(g, tanh(kr))
-        # (one fused kernel), and the range indicator fused into one hardtanh_backward
-        # (its open interval widened by an ulp)
+        # the same formula in few passes and one new tensor: sech²(z) = 4σ(2z)(1 - σ(2z)),
+        # so g·sech²(kr) = 4·sigmoid_backward(g, σ(2kr)) (one fused kernel; σ is ~3x
+        # cheaper than tanh on CPU); the range indicator is one hardtanh_backward (its
+        # open interval widened by an ulp); both write into the buffer they read
         if ctx.jump_offset:
-            u = torch.sub(x, ctx.jump_offset).div_(ctx.step)
+            t = torch.sub(x, ctx.jump_offset).div_(ctx.step)
         else:
-            u = torch.div(x, ctx.step)
-        t = u.sub_(torch.round(u)).mul_(self.k).tanh_()
-        d = torch.ops.aten.tanh_backward(g, t)
+            t = torch.div(x, ctx.step)
+        t.sub_(torch.round(t)).mul_(2 * self.k).sigmoid_()
+        torch.ops.aten.sigmoid_backward.grad_input(g, t, grad_input=t)
         lo = ctx.first_jump - ctx.step / 2
         hi = ctx.last_jump + ctx.step / 2
         if math.isfinite(lo) or math.isfinite(hi):
-            d = torch.ops.aten.hardtanh_backward(
-                d, x, _next(lo, -math.inf, x.dtype), _next(hi, math.inf, x.dtype)
+            torch.ops.aten.hardtanh_backward.grad_input(
+                t, x, _next(lo, -math.inf, x.dtype), _next(hi, math.inf, x.dtype), grad_input=t
             )
-        return d.mul_(self._s * self.k / 2)
+        return t.mul_(2 * self._s * self.k)
 
 
 @register("ewgs")
