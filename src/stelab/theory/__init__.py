@@ -6,44 +6,7 @@
   STEs, critical points and population coarse gradient descent.
 """
 
-from stelab.theory.two_layer import (
-    LIBRARY_ESTIMATOR,
-    STES,
-    CriticalPoint,
-    CriticalPoints,
-    Trajectory,
-    batch_loss,
-    clipped_relu_pq,
-    coarse_descent_ratio,
-    coarse_grad_on_batch,
-    coarse_gradient_descent,
-    critical_points,
-    expected_coarse_grad,
-    population_grad,
-    population_loss,
-    sample_coarse_grad,
-    theta,
-    w_at_angle,
-    xi,
-)
+from stelab.theory import two_layer
+from stelab.theory.two_layer import *  # noqa: F403  (the public names listed in two_layer)
 
-__all__ = [
-    "LIBRARY_ESTIMATOR",
-    "STES",
-    "CriticalPoint",
-    "CriticalPoints",
-    "Trajectory",
-    "batch_loss",
-    "clipped_relu_pq",
-    "coarse_descent_ratio",
-    "coarse_grad_on_batch",
-    "coarse_gradient_descent",
-    "critical_points",
-    "expected_coarse_grad",
-    "population_grad",
-    "population_loss",
-    "sample_coarse_grad",
-    "theta",
-    "w_at_angle",
-    "xi",
-]
+__all__ = list(two_layer.__all__)
