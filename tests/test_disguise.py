@@ -218,7 +218,7 @@ def test_M_any_shape_nan_inf_and_per_channel_step():
 def test_M_many_across_chunks_dtypes_and_per_channel_steps(monkeypatch):
     # M_many maps tensors together in chunks; a small chunk makes tensors straddle
     # chunk edges. It must equal per-element closed form and the quantizer's bins.
-    import stelab.disguise as dg
+    import stelab.disguise.equivalence as dg
 
     monkeypatch.setattr(dg, "_CHUNK", 37)
     eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=4)
