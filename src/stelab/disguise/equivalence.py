@@ -338,7 +338,10 @@ class Equivalence:
             if fill:
                 self._map_chunk(w_buf[:fill], st_buf[:fill], res[done : done + fill], inverse)
             for i, piece in zip(idx, res.split(sizes), strict=True):
-                out[i] = piece.view(ws[i].shape)
+                # own storage per result (a view would drag the whole buffer into torch.save)
+                out[i] = (
+                    piece.view(ws[i].shape) if len(idx) == 1 else piece.clone().view(ws[i].shape)
+                )
         return out
 
     def _map_chunk(self, w: Tensor, st: Tensor, out: Tensor, inverse: bool) -> None:
@@ -389,8 +392,7 @@ class Equivalence:
 
         ``steps``: one step per tensor (a number, a tensor broadcastable to it, or None
         for ``self.step``). Much faster than mapping tensor by tensor: the tensors are
-        concatenated and mapped in cache-sized chunks; the results are views into one
-        buffer.
+        mapped together in cache-sized chunks.
         """
         return self._map(ws, steps, inverse=False)
 
