@@ -53,3 +53,28 @@ def test_unknown_paper_and_unwritable_output(tmp_path, fake_registry):
     with pytest.raises(ValueError, match="not writable"):
         rp.reproduce(["yin2019"], blocker / "out")
     assert not fake_part.CALLS
+
+
+def test_cifar_part_is_skipped_with_its_reason_and_tried_again(
+    tmp_path, fake_registry, monkeypatch
+):
+    from stelab.experiments import yin2019_table1_cifar as cifar
+
+    fake_registry["yin2019"]["parts"]["table1-cifar10"] = "yin2019_table1_cifar"
+    # no CIFAR-10 anywhere: an empty data folder and cache, no system copy
+    monkeypatch.setenv("STELAB_DATA", str(tmp_path / "no-data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-cache"))
+    calls = []
+    real = cifar.t1.run
+    monkeypatch.setattr(cifar.t1, "run", lambda *a, **k: calls.append(k) or real(*a, **k))
+    for quick, why in [(True, "quick mode uses only bundled data"),
+                       (False, "CIFAR-10 is not available: ")]:  # fmt: skip
+        lines: list[str] = []
+        md = rp.reproduce(["yin2019"], tmp_path / "out", quick=quick, log=lines.append)
+        assert any(ln.startswith("yin2019/table1-cifar10: skipped (" + why) for ln in lines)
+        assert f"Skipped: **table1-cifar10**: {why}" in md.read_text()
+        assert not (tmp_path / "out" / "yin2019" / "table1-cifar10" / "done.json").exists()
+    skipped = next(ln for ln in lines if "skipped" in ln)
+    assert "d.download('cifar10')" in skipped  # says how to get it
+    assert not calls  # nothing was trained
+    assert len(fake_part.CALLS) == 2  # the other part ran in each mode

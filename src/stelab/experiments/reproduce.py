@@ -3,9 +3,11 @@
 Every part is a module in :mod:`stelab.experiments` with
 ``run(out_dir, *, quick, seed, progress) -> dict`` that writes its figures,
 ``results.json`` and ``report.md`` into ``out_dir`` and returns at least
-``{"claims": [{"id", "text", "verdict", "evidence"}, ...]}``. Parts are
-resumable: a finished part leaves ``done.json`` (written last, atomically) and
-is reused on the next run with the same mode and seed.
+``{"claims": [{"id", "text", "verdict", "evidence"}, ...]}``, or
+``{"claims": [], "skipped": reason}`` when it cannot run here (data missing, not in
+quick mode). Parts are resumable: a finished part leaves ``done.json`` (written
+last, atomically) and is reused on the next run with the same mode and seed; a
+skipped part is tried again.
 
 The report (``report.md`` and a self-contained ``report.html`` with the plots
 embedded) gives, per paper, a verdict table of every claim and then each
@@ -34,6 +36,7 @@ PAPERS: dict[str, dict[str, Any]] = {
             "synthetic": "yin2019_synthetic",
             "table1": "yin2019_table1",
             "instability": "yin2019_instability",  # after table1: reuses its cells
+            "table1-cifar10": "yin2019_table1_cifar",  # full mode with CIFAR-10 only
         },
     },
     "psa2020": {
@@ -105,6 +108,10 @@ def reproduce(
         t0 = time.perf_counter()
         module = importlib.import_module(mod if "." in mod else f"stelab.experiments.{mod}")
         r = module.run(d, quick=quick, seed=seed, progress=progress)
+        if r.get("skipped"):
+            results[(paper, part)] = {"claims": [], "skipped": str(r["skipped"])}
+            log(f"{paper}/{part}: skipped ({r['skipped']})")
+            continue
         r = {
             "mode": mode,
             "seconds": time.perf_counter() - t0,
@@ -160,7 +167,13 @@ def _report_md(
                 lines.append(f"| {key[1]} | ({c.get('id', '')}) {text} | "
                              f"**{c.get('verdict', '?')}** | {ev} |")  # fmt: skip
         lines.append("")
+        skipped = [(part, results[(p, part)]["skipped"]) for p, part in mine
+                   if results[(p, part)].get("skipped")]  # fmt: skip
+        if skipped:
+            lines += [f"Skipped: **{part}**: {why}." for part, why in skipped] + [""]
         for p, part in mine:
+            if results[(p, part)].get("skipped"):
+                continue
             sub = out / p / part / "report.md"
             if not sub.exists():
                 continue
