@@ -78,3 +78,24 @@ def test_cifar_part_is_skipped_with_its_reason_and_tried_again(
     assert "d.download('cifar10')" in skipped  # says how to get it
     assert not calls  # nothing was trained
     assert len(fake_part.CALLS) == 2  # the other part ran in each mode
+
+
+def test_cifar_part_runs_both_nets_when_cifar10_is_present(tmp_path, monkeypatch):
+    from stelab.experiments import yin2019_table1_cifar as cifar
+
+    monkeypatch.setattr(cifar.t1, "pick_data", lambda net: ("cifar10", "found"))
+    seen = []
+
+    def fake_run(out_dir, *, quick, seed, progress, net):
+        seen.append((net, quick, seed))
+        out_dir.mkdir(parents=True)
+        (out_dir / "report.md").write_text(f"# {net}\n\n![curves](table1_curves.png)\n")
+        claim = {"id": "ste-order", "text": "t", "verdict": "partly", "evidence": net}
+        return {"claims": [claim], "report": str(out_dir / "report.md")}
+
+    monkeypatch.setattr(cifar.t1, "run", fake_run)
+    r = cifar.run(tmp_path, quick=False, seed=5, progress=False)
+    assert seen == [("vgg11", False, 5), ("resnet20", False, 5)]
+    assert [c["id"] for c in r["claims"]] == ["vgg11 ste-order", "resnet20 ste-order"]
+    md = (tmp_path / "report.md").read_text()
+    assert "](vgg11/table1_curves.png)" in md and "](resnet20/table1_curves.png)" in md
