@@ -49,6 +49,7 @@ from stelab.plots import save_figure as _save_figure
 from ..disguise import Equivalence, equivalent_ste, to_ste
 from ..nn import QuantConv2d, QuantLinear
 from ..quantizers import Quantizer
+from .verdicts import verdict_table
 
 __all__ = ["Config", "run"]
 
@@ -554,11 +555,7 @@ def _report(res: dict) -> str:
             f"{f['flips_i']:.3f} | {f['loss_custom']:.3f} / {f['loss_i']:.3f} |"
         )
     if res.get("claims"):
-        lines += ["", "## Verdicts", "", "| claim | verdict | evidence |", "|---|---|---|"]
-        lines += [
-            f"| {c['text']} | **{c['verdict']}** | {c['evidence'].replace('|', chr(92) + '|')} |"
-            for c in res["claims"]
-        ]
+        lines += ["", "## Verdicts", "", *verdict_table(res["claims"])]
     lines += ["", "## Where the equivalence holds and where it fails", ""]
     lines += [f"- {s}" for s in res["summary"]["statements"]]
     lines += [

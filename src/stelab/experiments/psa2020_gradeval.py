@@ -49,6 +49,7 @@ from ..analysis import (
 )
 from ..errors import StelabTypeError, check_int
 from ..io import atomic_write_bytes, atomic_write_text, write_json
+from .verdicts import verdict_table
 
 NAME = "psa2020-gradeval"
 CHECKPOINTS = (1, 100, 200, 500, 1000, 1500, 2000)
@@ -696,10 +697,7 @@ def _report_md(
             *_ste_table(stes),
             "",
         ]
-    L += ["## Verdicts", "", "| claim | verdict | evidence |", "|---|---|---|"]
-    for c in claims:
-        ev = " ".join(str(c["evidence"]).split()).replace("|", "\\|")
-        L.append(f"| ({c['id']}) {c['text']} | **{c['verdict']}** | {ev} |")
+    L += ["## Verdicts", "", *verdict_table(claims)]
     L += [
         "",
         f"Wall time of this run: {res['seconds']:.0f} s; computing it from scratch took "

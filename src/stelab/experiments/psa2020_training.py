@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, StelabTypeError, check_int, check_positive
 from ..io import atomic_write_bytes, atomic_write_text, write_json
+from .verdicts import verdict_table
 
 NAME = "psa2020-training"
 ESTIMATORS = ("psa", "dst", "concrete:tau=0.1", "reinforce")
@@ -630,11 +631,7 @@ def _report_md(
         "",
         "## Verdict",
         "",
-        "| claim | verdict | evidence |",
-        "|---|---|---|",
-        f"| ({claim['id']}) {claim['text']} | **{claim['verdict']}** | "
-        + " ".join(claim["evidence"].split()).replace("|", "\\|")
-        + " |",
+        *verdict_table([claim]),
         "",
         f"Wall time of this run: {res['seconds']:.0f} s (finished runs are cached in runs/ and "
         "reused; the training time of each run is in the table).",

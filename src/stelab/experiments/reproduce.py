@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import ConfigError, unknown
 from ..io import atomic_write_text, write_json
+from .verdicts import verdict_rows
 
 PAPERS: dict[str, dict[str, Any]] = {
     "yin2019": {
@@ -161,11 +162,7 @@ def _report_md(
             continue
         lines += ["| part | claim | verdict | evidence |", "|---|---|---|---|"]
         for key in mine:
-            for c in results[key]["claims"]:
-                ev = " ".join(str(c.get("evidence", "")).split()).replace("|", "\\|")
-                text = " ".join(str(c.get("text", "")).split()).replace("|", "\\|")
-                lines.append(f"| {key[1]} | ({c.get('id', '')}) {text} | "
-                             f"**{c.get('verdict', '?')}** | {ev} |")  # fmt: skip
+            lines += verdict_rows(results[key]["claims"], part=key[1])
         lines.append("")
         skipped = [(part, results[(p, part)]["skipped"]) for p, part in mine
                    if results[(p, part)].get("skipped")]  # fmt: skip

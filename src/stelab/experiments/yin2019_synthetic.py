@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from stelab.errors import StelabTypeError, check_int
+from stelab.experiments.verdicts import verdict_table
 from stelab.io import atomic_write_bytes
 from stelab.plots import save_figure
 from stelab.theory import two_layer as tl
@@ -730,11 +731,7 @@ def _report_md(res: dict[str, Any], claims: list[dict[str, Any]], figs: dict[str
         "negative for every batch size at small lr (the expected coarse gradient is a descent "
         "direction), and small batches turn ascent at a smaller lr than the expected step."
     )
-    L += ["", "### Verdicts", "", "| claim | verdict | evidence |", "|---|---|---|"]
-    for cl in claims:
-        text, ev = (x.replace("|", "\\|") for x in (cl["text"], cl["evidence"]))
-        L.append(f"| ({cl['id']}) {text} | **{cl['verdict']}** | {ev} |")
-    L.append("")
+    L += ["", "### Verdicts", "", *verdict_table(claims), ""]
     return "\n".join(L)
 
 
