@@ -514,3 +514,22 @@ def test_disguise_report_text_and_plot(tmp_path):
         disguise_report("cosine", 0.1, {"a": 1.0}, plot=None)
     with pytest.raises(ConfigError, match=r"\.png, \.pdf or \.svg"):
         disguise_report("cosine", 0.1, {"a": a}, plot=tmp_path / "d.txt")
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [("cosine", {"a": 0.5}), ("cosine", {"a": 0.97}), ("dsq", {"k": 3.0}),
+     ("triangle_wave", {"m": 0.3})],
+)  # fmt: skip
+def test_inverse_lookup_finds_the_same_panel_as_binary_search(name, params):
+    import dataclasses
+
+    eq = equivalent_ste(name, 0.1, params=params)
+    t = eq._table
+    assert 1 <= t.hops <= 4  # the grid look-up path is the one taken
+    g = torch.Generator().manual_seed(1)
+    p = torch.cat([torch.rand(20000, generator=g, dtype=F64), t.phi, torch.tensor([0.0, 1.0])])
+    fast = eq._phi_inv(p.clone())
+    eq._table = dataclasses.replace(t, hops=99)  # force torch.searchsorted
+    slow = eq._phi_inv(p.clone())
+    assert torch.equal(fast, slow)

@@ -90,6 +90,10 @@ class _Table:
     integral: float  # ∫_{-1/2}^{1/2} dρ/g(ρ)
     interp_error: float  # max Hermite error at the panel midpoints (units of Φ)
     quad_change: float  # relative change of the integral at the last doubling
+    # inverse look-up: on a uniform grid of len(jinv) - 1 cells over p ∈ [0, 1], the panel
+    # holding each cell's left end; a p in cell k lies in panel jinv[k] .. jinv[k] + hops
+    jinv: Tensor
+    hops: int
 
 
 def _build_table(inv_g: Callable[[Tensor], Tensor], tol: float) -> _Table | None:
@@ -121,7 +125,12 @@ def _build_table(inv_g: Callable[[Tensor], Tensor], tol: float) -> _Table | None
         if interp_error <= tol and quad_change <= tol and monotone:
             cols = tuple(coef[:, i].contiguous() for i in range(4))
             centred = (cols[0] - 0.5, *cols[1:])
-            return _Table(n, coef, cols, centred, phi, integral, interp_error, quad_change)
+            cells = min(8 * n, 1 << 20)
+            grid = torch.arange(cells + 1, dtype=_F64) / cells
+            jinv = (torch.searchsorted(phi, grid, right=True) - 1).clamp_(0, n - 1)
+            hops = int((jinv[1:] - jinv[:-1]).max())
+            return _Table(n, coef, cols, centred, phi, integral, interp_error, quad_change,
+                          jinv.to(torch.int32), hops)  # fmt: skip
         prev_integral = integral
         n *= 2
     return None
@@ -227,14 +236,16 @@ class Equivalence:
 
     # -- Φ and its inverse on one bin ----------------------------------------
 
-    def _on(self, device: torch.device) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor]:
-        """The table's columns, centred columns and Φ nodes on ``device`` (cached)."""
+    def _on(
+        self, device: torch.device
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], Tensor, Tensor]:
+        """The table's columns, centred columns, Φ nodes and inverse index on ``device``."""
         t = self._table
         if device.type == "cpu":
-            return t.cols, t.cols_centred, t.phi
+            return t.cols, t.cols_centred, t.phi, t.jinv
         if device not in self._device_tables:
             moved = [tuple(c.to(device) for c in cs) for cs in (t.cols, t.cols_centred)]
-            self._device_tables[device] = (*moved, t.phi.to(device))
+            self._device_tables[device] = (*moved, t.phi.to(device), t.jinv.to(device))
         return self._device_tables[device]
 
     def _phi(self, r: Tensor, centred: bool = False) -> Tensor:
@@ -243,15 +254,23 @@ class Equivalence:
         x = r.mul_(n).add_(n / 2)  # (r + 1/2)·N ∈ [0, N]
         # floor for x >= 0; outside [0, N] (r out of range, NaN) j is clamped, u is junk
         j = x.to(torch.int32).clamp_(0, n - 1)
-        cols, cols_centred, _ = self._on(r.device)
+        cols, cols_centred, _, _ = self._on(r.device)
         return _horner(cols_centred if centred else cols, j, x.sub_(j))
 
     def _phi_inv(self, p: Tensor) -> Tensor:
         """r with Φ(r) = p for 1-D float64 p ∈ [0, 1]: bracket, then Newton on the cubic."""
-        n = self._table.n
-        cols, _, phi = self._on(p.device)
+        t = self._table
+        n = t.n
+        cols, _, phi, jinv = self._on(p.device)
         p = p.clamp_(0, 1).nan_to_num_(0.5)
-        j = (torch.searchsorted(phi, p, right=True) - 1).clamp_(0, n - 1)
+        if t.hops <= 4:  # the panel: a uniform-grid look-up, then a few exact hops
+            cells = jinv.numel() - 1
+            j = jinv.index_select(0, p.mul(cells).to(torch.int32).clamp_(0, cells - 1))
+            for _ in range(t.hops):
+                j += (phi.index_select(0, j + 1) <= p).to(torch.int32)
+                j.clamp_(max=n - 1)
+        else:  # a very uneven Φ: binary search
+            j = (torch.searchsorted(phi, p, right=True) - 1).to(torch.int32).clamp_(0, n - 1)
         p0, p1 = phi.index_select(0, j), phi.index_select(0, j + 1)
         u = ((p - p0) / (p1 - p0)).nan_to_num_(0.5).clamp_(0, 1)
         c0, c1, c2, c3 = (c.index_select(0, j) for c in cols)
