@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import check_positive
-from .estimators import LossFn, SBNEstimator, _bcast, per_example_loss, register, replicate
+from .estimators import (
+    LossFn,
+    SBNEstimator,
+    _bcast,
+    per_example_loss,
+    register,
+    replicate,
+    sample_path,
+)
 from .layers import SBN
 from .noise import uniform_like
 
@@ -282,13 +290,8 @@ class ARM(SBNEstimator):
         samples: int,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor]:
-        hs = [replicate(x, samples)]
+        hs, pre = sample_path(model, x, samples, generator)
         yr = replicate(y, samples)
-        pre = []
-        for layer in model.hidden:
-            a = layer.preact(hs[-1])
-            pre.append(a)
-            hs.append(layer.noise.states(a.detach(), uniform_like(a, generator)))
         f = per_example_loss(loss_fn, model.output_preact(hs[-1]), yr)
         rows = f.shape[0]
         sur = f.mean()

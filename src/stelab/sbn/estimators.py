@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, StelabTypeError, check_int, construct, unknown
 from .layers import SBN, SBNConv2d, SBNLinear
-from .noise import as_generator
+from .noise import as_generator, uniform_like
 
 __all__ = [
     "SBNEstimator",
@@ -96,6 +96,21 @@ def per_example_loss(loss_fn: LossFn, eta: Tensor, y: Tensor) -> Tensor:
 def replicate(t: Tensor, samples: int) -> Tensor:
     """The batch repeated ``samples`` times along dim 0 (row ``m*N + n`` = sample m of n)."""
     return t if samples == 1 else t.repeat((samples,) + (1,) * (t.dim() - 1))
+
+
+def sample_path(
+    model: SBN, x: Tensor, samples: int, generator: torch.Generator | None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """One sampled forward path per replicated row: ``(states, preacts)`` with
+    ``states[0]`` the replicated input, ``states[k + 1] = sign(a_k - Z_k)`` computed from
+    the detached pre-activation ``preacts[k] = a_k`` (kept attached for the backward)."""
+    hs = [replicate(x, samples)]
+    pre = []
+    for layer in model.hidden:
+        a = layer.preact(hs[-1])
+        pre.append(a)
+        hs.append(layer.noise.states(a.detach(), uniform_like(a, generator)))
+    return hs, pre
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:

@@ -38,10 +38,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, check_int
-from .estimators import LossFn, SBNEstimator, per_example_loss, register, replicate
+from .estimators import LossFn, SBNEstimator, per_example_loss, register, replicate, sample_path
 from .kernels import _check_kernel, ratio
 from .layers import SBN
-from .noise import uniform_like
 
 __all__ = ["PSA"]
 
@@ -94,13 +93,8 @@ class PSA(SBNEstimator):
         samples: int,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor]:
-        hs = [replicate(x, samples)]
+        hs, pre = sample_path(model, x, samples, generator)
         yr = replicate(y, samples)
-        pre = []
-        for layer in model.hidden:
-            a = layer.preact(hs[-1])
-            pre.append(a)
-            hs.append(layer.noise.states(a.detach(), uniform_like(a, generator)))
         top = model.hidden[-1]
         xl = hs[-1].flatten(1)
         rows, nj = xl.shape
