@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .io import atomic_open, read_numeric_csv
+from .io import atomic_write_text, read_numeric_csv
 
 __all__ = ["Run", "load_run", "group_runs", "write_report"]
 
@@ -391,8 +391,7 @@ def write_report(
     w.writeheader()
     for rec in summary:
         w.writerow({k: ("" if v is None else v) for k, v in rec.items()})
-    with atomic_open(out / "summary.csv") as f:
-        f.write(buf.getvalue())
+    atomic_write_text(out / "summary.csv", buf.getvalue())
 
     # report.md
     lines = ["# stelab report", ""]
@@ -430,6 +429,5 @@ def write_report(
             f"![loss and accuracy of {r.path.name}]({names[r.path]})",
             "",
         ]
-    with atomic_open(out / "report.md") as f:
-        f.write("\n".join(lines))
+    atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

@@ -340,13 +340,14 @@ class Equivalence:
             done = fill = 0  # elements mapped / in the chunk buffers
             for i in idx:
                 w, st = ws[i].detach().reshape(-1), st_of[i]
-                if isinstance(st, Tensor) and st.dim() > 0:  # per channel: one per weight
+                per_weight = isinstance(st, Tensor) and st.dim() > 0  # per-channel steps
+                if per_weight:
                     st = st.to(device=device, dtype=cdt).expand(ws[i].shape).reshape(-1)
                 k = 0
                 while k < w.numel():
                     take = min(chunk - fill, w.numel() - k)
                     w_buf[fill : fill + take].copy_(w[k : k + take])
-                    if isinstance(st, Tensor) and st.dim() > 0:
+                    if per_weight:
                         st_buf[fill : fill + take].copy_(st[k : k + take])
                     else:  # w / (st cast to the compute dtype) == w / st, bit for bit
                         st_buf[fill : fill + take].fill_(st)
