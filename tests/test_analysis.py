@@ -61,10 +61,10 @@ class _Replay:
 
 def _patch_uniform(monkeypatch, fake):
     import stelab.sbn.baselines as bl
-    import stelab.sbn.psa as psa
+    import stelab.sbn.estimators as sbn_est  # sample_path: PSA's and ARM's noise
 
     monkeypatch.setattr(bl, "uniform_like", fake)
-    monkeypatch.setattr(psa, "uniform_like", fake)
+    monkeypatch.setattr(sbn_est, "uniform_like", fake)
 
 
 @pytest.mark.parametrize(
