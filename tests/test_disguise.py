@@ -1,12 +1,12 @@
 """stelab.disguise against closed forms, finite differences and the [S24] theorem.
 
-Truths used (derived independently of the code, SPEC §4):
+Truths used (derived independently of the code, docs/papers/disguise2024.md):
 
 * cosine q̂' = 1 + a·cos(2πw/Δ):  α = sqrt(1 - a²) and, from
   ∫ dθ/(1 + a cos θ) = 2/sqrt(1-a²)·atan(sqrt((1-a)/(1+a))·tan(θ/2)),
   M(w) = nΔ + (Δ/π)·atan(β·tan(π r)),  β = sqrt((1-a)/(1+a)), n = round(w/Δ), r = w/Δ - n;
 * DSQ q̂' = A·sech²(kρ), A = (k/2)/tanh(k/2), ρ the offset from the nearest jump (units
-  of Δ): ∫ dρ/q̂' = (ρ/2 + sinh(2kρ)/(4k))/A, so α = k·s/(1 + sinh(k)/k) (SPEC's formula
+  of Δ): ∫ dρ/q̂' = (ρ/2 + sinh(2kρ)/(4k))/A, so α = k·s/(1 + sinh(k)/k) (the paper's formula
   with its dimensionful k = ours/Δ) and M(w) = Δ(n - 1/2 + α(ρ/2 + sinh(2kρ)/(4k))/A)
   for r <= 0 (ρ = r + 1/2), mirrored for r > 0;
 * triangle q̂' = m + 4(1-m)|r|: α = 2(1 - m)/ln((2 - m)/m);
@@ -88,7 +88,7 @@ def test_cosine_alpha(a):
 @pytest.mark.parametrize("k", [0.5, 3.0, 8.0])
 def test_dsq_alpha_spec_formula(k):
     step = 0.1
-    k_spec = k / step  # SPEC's dimensionful k: our k is kΔ
+    k_spec = k / step  # the paper's dimensionful k: our k is kΔ
     s = 1 / math.tanh(k_spec * step / 2)
     want = step * s * k_spec / (1 + math.sinh(k_spec * step) / (k_spec * step))
     assert equivalent_ste("dsq", step, params={"k": k}).alpha == pytest.approx(want, abs=1e-8)

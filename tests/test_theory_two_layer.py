@@ -5,7 +5,7 @@ implementation of the model (tolerance 5 standard errors per coordinate; a false
 has probability about 5.7e-7 per coordinate, ~1e-4 for the whole file, and the seeds are
 fixed so a run is deterministic), central finite differences of the closed-form loss,
 scipy quadrature of [Y19]'s integrals for p and q, and the closed forms of the inner
-products and of |E g_id| at the spurious minimizer (SPEC section 2).
+products and of |E g_id| at the spurious minimizer ([Y19], docs/papers/yin2019.md).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def test_inner_products_match_closed_forms():
 
 
 def test_expected_coarse_grad_matches_spec_formulas_as_written():
-    """SPEC's e-form formulas, with p, q from quadrature (precise where MC is only ~1%)."""
+    """The paper's e-form formulas, with p, q from quadrature (precise where MC is only ~1%)."""
     g = _gen(9)
     m, n = 4, 6
     vs, ws = torch.randn(m, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)

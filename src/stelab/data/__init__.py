@@ -3,8 +3,8 @@
 ``load(name)`` returns :class:`Splits` (``train``/``val``/``test`` pairs of tensors
 plus ``num_classes``, ``input_shape``, ``source``) for ``digits`` (bundled with
 scikit-learn), ``mnist``, ``fashion-mnist``, ``cifar10`` (binary release, downloaded
-and SHA-256 verified on first use), and the generated ``teacher`` ([Y19], SPEC §2)
-and ``psa-toy`` ([S20], SPEC §3) data. ``batches``/``Loader`` iterate mini-batches
+and SHA-256 verified on first use), and the generated ``teacher`` ([Y19], docs/papers/yin2019.md)
+and ``psa-toy`` ([S20], docs/papers/psa2020.md) data. ``batches``/``Loader`` iterate mini-batches
 without per-sample Python; ``flip_crop`` is the vectorised CIFAR augmentation.
 
 Example::

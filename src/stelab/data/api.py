@@ -72,7 +72,7 @@ def load(
         download: download missing files (SHA-256 verified) into ``data_dir`` or the cache.
         seed: seed of the validation carve-out for image data (the test set never
             depends on it) and of the sampling for generated data. Default 0
-            (1 for ``psa-toy``, as in SPEC §3).
+            (1 for ``psa-toy``, as in docs/papers/psa2020.md).
         val_size: validation rows (defaults: 5000 for mnist, fashion-mnist, cifar10;
             180 for digits; 1000 for teacher; psa-toy takes ``n_val_per_class``).
         limit: keep at most this many training rows (a seeded subset), for quick runs.

@@ -1,4 +1,6 @@
-"""Generated datasets: the [Y19] Gaussian teacher (SPEC §2) and the [S20] 2-D toy (SPEC §3).
+"""Generated datasets: the [Y19] Gaussian teacher and the [S20] 2-D toy.
+
+Protocols: docs/papers/yin2019.md and docs/papers/psa2020.md.
 
 Both are drawn from one ``torch.Generator`` seeded with ``seed``, in a documented
 order, so the same arguments give the same tensors bit for bit on CPU.
@@ -49,7 +51,9 @@ def load_teacher(
     n_test: int = 1000,
     dtype: Any = torch.float32,
 ) -> Splits:
-    """Gaussian teacher data of [Y19] (SPEC §2): ``Z ∈ R^{m×n}`` i.i.d. N(0,1), ``y = v*ᵀ1{Zw*>0}``.
+    """Gaussian teacher data of [Y19]: ``Z ∈ R^{m×n}`` i.i.d. N(0,1), ``y = v*ᵀ1{Zw*>0}``.
+
+    See docs/papers/yin2019.md.
 
     Args:
         m: rows ("patches") per input; the length of ``v*``. Default 10.
@@ -135,7 +139,7 @@ def load_psa_toy(
     labels: str = "pm1",
     dtype: Any = torch.float32,
 ) -> Splits:
-    """The 2-D two-class data of [S20]'s gradient-accuracy protocol (SPEC §3).
+    """The 2-D two-class data of [S20]'s gradient-accuracy protocol (docs/papers/psa2020.md).
 
     Class +1: ``x ~ U(-π/2, π/2)``, ``y ~ U(0, 1)``. Class -1: ``x ~ U(-π/2, π/2)``,
     ``y ~ U(-1, 1)`` kept only if ``y < cos x`` (rejection). Default 100 + 100 points,

@@ -13,7 +13,7 @@ Splits (``seed`` only moves the train/val boundary; the test set never depends o
   validation set (default 5000) is carved from the training files with ``seed``:
   55000 / 5000 / 10000.
 - ``cifar10``: the official 50000 / 10000; validation 5000 carved with ``seed``
-  (45k / 5k / 10k, SPEC §3).
+  (45k / 5k / 10k, docs/papers/psa2020.md).
 
 Carving (:func:`stelab.data.base.carve`): ``perm = randperm(N, seed)``, validation is
 ``perm[N - val_size:]``, training is ``perm[:N - val_size]`` in that seeded order, so

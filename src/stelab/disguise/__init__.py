@@ -1,7 +1,7 @@
 """Custom weight-gradient estimators are STEs in disguise [S24].
 
 Schoenbauer, Moro, Lew, Howard 2024, "Custom Gradient Estimators are
-Straight-Through Estimators in Disguise", arXiv:2405.05171 (SPEC §4).
+Straight-Through Estimators in Disguise", arXiv:2405.05171 (docs/papers/disguise2024.md).
 
 Setting: weights quantized with a fixed uniform step Δ, Q(w) = Δ·round(w/Δ)
 (optionally clipped), trained with a *cyclical* weight-gradient estimator q̂'(w)

@@ -1,6 +1,6 @@
 """[S24] Custom weight-gradient estimators are STEs in disguise: the lockstep experiment.
 
-Schoenbauer, Moro, Lew, Howard 2024, arXiv:2405.05171 (SPEC §4).
+Schoenbauer, Moro, Lew, Howard 2024, arXiv:2405.05171 (docs/papers/disguise2024.md).
 
 A small conv net with 4-bit weights (signed uniform quantizer, a fixed step per layer,
 Δ_l = bound_l/6 with bound_l = 1/sqrt(fan_in) the default init range, so the initial
@@ -560,7 +560,8 @@ def _report(res: dict) -> str:
     lines += [f"- {s}" for s in res["summary"]["statements"]]
     lines += [
         "",
-        "Caution (SPEC §4): late in training many latent weights sit next to a change point, so "
+        "Caution (docs/papers/disguise2024.md): late in training many latent weights sit next "
+        "to a change point, so "
         "a tiny latent gap can still flip a quantized weight; read the flip fraction together "
         "with the gap.",
         "",
@@ -659,7 +660,10 @@ def _statements(res: dict) -> list[str]:
 
 
 def _closed_form_alpha(est: str, params: dict) -> float | None:
-    """α from SPEC §4's closed forms (k in units of 1/Δ for DSQ); None if none is known."""
+    """α from the closed forms in docs/papers/disguise2024.md (k in units of 1/Δ for DSQ).
+
+    None if none is known.
+    """
     if est == "cosine":
         return math.sqrt(1 - params["a"] ** 2)
     if est == "dsq":

@@ -1,6 +1,6 @@
 """Experiment ``yin2019-instability``: the identity and ReLU STEs leave a good solution.
 
-[Y19] §4 (SPEC.md §2, the paper's Fig. 2/3 idea): a 4-bit ResNet-20 started at the
+[Y19] §4 (docs/papers/yin2019.md, the paper's Fig. 2/3 idea): a 4-bit ResNet-20 started at the
 clipped-ReLU solution (91.24 %) and trained on with the identity STE at learning
 rate 1e-5 loses accuracy within 20 epochs (to about 47-50 %): the identity coarse
 gradient does not vanish at a minimum of the true loss, so even tiny steps walk

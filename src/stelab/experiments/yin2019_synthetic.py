@@ -2,7 +2,7 @@
 
 Reproduces the claims of Yin et al., *Understanding Straight-Through Estimator in
 Training Activation Quantized Neural Nets*, ICLR 2019 (arXiv:1903.05662), restated in
-SPEC.md section 2, with the closed forms of :mod:`stelab.theory.two_layer`:
+docs/papers/yin2019.md, with the closed forms of :mod:`stelab.theory.two_layer`:
 
 (a) the ReLU and clipped-ReLU expected coarse gradients correlate positively with the
     true gradient, and population coarse gradient descent (Algorithm 1 with exact

@@ -1,7 +1,7 @@
 """Experiment ``yin2019-table1``: [Y19] Table 1, the three STEs on deep networks.
 
 Yin et al., *Understanding Straight-Through Estimator in Training Activation
-Quantized Neural Nets*, ICLR 2019 (arXiv:1903.05662), section 4 (SPEC.md §2):
+Quantized Neural Nets*, ICLR 2019 (arXiv:1903.05662), section 4 (docs/papers/yin2019.md):
 float weights, activations quantized by σ_α with 2 and 4 bits, a batch norm
 without scale and shift before every σ_α, α fixed per bit width (MSE-optimal for
 the half-Gaussian that follows such a batch norm), SGD with momentum 0.9,
@@ -750,7 +750,8 @@ def _report_md(
         + (res["data_note"] + " " if res.get("data_note") else "")
         + f"Source: {res['data_source']}.",
         "",
-        f"Protocol ([Y19] §4, SPEC §2): {NET_LABELS[p.net]} with float weights, a batch norm "
+        f"Protocol ([Y19] §4, docs/papers/yin2019.md): {NET_LABELS[p.net]} with float weights, "
+        "a batch norm "
         "without scale and shift before every quantized activation σ_α, α fixed to the "
         "MSE-optimal value for a half-Gaussian; every quantized cell initialised from the "
         f"trained full-precision ReLU model (`{Path(res['table']['float']['run_dir']).name}`, "

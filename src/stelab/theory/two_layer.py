@@ -3,9 +3,10 @@
 Reference: P. Yin, J. Lyu, S. Zhang, S. Osher, Y. Qi, J. Xin. *Understanding
 Straight-Through Estimator in Training Activation Quantized Neural Nets.* ICLR 2019,
 arXiv:1903.05662 (Lemmas 1-2, the expected coarse gradients of the identity, ReLU and
-clipped-ReLU STEs, the critical points of the population loss). Restated in SPEC.md
-section 2. The clipped-ReLU integrals p, q are evaluated in closed form (derived here,
-checked against quadrature of the paper's integrals; see :func:`clipped_relu_pq`).
+clipped-ReLU STEs, the critical points of the population loss). Restated, with
+stelab's conventions, in docs/papers/yin2019.md. The clipped-ReLU integrals p, q are
+evaluated in closed form (derived here, checked against quadrature of the paper's
+integrals; see :func:`clipped_relu_pq`).
 
 Model (plain-text math)::
 
@@ -17,7 +18,7 @@ Model (plain-text math)::
 
 Normalisation of w*: the teacher sigma(Z w*) depends on w* only through its
 direction, so every function here accepts any nonzero ``w_star`` and works with
-``w_star / |w_star|`` (the SPEC/paper formulas assume |w*| = 1; normalising makes them
+``w_star / |w_star|`` (the paper's formulas assume |w*| = 1; normalising makes them
 exact for any |w*| > 0). ``w_star = 0`` is an error.
 
 Shapes: ``v``, ``v_star`` have last dimension m; ``w``, ``w_star`` last dimension n;
@@ -332,7 +333,7 @@ def clipped_relu_pq(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[Y19]'s p(theta, w) and q(theta, w) for the clipped-ReLU expected coarse gradient.
 
-    Definition (SPEC section 2)::
+    Definition (docs/papers/yin2019.md)::
 
         p(theta, w) = 1/(2 pi) int_{-pi/2+theta}^{pi/2} cos(phi) xi(sec(phi)/|w|) dphi
         q(theta, w) = 1/(2 pi) int_{-pi/2+theta}^{pi/2} sin(phi) xi(sec(phi)/|w|) dphi
@@ -491,7 +492,8 @@ def coarse_descent_ratio(
 ) -> torch.Tensor:
     """The ratio |E g_mu|^2 / (|df/dv|^2 + <E g_mu, df/dw>) of [Y19] claim (b).
 
-    Numerator: squared norm of the w-part of the expected coarse gradient (as in SPEC);
+    Numerator: squared norm of the w-part of the expected coarse gradient (as in
+    docs/papers/yin2019.md);
     denominator: the inner product of the full expected coarse gradient (v- and
     w-parts) with the true gradient. For the identity STE it tends to infinity at the
     spurious minimizer with 1^T v* != 0, m > 1: a fixed step size eventually stops
