@@ -391,9 +391,8 @@ def write_report(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(
-            f"cannot create the report directory {str(out)!r}: {e.strerror}"
-        ) from None
+        why = "it is a file" if out.is_file() else e.strerror
+        raise ConfigError(f"cannot create the report directory {str(out)!r}: {why}") from None
     groups = group_runs(runs)
     for g in groups:
         for r in g.runs:

@@ -97,7 +97,8 @@ def reproduce(
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"output folder {str(out)!r} is not writable: {e.strerror}") from None
+        why = "it is a file" if out.is_file() else e.strerror
+        raise ConfigError(f"output folder {str(out)!r} is not writable: {why}") from None
     mode = {"quick": bool(quick), "seed": int(seed)}
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for paper, part, mod in parts:
