@@ -80,6 +80,9 @@ def C(id: str, *argv: str, words: tuple[str, ...] | str = (), **kw) -> Case:  # 
 
 
 HUGE = "99999999999999999999999"
+GE = "greater than or equal to"
+LE = "less than or equal to"
+# fmt: off
 CASES: list[Case] = [
     # generic: the command line itself
     C("unknown command", "nope", words="No such command"),
@@ -92,193 +95,59 @@ CASES: list[Case] = [
     C("estimators plot suffix", "estimators", "--plot", "p.txt", words=("p.txt", ".png")),
     C("estimators plot no suffix", "estimators", "--plot", "p", words=("'p'", ".png")),
     C("estimators plot empty", "estimators", "--plot", "", words=".png"),
-    C(
-        "estimators plot is a folder",
-        "estimators",
-        "--plot",
-        "d.png",
-        words=("d.png", "folder"),
-        setup=folder("d.png"),
-    ),  # fmt: skip
-    C(
-        "estimators plot under a file",
-        "estimators",
-        "--plot",
-        "f/p.png",
-        words=("'f'", "is a file"),
-        setup=files(f=""),
-    ),  # fmt: skip
+    C("estimators plot is a folder", "estimators", "--plot", "d.png",
+      words=("d.png", "folder"), setup=folder("d.png")),
+    C("estimators plot under a file", "estimators", "--plot", "f/p.png",
+      words=("'f'", "is a file"), setup=files(f="")),
     # summary
     C("summary unknown model", "summary", "lenet6", words=("lenet6", "did you mean 'lenet5'")),
     C("summary empty model", "summary", "", words=("unknown model ''", "lenet5")),
     C("summary missing model", "summary", words="Missing argument"),
-    C(
-        "summary num-classes negative",
-        "summary",
-        "lenet5",
-        "--num-classes",
-        "-5",
-        words=("--num-classes", "-5", "greater than or equal to 1"),
-    ),  # fmt: skip
-    C(
-        "summary num-classes zero",
-        "summary",
-        "lenet5",
-        "--num-classes",
-        "0",
-        words=("--num-classes", "'0'", "greater than or equal to 1"),
-    ),  # fmt: skip
-    C(
-        "summary num-classes text",
-        "summary",
-        "lenet5",
-        "--num-classes",
-        "ten",
-        words=("--num-classes", "'ten'", "integer"),
-    ),  # fmt: skip
-    C(
-        "summary num-classes huge",
-        "summary",
-        "vgg11",
-        "--num-classes",
-        "99999999999",
-        words=("--num-classes", "99999999999"),
-    ),  # fmt: skip
-    C(
-        "summary bits zero",
-        "summary",
-        "lenet5",
-        "--bits",
-        "0",
-        words=("--bits", "'0'", "greater than or equal to 1"),
-    ),
-    C(
-        "summary bits 17",
-        "summary",
-        "lenet5",
-        "--bits",
-        "17",
-        words=("--bits", "'17'", "less than or equal to 16"),
-    ),
+    C("summary num-classes negative", "summary", "lenet5", "--num-classes", "-5",
+      words=("--num-classes", "-5", f"{GE} 1")),
+    C("summary num-classes zero", "summary", "lenet5", "--num-classes", "0",
+      words=("--num-classes", "'0'", f"{GE} 1")),
+    C("summary num-classes text", "summary", "lenet5", "--num-classes", "ten",
+      words=("--num-classes", "'ten'", "integer")),
+    C("summary num-classes huge", "summary", "vgg11", "--num-classes", "99999999999",
+      words=("--num-classes", "99999999999")),
+    C("summary bits zero", "summary", "lenet5", "--bits", "0", words=("--bits", "'0'", f"{GE} 1")),
+    C("summary bits 17", "summary", "lenet5", "--bits", "17", words=("--bits", "'17'", f"{LE} 16")),
     C("summary bits float", "summary", "lenet5", "--bits", "2.5", words=("--bits", "'2.5'")),
-    C(
-        "summary weight-bits 1",
-        "summary",
-        "lenet5",
-        "--weight-bits",
-        "1",
-        words=("--weight-bits", "'1'", "greater than or equal to 2"),
-    ),  # fmt: skip
-    C(
-        "summary weight-bits 0",
-        "summary",
-        "lenet5",
-        "--weight-bits",
-        "0",
-        words=("--weight-bits", "'0'"),
-    ),  # fmt: skip
-    C(
-        "summary weight-bits -1",
-        "summary",
-        "lenet5",
-        "--weight-bits",
-        "-1",
-        words=("--weight-bits", "'-1'"),
-    ),  # fmt: skip
-    C(
-        "summary weight-bits 17",
-        "summary",
-        "lenet5",
-        "--weight-bits",
-        "17",
-        words=("--weight-bits", "less than or equal to 16"),
-    ),  # fmt: skip
-    C(
-        "summary shape too big",
-        "summary",
-        "lenet5",
-        "--input-shape",
-        "1,100000,100000",
-        words=("--input-shape", "(1, 100000, 100000)", "memory"),
-    ),  # fmt: skip
-    C(
-        "summary shape astronomic",
-        "summary",
-        "resnet20",
-        "--input-shape",
-        f"3,{HUGE},{HUGE}",
-        words=("--input-shape", "memory"),
-    ),  # fmt: skip
-    C(
-        "summary shape two dims",
-        "summary",
-        "lenet5",
-        "--input-shape",
-        "1,28",
-        words=("--input-shape", "'1,28'", "C,H,W"),
-    ),  # fmt: skip
-    C(
-        "summary shape four dims",
-        "summary",
-        "lenet5",
-        "--input-shape",
-        "1,28,28,28",
-        words=("--input-shape", "C,H,W"),
-    ),  # fmt: skip
-    C(
-        "summary shape zero",
-        "summary",
-        "lenet5",
-        "--input-shape",
-        "0,28,28",
-        words=("--input-shape", "positive"),
-    ),  # fmt: skip
-    C(
-        "summary shape text",
-        "summary",
-        "lenet5",
-        "--input-shape",
-        "a,b,c",
-        words=("--input-shape", "'a,b,c'"),
-    ),  # fmt: skip
+    C("summary weight-bits 1", "summary", "lenet5", "--weight-bits", "1",
+      words=("--weight-bits", "'1'", "greater than or equal to 2")),
+    C("summary weight-bits 0", "summary", "lenet5", "--weight-bits", "0",
+      words=("--weight-bits", "'0'")),
+    C("summary weight-bits -1", "summary", "lenet5", "--weight-bits", "-1",
+      words=("--weight-bits", "'-1'")),
+    C("summary weight-bits 17", "summary", "lenet5", "--weight-bits", "17",
+      words=("--weight-bits", f"{LE} 16")),
+    C("summary shape too big", "summary", "lenet5", "--input-shape", "1,100000,100000",
+      words=("--input-shape", "(1, 100000, 100000)", "memory")),
+    C("summary shape astronomic", "summary", "resnet20", "--input-shape", f"3,{HUGE},{HUGE}",
+      words=("--input-shape", "memory")),
+    C("summary shape two dims", "summary", "lenet5", "--input-shape", "1,28",
+      words=("--input-shape", "'1,28'", "C,H,W")),
+    C("summary shape four dims", "summary", "lenet5", "--input-shape", "1,28,28,28",
+      words=("--input-shape", "C,H,W")),
+    C("summary shape zero", "summary", "lenet5", "--input-shape", "0,28,28",
+      words=("--input-shape", "positive")),
+    C("summary shape text", "summary", "lenet5", "--input-shape", "a,b,c",
+      words=("--input-shape", "'a,b,c'")),
     C("summary shape empty", "summary", "lenet5", "--input-shape", "", words="--input-shape"),
-    C(
-        "summary shape too small",
-        "summary",
-        "lenet5",
-        "--input-shape",
-        "1,4,4",
-        words=("--input-shape", ">= 8", "4x4"),
-    ),  # fmt: skip
-    C(
-        "summary unknown estimator",
-        "summary",
-        "lenet5",
-        "--estimator",
-        "reluu",
-        words=("reluu", "did you mean 'relu'"),
-    ),  # fmt: skip
+    C("summary shape too small", "summary", "lenet5", "--input-shape", "1,4,4",
+      words=("--input-shape", ">= 8", "4x4")),
+    C("summary unknown estimator", "summary", "lenet5", "--estimator", "reluu",
+      words=("reluu", "did you mean 'relu'")),
     # demo (every case fails before any training)
-    C(
-        "demo epochs zero",
-        "demo",
-        "--epochs",
-        "0",
-        words=("--epochs", "'0'", "greater than or equal to 1"),
-    ),
+    C("demo epochs zero", "demo", "--epochs", "0", words=("--epochs", "'0'", f"{GE} 1")),
     C("demo epochs negative", "demo", "--epochs", "-3", words=("--epochs", "'-3'")),
     C("demo epochs text", "demo", "--epochs", "x", words=("--epochs", "'x'")),
     C("demo bits zero", "demo", "--bits", "0", words=("--bits", "'0'")),
-    C("demo bits 17", "demo", "--bits", "17", words=("--bits", "less than or equal to 16")),
+    C("demo bits 17", "demo", "--bits", "17", words=("--bits", f"{LE} 16")),
     C("demo unknown estimator", "demo", "-e", "bogus", words="unknown estimator 'bogus'"),
     C("demo empty estimator", "demo", "-e", "", words="unknown estimator ''"),
-    C(
-        "demo seed negative",
-        "demo",
-        "--seed",
-        "-1",
-        words=("--seed", "'-1'", "greater than or equal to 0"),
-    ),
+    C("demo seed negative", "demo", "--seed", "-1", words=("--seed", "'-1'", f"{GE} 0")),
     C("demo seed huge", "demo", "--seed", HUGE, words=("--seed", HUGE)),
     # disguise
     C("disguise unknown", "disguise", "cosin", words=("cosin", "did you mean 'cosine'")),
@@ -296,15 +165,8 @@ CASES: list[Case] = [
     C("disguise param nan", "disguise", "cosine", "-p", "a=nan", words=("a must be", "nan")),
     C("disguise param degenerate", "disguise", "cosine", "-p", "a=1.5", words="cosine(a=1.5)"),
     C("disguise plot suffix", "disguise", "cosine", "--plot", "x.txt", words=("x.txt", ".png")),
-    C(
-        "disguise plot under a file",
-        "disguise",
-        "cosine",
-        "--plot",
-        "f/m.png",
-        words=("'f'", "is a file"),
-        setup=files(f=""),
-    ),  # fmt: skip
+    C("disguise plot under a file", "disguise", "cosine", "--plot", "f/m.png",
+      words=("'f'", "is a file"), setup=files(f="")),
     # reproduce (every case fails before any part runs)
     C("reproduce unknown paper", "reproduce", "yin2020", words=("yin2020", "did you mean")),
     C("reproduce empty paper", "reproduce", "", words="unknown paper ''"),
@@ -313,138 +175,50 @@ CASES: list[Case] = [
     C("reproduce seed huge", "reproduce", "--seed", HUGE, words=("--seed", HUGE)),
     C("reproduce seed text", "reproduce", "--seed", "x", words=("--seed", "'x'")),
     C("reproduce flag value", "reproduce", "--quick=1", words=("--quick", "does not take")),
-    C(
-        "reproduce out is a file",
-        "reproduce",
-        "yin2019",
-        "--out",
-        "f",
-        words=("'f'", "it is a file"),
-        setup=files(f=""),
-    ),  # fmt: skip
-    C(
-        "reproduce out under a file",
-        "reproduce",
-        "yin2019",
-        "--out",
-        "f/o",
-        words=("'f/o'", "not writable"),
-        setup=files(f=""),
-    ),  # fmt: skip
+    C("reproduce out is a file", "reproduce", "yin2019", "--out", "f",
+      words=("'f'", "it is a file"), setup=files(f="")),
+    C("reproduce out under a file", "reproduce", "yin2019", "--out", "f/o",
+      words=("'f/o'", "not writable"), setup=files(f="")),
     # report
     C("report missing argument", "report", words="Missing argument"),
     C("report no such folder", "report", "nope", words=("'nope'", "not a stelab run directory")),
     C("report a file", "report", "f", words=("'f'", "not a directory"), setup=files(f="")),
-    C(
-        "report empty folder",
-        "report",
-        "d",
-        words=("no config.toml or metrics.csv",),
-        setup=folder("d"),
-    ),  # fmt: skip
-    C(
-        "report binary metrics.csv",
-        "report",
-        "run",
-        words=("run/metrics.csv", "not UTF-8"),
-        setup=run_dir(metrics_dot_csv=bytes(range(128, 256)) * 4),
-    ),  # fmt: skip
-    C(
-        "report NUL in metrics.csv",
-        "report",
-        "run",
-        words=("run/metrics.csv", "'train_loss'"),
-        setup=run_dir(metrics_dot_csv="epoch,train_loss\n1,0.\x005\n"),
-    ),  # fmt: skip
-    C(
-        "report empty metrics.csv",
-        "report",
-        "run",
-        words=("run/metrics.csv", "empty"),
-        setup=run_dir(metrics_dot_csv=""),
-    ),  # fmt: skip
-    C(
-        "report huge field",
-        "report",
-        "run",
-        words=("run/metrics.csv", "field"),
-        setup=run_dir(metrics_dot_csv="epoch,a\n1," + "9" * 200_000 + "\n"),
-    ),  # fmt: skip
-    C(
-        "report non-number",
-        "report",
-        "run",
-        words=("run/metrics.csv", "'val_acc'", "'high'"),
-        setup=run_dir(metrics_dot_csv="epoch,val_acc\n1,high\n"),
-    ),  # fmt: skip
-    C(
-        "report fractional epoch",
-        "report",
-        "run",
-        words=("'epoch'", "'1.5'"),
-        setup=run_dir(metrics_dot_csv="epoch,val_acc\n1.5,0.5\n"),
-    ),  # fmt: skip
-    C(
-        "report metrics.json list",
-        "report",
-        "run",
-        words=("run/metrics.json", "list"),
-        setup=run_dir(metrics_dot_json="[1, 2]"),
-    ),  # fmt: skip
-    C(
-        "report metrics.json text value",
-        "report",
-        "run",
-        words=("'test_acc'", "'abc'"),
-        setup=run_dir(metrics_dot_json='{"test_acc": "abc"}'),
-    ),  # fmt: skip
-    C(
-        "report metrics.json truncated",
-        "report",
-        "run",
-        words=("run/metrics.json", "JSON"),
-        setup=run_dir(metrics_dot_json='{"test_acc": 0.'),
-    ),  # fmt: skip
-    C(
-        "report config.toml garbled",
-        "report",
-        "run",
-        words=("run/config.toml", "TOML"),
-        setup=run_dir(config_dot_toml="name = ["),
-    ),  # fmt: skip
-    C(
-        "report config.toml binary",
-        "report",
-        "run",
-        words=("run/config.toml", "TOML"),
-        setup=run_dir(config_dot_toml=b"\xff\xfe\x00"),
-    ),  # fmt: skip
-    C(
-        "report train not a table",
-        "report",
-        "run",
-        words=("[train]", "table"),
-        setup=run_dir(config_dot_toml="train = 5\n"),
-    ),  # fmt: skip
-    C(
-        "report out is a file",
-        "report",
-        "run",
-        "--out",
-        "f",
-        words=("'f'", "it is a file"),
-        setup=lambda root: (run_dir()(root), files(f="")(root)),
-    ),  # fmt: skip
-    C(
-        "report out under a file",
-        "report",
-        "run",
-        "--out",
-        "f/r",
-        words=("'f/r'",),
-        setup=lambda root: (run_dir()(root), files(f="")(root)),
-    ),  # fmt: skip
+    C("report empty folder", "report", "d",
+      words=("no config.toml or metrics.csv"), setup=folder("d")),
+    C("report binary metrics.csv", "report", "run",
+      words=("run/metrics.csv", "not UTF-8"),
+      setup=run_dir(metrics_dot_csv=bytes(range(128, 256)) * 4)),
+    C("report NUL in metrics.csv", "report", "run",
+      words=("run/metrics.csv", "'train_loss'"),
+      setup=run_dir(metrics_dot_csv="epoch,train_loss\n1,0.\x005\n")),
+    C("report empty metrics.csv", "report", "run",
+      words=("run/metrics.csv", "empty"), setup=run_dir(metrics_dot_csv="")),
+    C("report huge field", "report", "run",
+      words=("run/metrics.csv", "field"),
+      setup=run_dir(metrics_dot_csv="epoch,a\n1," + "9" * 200_000 + "\n")),
+    C("report non-number", "report", "run",
+      words=("run/metrics.csv", "'val_acc'", "'high'"),
+      setup=run_dir(metrics_dot_csv="epoch,val_acc\n1,high\n")),
+    C("report fractional epoch", "report", "run",
+      words=("'epoch'", "'1.5'"), setup=run_dir(metrics_dot_csv="epoch,val_acc\n1.5,0.5\n")),
+    C("report metrics.json list", "report", "run",
+      words=("run/metrics.json", "list"), setup=run_dir(metrics_dot_json="[1, 2]")),
+    C("report metrics.json text value", "report", "run",
+      words=("'test_acc'", "'abc'"), setup=run_dir(metrics_dot_json='{"test_acc": "abc"}')),
+    C("report metrics.json truncated", "report", "run",
+      words=("run/metrics.json", "JSON"), setup=run_dir(metrics_dot_json='{"test_acc": 0.')),
+    C("report config.toml garbled", "report", "run",
+      words=("run/config.toml", "TOML"), setup=run_dir(config_dot_toml="name = [")),
+    C("report config.toml binary", "report", "run",
+      words=("run/config.toml", "TOML"), setup=run_dir(config_dot_toml=b"\xff\xfe\x00")),
+    C("report train not a table", "report", "run",
+      words=("[train]", "table"), setup=run_dir(config_dot_toml="train = 5\n")),
+    C("report out is a file", "report", "run", "--out", "f",
+      words=("'f'", "it is a file"), setup=lambda root: (run_dir()(root), files(f="")(root))),
+    C("report out under a file", "report", "run", "--out", "f/r",
+      words=("'f/r'"), setup=lambda root: (run_dir()(root), files(f="")(root))),
 ]
+# fmt: on
 
 
 def _tree(root: Path) -> set[str]:
