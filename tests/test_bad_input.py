@@ -77,7 +77,7 @@ CASES = [
     ("disguise bad step", {}, ["disguise", "cosine", "--step", "-1"], ["step"]),
     ("disguise bad param", {}, ["disguise", "cosine", "-p", "a"], ["--param"]),
     ("disguise degenerate", {}, ["disguise", "cosine", "-p", "a=1.5"], ["cosine"]),
-    ("summary shape", {}, ["summary", "lenet5", "--input-shape", "1,2"], ["in_shape"]),
+    ("summary shape", {}, ["summary", "lenet5", "--input-shape", "1,2"], ["--input-shape"]),
     ("summary bits", {}, ["summary", "lenet5", "--bits", "-3"], ["bits"]),
     ("estimators plot suffix", {}, ["estimators", "--plot", "{tmp}/p.jpg"], [".png"]),
 ]

@@ -76,3 +76,57 @@ def test_console_script_exit_code_and_no_traceback():
     )
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().startswith("stelab: error: unknown model")
+
+
+def test_help_shows_no_type_on_flags(capsys):
+    for args in (["--help"], ["reproduce", "--help"], ["estimators", "--help"]):
+        code, out, _ = run(capsys, *args)
+        assert code == 0 and "--help" in out
+        assert "<bool>" not in out, args
+    code, out, _ = run(capsys, "summary", "--help")
+    assert "<str>" in out and "[1<=x<=16]" in out  # valued options keep type and range
+
+
+def test_estimators_plot_has_a_legend_for_every_panel_and_says_it_made_a_folder(
+    capsys, tmp_path, monkeypatch
+):
+    import stelab.plots as plots
+
+    figs = []
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path, **kw: figs.append(fig) or
+                        real(fig, path, **kw))  # fmt: skip
+    path = tmp_path / "new" / "deeper" / "est.png"
+    code, out, _ = run(capsys, "estimators", "--plot", str(path))
+    assert code == 0 and path.is_file()
+    assert f"created folder {tmp_path / 'new'}" in out.splitlines()
+    (fig,) = figs
+    panels = [ax for ax in fig.axes if ax.lines]
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None] + fig.legends
+    assert len(legends) == 1  # one legend, stated to hold for every panel:
+    assert legends[0] in fig.legends or not legends[0].axes.lines  # not inside one panel
+    texts = [t.get_text() for t in legends[0].get_texts()]
+    for ax in panels:  # it names every curve drawn in each panel
+        assert sorted(ln.get_label() for ln in ax.lines if not ln.get_label().startswith("_")) \
+            == sorted(texts)  # fmt: skip
+    code, out, _ = run(capsys, "estimators", "--plot", str(path))
+    assert "created folder" not in out  # the folder exists now
+
+
+def test_check_fits_counts_parameters_and_refuses_at_the_budget():
+    import torch
+
+    from stelab import models
+
+    shape = (1, 28, 28)
+    need = models.check_fits("lenet5", in_shape=shape, budget=None)
+    p = sum(t.numel() for t in models.build("lenet5", in_shape=shape).parameters())
+    widest = max(m.out_channels for m in models.build("lenet5").modules()
+                 if isinstance(m, torch.nn.Conv2d))  # fmt: skip
+    assert need == 8 * p + 12 * widest * 32 * 32  # 4 bytes · (2P + 3·widest·(H+4)(W+4))
+    assert models.check_fits("lenet5", in_shape=shape, budget=need) == need
+    # over the bound: the forward pass on `meta` gives the exact largest tensor
+    exact = models.check_fits("lenet5", in_shape=shape, budget=need - 1)
+    assert exact == 8 * p + 12 * 6 * 28 * 28  # conv1's output 6x28x28 is the largest
+    with pytest.raises(ValueError, match=r"in_shape \(1, 28, 28\).*more than the 1 KiB"):
+        models.check_fits("lenet5", in_shape=shape, budget=1024)

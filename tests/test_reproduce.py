@@ -99,3 +99,82 @@ def test_cifar_part_runs_both_nets_when_cifar10_is_present(tmp_path, monkeypatch
     assert [c["id"] for c in r["claims"]] == ["vgg11 ste-order", "resnet20 ste-order"]
     md = (tmp_path / "report.md").read_text()
     assert "](vgg11/table1_curves.png)" in md and "](resnet20/table1_curves.png)" in md
+
+
+def _lines_of(tmp_path, papers=("yin2019",)):
+    lines: list[str] = []
+    path = rp.reproduce(list(papers), tmp_path, quick=True, seed=3, log=lines.append)
+    return lines, path.read_text()
+
+
+BAD_RECORDS = [
+    ("truncated", b'{"mode": {"quick": true, "se', "not readable JSON"),
+    ("binary", b"\xff\xfe\x00garbage", "not readable JSON"),
+    ("a list", b"[1, 2, 3]", "holds a list, not an object"),
+    ("no claims", b'{"mode": {"quick": true, "seed": 3}, "files": []}', "no list of claims"),
+    (
+        "claims not objects",
+        b'{"mode": {"quick": true, "seed": 3}, "claims": ["a"], "files": []}',
+        "no list of claims",
+    ),
+    (
+        "files not a list",
+        b'{"mode": {"quick": true, "seed": 3}, "claims": [], "files": "report.md"}',
+        "'files' entry",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,data,why", BAD_RECORDS, ids=[b[0] for b in BAD_RECORDS])
+def test_a_damaged_done_json_reruns_the_part_and_says_why(tmp_path, fake_registry, name, data, why):
+    _lines_of(tmp_path)
+    done = tmp_path / "yin2019" / "fake" / "done.json"
+    done.write_bytes(data)
+    lines, md = _lines_of(tmp_path)
+    assert len(fake_part.CALLS) == 2  # ran again instead of a traceback or a silent reuse
+    again = [ln for ln in lines if ln.startswith("yin2019/fake: running again: ")]
+    assert len(again) == 1 and why in again[0], lines
+    assert "| fake | (a) the sky \\| is blue | **reproduced** | seed 3 |" in md
+    assert rp.check_finished(done.parent, {"quick": True, "seed": 3})[0] is not None
+    _lines_of(tmp_path)
+    assert len(fake_part.CALLS) == 2  # the rewritten record is reused
+
+
+@pytest.mark.parametrize("lost,why", [("curve.png", "its figure curve.png is missing"),
+                                      ("report.md", "its report.md is missing")])  # fmt: skip
+@pytest.mark.parametrize("old_record", [False, True], ids=["record", "record-without-files"])
+def test_a_lost_figure_or_report_reruns_the_part_and_its_section_is_back(
+    tmp_path, fake_registry, lost, why, old_record
+):
+    import json
+
+    _lines_of(tmp_path)
+    part = tmp_path / "yin2019" / "fake"
+    if old_record:  # done.json from before the file list: the needs come from report.md
+        rec = json.loads((part / "done.json").read_text())
+        assert rec.pop("files") == ["report.md", "curve.png"]
+        (part / "done.json").write_text(json.dumps(rec))
+    (part / lost).unlink()
+    lines, md = _lines_of(tmp_path)
+    assert len(fake_part.CALLS) == 2
+    assert f"yin2019/fake: running again: {why}" in lines
+    assert "### Fake part" in md and "![a curve](yin2019/fake/curve.png)" in md
+    assert (part / "curve.png").is_file() and (part / "report.md").is_file()
+    html = (tmp_path / "report.html").read_text()
+    assert "data:image/png;base64," in html
+
+
+def test_another_mode_reruns_and_says_so(tmp_path, fake_registry):
+    _lines_of(tmp_path)
+    lines: list[str] = []
+    rp.reproduce(["yin2019"], tmp_path, quick=False, seed=3, log=lines.append)
+    assert "yin2019/fake: running again: it finished in quick mode, seed 3, this run is full " \
+        "mode, seed 3" in lines  # fmt: skip
+    assert len(fake_part.CALLS) == 2
+
+
+def test_a_folder_where_done_json_goes_is_an_error_and_is_kept(tmp_path, fake_registry):
+    (tmp_path / "yin2019" / "fake" / "done.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match="done.json' is not a file"):
+        rp.reproduce(["yin2019"], tmp_path, quick=True, log=lambda s: None)
+    assert (tmp_path / "yin2019" / "fake" / "done.json").is_dir() and not fake_part.CALLS

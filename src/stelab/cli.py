@@ -8,13 +8,34 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__
 
+
+def _hide_flag_types(params: list[Any]) -> list[Any]:
+    """Flags take no value: show no ``<bool>`` type for them in the help."""
+    for p in params:
+        if getattr(p, "is_flag", False) and p.metavar is None:
+            p.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _hide_flag_types(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _hide_flag_types(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     help="stelab: gradient estimators for quantized and binary neural networks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -50,10 +71,11 @@ def estimators(
     from rich.table import Table
 
     from .estimators import describe
-    from .plots import check_plot_path
+    from .plots import check_plot_path, new_folder
 
     if plot is not None:
         check_plot_path(plot)
+        created = new_folder(plot)
     rows = describe()
     table = Table(title="stelab estimators: backward rule q̂'(x)", show_lines=False)
     for col in ("name", "q̂'(x)", "parameters", "serves", "reference"):
@@ -66,7 +88,12 @@ def estimators(
         from .plots import plot_estimators
 
         path = plot_estimators(plot)
+        if created is not None:
+            typer.echo(f"created folder {created}")
         typer.echo(f"wrote {path}")
+
+
+_SEED_MAX = 2**63 - 1  # the range every seed of stelab accepts (configs, experiments)
 
 
 @app.command()
@@ -76,26 +103,36 @@ def summary(
         str, typer.Option(help="Input shape C,H,W (no batch), e.g. 1,28,28.")
     ] = "1,28,28",
     bits: Annotated[
-        int | None, typer.Option(help="Activation bits (omit for float activations).")
+        int | None,
+        typer.Option(min=1, max=16, help="Activation bits (omit for float activations)."),
     ] = None,
     estimator: Annotated[str, typer.Option(help="Activation estimator.")] = "clipped_relu",
     weight_bits: Annotated[
-        int | None, typer.Option(help="Quantize weights to this many bits (uniform, LSQ init).")
+        int | None,
+        typer.Option(min=2, max=16, help="Quantize weights to this many bits (uniform, LSQ init)."),
     ] = None,
-    num_classes: Annotated[int, typer.Option(help="Number of output classes.")] = 10,
+    num_classes: Annotated[int, typer.Option(min=1, help="Number of output classes.")] = 10,
 ) -> None:
     """Per-layer table of a zoo model: bits, estimator, memory, MACs, compression."""
+    from . import estimators as _e
     from . import models
-    from .errors import ConfigError
+    from .errors import ConfigError, unknown
     from .nn import summary as _summary
 
     try:
         shape = tuple(int(s) for s in input_shape.split(","))
     except ValueError:
-        raise ConfigError(f"--input-shape must be C,H,W integers, got {input_shape!r}") from None
-    from . import estimators as _e
-
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ConfigError(
+            f"--input-shape must be three positive integers C,H,W, got {input_shape!r}"
+        )
+    if model not in models.names():  # the name first: it is the likeliest typo
+        raise unknown("model", model, models.names())
     _e.get(estimator)  # a bad name is an error even when --bits leaves activations float
+    models.check_fits(
+        model, num_classes=num_classes, in_shape=shape, labels=("--input-shape", "--num-classes")
+    )
     weights = None
     if weight_bits is not None:
         weights = {"fn": "uniform", "bits": weight_bits, "step": "auto"}
@@ -111,13 +148,13 @@ def summary(
 
 @app.command()
 def demo(
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs per estimator.")] = 8,
+    epochs: Annotated[int, typer.Option(min=1, max=10_000, help="Epochs per estimator.")] = 8,
     bits: Annotated[int, typer.Option(min=1, max=16, help="Activation bits.")] = 2,
     estimator: Annotated[
         list[str] | None,
         typer.Option("--estimator", "-e", help="Estimators to compare (repeatable)."),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=_SEED_MAX, help="Random seed.")] = 0,
 ) -> None:
     """Train LeNet-5 with quantized activations on the bundled digits, once per estimator."""
     from .experiments import demo as _demo
@@ -156,7 +193,15 @@ def disguise(
             raise ConfigError(f"--param must be NAME=NUMBER, got {p!r}") from None
         if not eq or not name.strip():
             raise ConfigError(f"--param must be NAME=NUMBER, got {p!r}")
+    created = None
+    if plot is not None:
+        from .plots import check_plot_path, new_folder
+
+        check_plot_path(plot)
+        created = new_folder(plot)
     typer.echo(disguise_report(estimator, step, params, plot))
+    if created is not None and created.is_dir():
+        typer.echo(f"created folder {created}")
 
 
 @app.command()
@@ -166,7 +211,7 @@ def reproduce(
         bool, typer.Option(help="Small settings on data that ships with the install.")
     ] = False,
     out: Annotated[Path, typer.Option(help="Output folder for the report.")] = Path("stelab-out"),
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=_SEED_MAX, help="Random seed.")] = 0,
     rerun: Annotated[bool, typer.Option(help="Run finished parts again.")] = False,
     progress: Annotated[
         bool | None,
@@ -196,9 +241,37 @@ def _register_more() -> None:
 
     cli_train.register(app)
     cli_analysis.register(app)
+    for info in app.registered_commands:  # every command's help without `<bool>` on flags
+        if info.cls in (None, TyperCommand):
+            info.cls = _Command
 
 
 _register_more()
+
+
+def _usage_message(e: Exception) -> str:
+    """One line from a Typer usage error; a rejected value is appended (``got ...``)
+    when Typer's message leaves it out (its range and parse errors do)."""
+    msg = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    errors = getattr(e.__cause__, "errors", None)  # pydantic ValidationError behind it
+    if callable(errors):
+        try:
+            first = errors()[0]
+        except (IndexError, TypeError, ValueError):
+            first = {}
+        if "input" in first and repr(first["input"]) not in msg:
+            msg += f", got {first['input']!r}"
+    return msg
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(e, oom):
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,8 +279,12 @@ def main(argv: list[str] | None = None) -> int:
 
     Every error a user can fix (bad option, name, number, file) prints one line
     ``stelab: error: ...`` on stderr and exits with code 2 (usage errors keep
-    Typer's code 2 as well); no traceback.
+    Typer's code 2 as well); no traceback. Running out of memory is exit 2 as
+    well. Any other exception is a bug in stelab: one line ``stelab: internal
+    error: ...`` and exit code 1; ``STELAB_TRACEBACK=1`` shows its traceback.
     """
+    import os
+
     from typer.exceptions import TyperException
 
     from .errors import StelabError
@@ -215,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rv = app(args=argv, prog_name="stelab", standalone_mode=False)
     except TyperException as e:  # usage errors: bad option, missing argument
-        typer.echo(f"stelab: error: {' '.join(e.format_message().split())}", err=True)
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `stelab`: the help was printed
+            return 0
+        typer.echo(f"stelab: error: {_usage_message(e)}", err=True)
         return getattr(e, "exit_code", 2) or 2
     except typer.Exit as e:
         return e.exit_code
@@ -226,6 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split()) or type(e).__name__
         typer.echo(f"stelab: error: {msg}", err=True)
         return 2
+    except Exception as e:
+        if os.environ.get("STELAB_TRACEBACK"):
+            raise
+        msg = " ".join(str(e).split())[:500]
+        if _is_out_of_memory(e):
+            typer.echo(f"stelab: error: not enough memory for this request ({msg})", err=True)
+            return 2
+        typer.echo(
+            f"stelab: internal error: {type(e).__name__}: {msg} (a bug in stelab; please "
+            "report it, with the traceback that STELAB_TRACEBACK=1 shows)",
+            err=True,
+        )
+        return 1
     return rv if isinstance(rv, int) else 0
 
 

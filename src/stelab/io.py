@@ -68,22 +68,31 @@ def read_numeric_csv(
     path: str | os.PathLike[str], int_columns: tuple[str, ...] = ()
 ) -> list[dict[str, float | int | None]]:
     """The rows of a CSV file with a header as dicts of numbers: None for empty cells,
-    ints in ``int_columns``; a cell that is not a number is a ConfigError naming the
-    file and the column."""
+    ints in ``int_columns``. A ConfigError names the file when it is not UTF-8 text
+    CSV (binary, NUL bytes, a huge field), has no header, or has a cell that is not a
+    number (naming the column too)."""
     rows = []
-    with open(path, encoding="utf-8", newline="") as f:
-        for rec in csv.DictReader(f):
-            row: dict[str, float | int | None] = {}
-            for k, v in rec.items():
-                if k is None:
-                    continue
-                try:
-                    row[k] = None if v in ("", None) else (int if k in int_columns else float)(v)
-                except ValueError:
-                    raise ConfigError(
-                        f"{str(path)!r}: column {k!r} has a non-number {v!r}"
-                    ) from None
-            rows.append(row)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise ConfigError(f"{str(path)!r} is empty: a CSV file with a header is expected")
+            for rec in reader:
+                row: dict[str, float | int | None] = {}
+                for k, v in rec.items():
+                    if k is None:
+                        continue
+                    try:
+                        kind = int if k in int_columns else float
+                        row[k] = None if v in ("", None) else kind(v)
+                    except ValueError:
+                        raise ConfigError(
+                            f"{str(path)!r}: column {k!r} has a non-number {v[:40]!r}"
+                        ) from None
+                rows.append(row)
+    except (UnicodeDecodeError, csv.Error) as e:
+        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+        raise ConfigError(f"{str(path)!r} is not a readable CSV file ({why})") from None
     return rows
 
 

@@ -16,6 +16,7 @@ weights across).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "build",
     "names",
     "transfer_weights",
+    "check_fits",
     "LeNet5",
     "VGG11",
     "ResNet20",
@@ -97,12 +99,12 @@ def _bn(channels: int, dim: int = 2) -> nn.Module:
     return (nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d)(channels, affine=False)
 
 
-def _check_shape(in_shape: tuple[int, ...]) -> tuple[int, int, int]:
+def _check_shape(in_shape: tuple[int, ...], label: str = "in_shape") -> tuple[int, int, int]:
     if len(in_shape) != 3 or any(int(s) <= 0 for s in in_shape):
-        raise ConfigError(f"in_shape must be (channels, height, width), got {tuple(in_shape)}")
+        raise ConfigError(f"{label} must be (channels, height, width), got {tuple(in_shape)}")
     c, h, w = (int(s) for s in in_shape)
     if h < 8 or w < 8:
-        raise ConfigError(f"in_shape height and width must be >= 8, got {h}x{w}")
+        raise ConfigError(f"{label} height and width must be >= 8, got {h}x{w}")
     return c, h, w
 
 
@@ -283,10 +285,93 @@ def build(
     as in :func:`stelab.quantize` (activations come from ``act``)."""
     if name not in _ZOO:
         raise unknown("model", name, _ZOO)
+    num_classes = check_int("num_classes", num_classes, 1, 2**31 - 1)
     model = _ZOO[name](num_classes=num_classes, in_shape=tuple(in_shape), act=act, **kwargs)
     if weights is not None or overrides:
         model = quantize(model, weights=weights, skip=skip, overrides=overrides, inplace=True)
     return model
+
+
+def _physical_memory() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not POSIX (Windows): no limit known
+        return None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def check_fits(
+    name: str,
+    *,
+    num_classes: int = 10,
+    in_shape: tuple[int, int, int] = (1, 28, 28),
+    budget: int | None = None,
+    labels: tuple[str, str] = ("in_shape", "num_classes"),
+    **kwargs: Any,
+) -> int:
+    """An upper bound on the bytes a float-32 zoo model needs for one input of
+    ``in_shape``, or a ConfigError when it exceeds ``budget`` (default: this
+    machine's physical memory).
+
+    need = 4 bytes · (2·P + 3·A), with P the parameter count (weights plus a
+    quantized copy) and A the largest tensor of the forward pass (an activation,
+    its quantized copy and the next layer's output). The model is built on
+    PyTorch's ``meta`` device, which allocates nothing, so a shape of terabytes
+    is refused without trying. A is first bounded by (widest conv) · (H+4)(W+4);
+    only when that bound is over budget is the forward pass traced on ``meta``
+    (slower: ~2 s the first time) for the exact A.
+    ``labels`` name ``in_shape`` and ``num_classes`` in the message (e.g. CLI options).
+    """
+    if name not in _ZOO:
+        raise unknown("model", name, _ZOO)
+    num_classes = check_int(labels[1], num_classes, 1, 2**31 - 1)
+    c, h, w = _check_shape(in_shape, labels[0])
+    if budget is None:
+        budget = _physical_memory()
+    limit = budget if budget is not None else 2**62
+    where = f"model {name!r} with {labels[0]} {(c, h, w)} and {labels[1]} {num_classes}"
+    have = (
+        f"more than the {_fmt_bytes(budget)} of memory this machine has"
+        if budget is not None
+        else "too much"
+    )
+    hint = f"; use a smaller {labels[0]} or {labels[1]}"
+    if 12 * c * h * w > limit:  # the input alone, before building anything
+        raise ConfigError(f"{where} needs over {_fmt_bytes(12 * c * h * w)}, {have}{hint}")
+    with torch.device("meta"):
+        model = _ZOO[name](num_classes=num_classes, in_shape=(c, h, w), act=None, **kwargs)
+    params = sum(p.numel() for p in model.parameters())
+    if 8 * params > limit:
+        raise ConfigError(f"{where} needs over {_fmt_bytes(8 * params)}, {have}{hint}")
+    widest = max([c] + [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)])
+    need = 8 * params + 12 * widest * (h + 4) * (w + 4)
+    if need <= limit:
+        return need
+    largest = c * h * w
+
+    def hook(mod: nn.Module, inp: Any, out: Any) -> None:
+        nonlocal largest
+        if isinstance(out, torch.Tensor):
+            largest = max(largest, out.numel())
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty((1, c, h, w), device="meta"))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    need = 8 * params + 12 * largest
+    if need > limit:
+        raise ConfigError(f"{where} needs about {_fmt_bytes(need)}, {have}{hint}")
+    return need
 
 
 def transfer_weights(src: nn.Module, dst: nn.Module) -> None:

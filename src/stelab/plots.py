@@ -39,11 +39,32 @@ def _natural(name: str) -> dict[str, Any]:
 
 
 def check_plot_path(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a Path, or a ConfigError unless it ends in .png, .pdf or .svg."""
+    """``path`` as a Path, or a ConfigError unless it ends in .png, .pdf or .svg, is not
+    a folder, and its nearest existing parent is a folder (missing ones get created)."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".pdf", ".svg"):
         raise ConfigError(f"plot file must end in .png, .pdf or .svg, got {str(path)!r}")
+    if path.is_dir():
+        raise ConfigError(f"plot file {str(path)!r} is a folder; give a file name in it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConfigError(
+            f"plot file {str(path)!r} cannot be written: {str(parent)!r} is a file, not a folder"
+        )
     return path
+
+
+def new_folder(path: str | os.PathLike[str]) -> Path | None:
+    """The outermost missing folder above the file ``path`` (that writing it creates),
+    or None when its folder exists."""
+    missing = None
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        missing = parent
+        parent = parent.parent
+    return missing
 
 
 def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
@@ -92,9 +113,17 @@ def plot_estimators(path: str | os.PathLike[str]) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8, loc="upper left")
     fig.suptitle("stelab estimators: forward, surrogate derivative and its integral", y=1.0)
     fig.tight_layout()
+    # one legend for every panel (the three curves are the same in each): in the first
+    # empty cell of the grid, or under the grid when it is full
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    spare = list(axes.flat)[len(names) :]
+    if spare:
+        spare[0].legend(handles, labels, loc="center", fontsize=11, title="every panel")
+    else:
+        fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=9,
+                   bbox_to_anchor=(0.5, 0.0), frameon=False)  # fmt: skip
     out = save_figure(fig, path)
     plt.close(fig)
     return out

@@ -124,11 +124,40 @@ def load_run(path: str | os.PathLike[str]) -> Run:
     if (p / "metrics.json").is_file():
         try:
             metrics = json.loads((p / "metrics.json").read_text(encoding="utf-8"))
-        except ValueError as e:
+        except ValueError as e:  # UnicodeDecodeError is one as well
             raise ConfigError(f"{str(p / 'metrics.json')!r} is not valid JSON: {e}") from None
-    return Run(
-        p, _read_toml(p / "config.toml"), read_numeric_csv(p / "metrics.csv", ("epoch",)), metrics
-    )
+        _check_metrics(p / "metrics.json", metrics)
+    config = _read_toml(p / "config.toml")
+    train = config.get("train", {})
+    if not isinstance(train, dict):
+        raise ConfigError(
+            f"{str(p / 'config.toml')!r}: [train] must be a table, got {type(train).__name__}"
+        )
+    return Run(p, config, read_numeric_csv(p / "metrics.csv", ("epoch",)), metrics)
+
+
+# the numbers a report reads from metrics.json (Run.final)
+_METRIC_KEYS = (
+    "final_train_loss",
+    "final_train_acc",
+    "final_val_acc",
+    "final_val_loss",
+    "best_val_acc",
+    "test_acc",
+    "wall_time_s",
+    "epochs",
+)
+
+
+def _check_metrics(path: Path, metrics: Any) -> None:
+    """A ConfigError naming ``path`` unless it holds a JSON object whose report
+    numbers are numbers (or null)."""
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{str(path)!r} must hold a JSON object, got a {type(metrics).__name__}")
+    for k in _METRIC_KEYS:
+        v = metrics.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise ConfigError(f"{str(path)!r}: {k!r} must be a number or null, got {v!r}")
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -267,7 +296,8 @@ def plot_run(run: Run, group: Group, path: Path) -> None:
         _epoch_axis(ax)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:  # a run without epochs has no curves
+            ax.legend(loc="best", fontsize=9)
     losses = [y for k in ("train_loss", "val_loss") for y in _epochs(run.rows, k)[1]]
     if losses and min(losses) > 0 and max(losses) / min(losses) > 30:
         ax_loss.set_yscale("log")
@@ -306,7 +336,8 @@ def plot_groups(groups: Sequence[Group], path: Path) -> None:
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Validation accuracy per epoch (line: mean over seeds; band: min to max)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     _save_png(fig, path)
 
@@ -360,9 +391,8 @@ def write_report(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(
-            f"cannot create the report directory {str(out)!r}: {e.strerror}"
-        ) from None
+        why = "it is a file" if out.is_file() else e.strerror
+        raise ConfigError(f"cannot create the report directory {str(out)!r}: {why}") from None
     groups = group_runs(runs)
     for g in groups:
         for r in g.runs:

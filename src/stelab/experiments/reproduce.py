@@ -6,8 +6,11 @@ Every part is a module in :mod:`stelab.experiments` with
 ``{"claims": [{"id", "text", "verdict", "evidence"}, ...]}``, or
 ``{"claims": [], "skipped": reason}`` when it cannot run here (data missing, not in
 quick mode). Parts are resumable: a finished part leaves ``done.json`` (written
-last, atomically) and is reused on the next run with the same mode and seed; a
-skipped part is tried again.
+last, atomically: mode, claims, and the files the report needs) and is reused on
+the next run with the same mode and seed, but only after checking that
+``done.json`` has that shape and that every file it lists (its ``report.md`` and
+the figures linked there) still exists; otherwise the part runs again and one line
+says why. A skipped part is tried again.
 
 The report (``report.md`` and a self-contained ``report.html`` with the plots
 embedded) gives, per paper, a verdict table of every claim and then each
@@ -94,18 +97,27 @@ def reproduce(
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"output folder {str(out)!r} is not writable: {e.strerror}") from None
+        why = "it is a file" if out.is_file() else e.strerror
+        raise ConfigError(f"output folder {str(out)!r} is not writable: {why}") from None
     mode = {"quick": bool(quick), "seed": int(seed)}
     results: dict[tuple[str, str], dict[str, Any]] = {}
     for paper, part, mod in parts:
         d = out / paper / part
         done = d / "done.json"
+        if done.exists() and not done.is_file():
+            raise ConfigError(
+                f"{str(done)!r} is not a file; stelab keeps its record of the finished part "
+                "there: move it away"
+            )
         if done.exists() and not rerun:
-            prev = json.loads(done.read_text())
-            if prev.get("mode") == mode:
+            prev, why = check_finished(d, mode)
+            if prev is not None:
                 results[(paper, part)] = prev
                 log(f"{paper}/{part}: reused finished part ({_verdicts(prev)})")
                 continue
+            log(f"{paper}/{part}: running again: {why}")
+        if done.exists():
+            done.unlink()  # stale: a run interrupted from here on must not look finished
         t0 = time.perf_counter()
         module = importlib.import_module(mod if "." in mod else f"stelab.experiments.{mod}")
         r = module.run(d, quick=quick, seed=seed, progress=progress)
@@ -118,6 +130,7 @@ def reproduce(
             "seconds": time.perf_counter() - t0,
             "claims": r.get("claims", []),
             "notes": r.get("notes", ""),
+            "files": [f for f in _report_files(d) if (d / f).is_file()],
         }
         write_json(done, r)
         results[(paper, part)] = r
@@ -126,6 +139,59 @@ def reproduce(
     path = atomic_write_text(out / "report.md", md)
     atomic_write_text(out / "report.html", _html(md, out))
     return path
+
+
+def _report_files(part_dir: Path) -> list[str]:
+    """``report.md`` and the local images it links, relative to ``part_dir``."""
+    files = ["report.md"]
+    try:
+        text = (part_dir / "report.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return files
+    for m in _IMG.finditer(text):
+        src = m.group(2)
+        if "://" not in src and src not in files:
+            files.append(src)
+    return files
+
+
+def _fmt_mode(mode: Any) -> str:
+    if not isinstance(mode, dict):
+        return repr(mode)
+    return f"{'quick' if mode.get('quick') else 'full'} mode, seed {mode.get('seed')}"
+
+
+def check_finished(part_dir: Path, mode: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """``(record, "")`` when the part in ``part_dir`` finished in ``mode`` and can be
+    reused, else ``(None, why)``: ``done.json`` unreadable or not of the expected shape
+    (an object with ``mode``, a list ``claims`` of objects with ``id``, ``text``,
+    ``verdict`` and ``evidence``, and a list ``files``), finished in another mode, or a
+    file it lists (or, for a record without ``files``, ``report.md`` and the images
+    linked there) missing."""
+    done = part_dir / "done.json"
+    try:
+        rec = json.loads(done.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        return None, f"its done.json is not readable JSON ({' '.join(str(e).split())[:120]})"
+    if not isinstance(rec, dict):
+        return None, f"its done.json holds a {type(rec).__name__}, not an object"
+    if rec.get("mode") != mode:
+        return None, (f"it finished in {_fmt_mode(rec.get('mode'))}, this run is {_fmt_mode(mode)}")
+    claims = rec.get("claims")
+    keys = ("id", "text", "verdict", "evidence")
+    if not isinstance(claims, list) or not all(
+        isinstance(c, dict) and all(k in c for k in keys) for c in claims
+    ):
+        return None, "its done.json has no list of claims with id, text, verdict and evidence"
+    files = rec.get("files", _report_files(part_dir))
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None, "its done.json has a 'files' entry that is not a list of file names"
+    missing = [f for f in files if not (part_dir / f).is_file()]
+    if missing:
+        what = "report.md" if missing[0] == "report.md" else f"figure {missing[0]}"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return None, f"its {what} is missing{more}"
+    return rec, ""
 
 
 def _verdicts(r: dict[str, Any]) -> str:
@@ -172,9 +238,10 @@ def _report_md(
             if results[(p, part)].get("skipped"):
                 continue
             sub = out / p / part / "report.md"
-            if not sub.exists():
+            if not sub.is_file():
+                lines += [f"*{part}: the part wrote no report.md.*", ""]
                 continue
-            text = sub.read_text()
+            text = sub.read_text(encoding="utf-8", errors="replace")
             # demote headings by two levels and point images at the part's folder
             text = re.sub(r"^(#+)", lambda m: "##" + m.group(1), text, flags=re.M)
             prefix = f"{p}/{part}/"
