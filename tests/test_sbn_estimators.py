@@ -328,3 +328,21 @@ def test_unsupported_layer_type_is_refused():
     m = sbn_conv8(1, 8, 2, channels=(2, 2), padding=1)
     with pytest.raises(ConfigError, match="does not support SBNConv2d layers.*supports: SBNLinear"):
         LinearOnly().check(m, 1)
+
+
+def test_names_are_resolved_once():
+    """A name is looked up, not rebuilt, on every call after the first (the per-call cost of
+    a name equals that of a prebuilt object); different parameters give different objects,
+    and a bool is never taken for the integer it equals."""
+    assert get_estimator("dst") is get_estimator("dst")
+    a, b = get_estimator("concrete", tau=0.1), get_estimator("concrete", tau=0.1)
+    assert a is b and a.tau == 0.1
+    assert get_estimator("concrete", tau=1).tau == 1.0
+    assert get_estimator("concrete", tau=0.5) is not a
+    assert get_estimator("psa", chunk_elements=1).chunk_elements == 1
+    with pytest.raises((TypeError, ValueError), match="chunk_elements"):
+        get_estimator("psa", chunk_elements=True)
+    with pytest.raises(ConfigError, match="unexpected parameters"):
+        get_estimator("dst", tau=1.0)
+    with pytest.raises(ConfigError, match="unexpected parameters"):
+        get_estimator("dst", tau=[1.0])  # unhashable: not cached, still checked

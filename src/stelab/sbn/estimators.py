@@ -193,7 +193,7 @@ class SBNEstimator:
 _REGISTRY: dict[str, type[SBNEstimator]] = {}
 #: estimators resolved by (name, sorted params): a name costs one dict look-up after its
 #: first use, like a prebuilt object (estimators hold only their constructor parameters)
-_RESOLVED: dict[tuple[Any, ...], SBNEstimator] = {}
+_RESOLVED: dict[Any, SBNEstimator] = {}
 _RESOLVED_MAX = 256
 
 
@@ -239,11 +239,13 @@ def get(estimator: str | SBNEstimator, **params: Any) -> SBNEstimator:
         raise StelabTypeError(
             f"estimator must be a name or an SBNEstimator, got {type(estimator).__name__}"
         )
+    key: Any = estimator
     try:
-        # the type is part of the key: True == 1 and 1 == 1.0 must not share an instance
-        items = sorted((k, type(v).__qualname__, v) for k, v in params.items())
-        key: tuple[Any, ...] | None = (estimator, *items)
-        hit = _RESOLVED.get(key)  # type: ignore[arg-type]
+        if params:
+            # the type is part of the key: True == 1 and 1 == 1.0 must not share an instance
+            items = sorted((k, type(v).__qualname__, v) for k, v in params.items())
+            key = (estimator, *items)
+        hit = _RESOLVED.get(key)
     except TypeError:  # unhashable parameter values
         key, hit = None, None
     if hit is not None:
