@@ -15,12 +15,18 @@ Measures, on this machine's CPU (or CUDA with --device cuda):
    blocks) and the new gradients, not the model, optimizer state or batch that exist
    before the step, nor memory outside torch's allocator. With --device cuda it is
    ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the step;
-3. exact enumeration (value + gradient) of the toy 2-5-5-5-1 SBN on 200 points, float64.
+3. exact enumeration (value + gradient) of the toy 2-5-5-5-1 SBN on 200 points, float64;
+4. per-call overhead of naming the estimator: one-sample ``dst`` draw (``surrogate_loss``
+   + ``backward``) on the toy 2-5-5-5-1 SBN, 200 points, float64, with the estimator
+   passed as a name (``"dst"``) and as a prebuilt object (``get_estimator("dst")``):
+   calls interleaved name, object, name, ... in blocks of ``OVERHEAD_INNER`` calls, median
+   over blocks of the seconds per call. Run it alone with ``--overhead-only``.
 
 Usage::
 
     python benchmarks/bench_sbn.py [--quick] [--json PATH] [--repeats N] [--batch 64]
                                    [--threads N] [--kernel auto|eager|compiled]
+                                   [--overhead-only]
 
 Goals stated for stelab: psa/dst time <= 4x, psa/dst memory <= 2x, exact <= 1 s.
 
@@ -42,9 +48,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stelab.sbn import exact_gradient, logistic_loss, sbn_conv8, sbn_mlp
+from stelab.sbn import exact_gradient, get_estimator, logistic_loss, sbn_conv8, sbn_mlp
 
 ESTIMATORS = ("psa", "dst")
+#: calls per timed block of the name-vs-object overhead row
+OVERHEAD_INNER = 50
 
 
 def _ce(eta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -137,6 +145,30 @@ def time_exact(repeats: int) -> list[float]:
     return out
 
 
+def time_name_vs_object(repeats: int) -> dict[str, list[float]]:
+    """Seconds per one-sample ``dst`` call on the toy SBN, estimator by name vs by object."""
+    torch.manual_seed(1)
+    model = sbn_mlp(dtype=torch.float64)
+    x = torch.rand(200, 2, dtype=torch.float64) * 2 - 1
+    t = torch.where(torch.arange(200) < 100, 1.0, -1.0).to(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    how = {"name": "dst", "object": get_estimator("dst")}
+
+    def block(est: Any) -> float:
+        t0 = time.perf_counter()
+        for _ in range(OVERHEAD_INNER):
+            model.surrogate_loss(x, t, logistic_loss, est, samples=1, generator=gen).backward()
+        return (time.perf_counter() - t0) / OVERHEAD_INNER
+
+    for est in how.values():  # warm-up
+        block(est)
+    out: dict[str, list[float]] = {k: [] for k in how}
+    for _ in range(repeats):
+        for k, est in how.items():
+            out[k].append(block(est))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (3 steps, 3 exact)")
@@ -146,10 +178,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     ap.add_argument("--kernel", default="auto", help="PSA flip kernel: auto, eager, compiled")
     ap.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    ap.add_argument(
+        "--overhead-only", action="store_true", help="only the name-vs-object overhead row"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 10)
+    over = time_name_vs_object(max(repeats, 5) * 4)
+    over_med = {k: statistics.median(v) for k, v in over.items()}
+    over_row = (
+        f"| toy 2-5-5-5-1 one-sample dst call, estimator by name / by object (us) | "
+        f"{over_med['name'] * 1e6:.0f} | {over_med['object'] * 1e6:.0f} | "
+        f"{over_med['name'] / over_med['object']:.3f} | = 1 |"
+    )
+    if args.overhead_only:
+        print(f"SBN name-vs-object overhead ({torch.get_num_threads()} threads)\n")
+        print("| quantity | name | object | name/object | goal |\n|---|---|---|---|---|")
+        print(over_row)
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"name_vs_object_seconds": over, "median": over_med}, fh, indent=2)
+            os.replace(tmp, args.json)
+        return 0
     options = {"psa": {"kernel": args.kernel}, "dst": {}}
     cases = {e: Case(e, args.batch, args.device, options[e]) for e in ESTIMATORS}
 
@@ -182,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "exact_toy_seconds": ex,
         "exact_toy_median_seconds": statistics.median(ex),
+        "name_vs_object_seconds_per_call": over,
+        "name_vs_object_median_seconds": over_med,
         "wall_seconds_including_warmup": t_total,
     }
     mib = 2.0**20
@@ -206,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| exact 2-5-5-5-1, 200 points, value+grad (s) | "
         f"{result['exact_toy_median_seconds']:.4f} | | | <= 1 |"
     )
+    print("| (name / object columns:) | name | object | name/object | |")
+    print(over_row)
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as fh:

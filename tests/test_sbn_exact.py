@@ -37,22 +37,24 @@ def _cdf(noise: str, z: torch.Tensor) -> torch.Tensor:
     return ((z + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
-def _net(noise="logistic", hidden=(3, 2), out=1, seed=0, scale=1.0):
+def _net(noise="logistic", hidden=(3, 2), out=1, seed=0, scale=1.0, states="pm1"):
     torch.manual_seed(seed)
-    m = sbn_mlp(2, hidden, out, noise=noise, dtype=D)
+    m = sbn_mlp(2, hidden, out, noise=noise, states=states, dtype=D)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * scale)
     return m
 
 
-def brute_force_loss(model, x, y, loss_fn, noise):
-    """E[loss] summed over every joint hidden state with explicit probabilities."""
+def brute_force_loss(model, x, y, loss_fn, noise, states="pm1"):
+    """E[loss] summed over every joint hidden state with explicit probabilities; states
+    in {-1, +1} or {0, 1} (value 1 with probability F(a) in both)."""
+    lo = -1.0 if states == "pm1" else 0.0
     hidden = list(model.hidden)
     widths = [layer.out_features for layer in hidden]
     total = 0.0
     for n in range(x.shape[0]):
-        for flat in itertools.product([-1.0, 1.0], repeat=sum(widths)):
+        for flat in itertools.product([lo, 1.0], repeat=sum(widths)):
             prob = torch.ones((), dtype=D)
             h = x[n]
             pos = 0
@@ -72,12 +74,13 @@ def _ce(eta, y):
     return F.cross_entropy(eta, y, reduction="none")
 
 
+@pytest.mark.parametrize("states", ["pm1", "01"])
 @pytest.mark.parametrize("noise", ["logistic", "gaussian", "uniform"])
-def test_exact_matches_brute_force_value_and_gradient(noise):
-    m = _net(noise, scale=0.8)
+def test_exact_matches_brute_force_value_and_gradient(noise, states):
+    m = _net(noise, scale=0.8, states=states)
     x = torch.randn(5, 2, dtype=D)
     t = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=D)
-    bf = brute_force_loss(m, x, t, logistic_loss, noise)
+    bf = brute_force_loss(m, x, t, logistic_loss, noise, states)
     bf_grads = torch.autograd.grad(bf, list(m.parameters()))
     ref = exact_gradient(m, x, t, logistic_loss)
     assert torch.allclose(ref.value, bf.detach(), rtol=1e-12, atol=0)
@@ -85,11 +88,12 @@ def test_exact_matches_brute_force_value_and_gradient(noise):
         assert torch.allclose(g, gb, rtol=1e-10, atol=1e-14), name
 
 
-def test_exact_matches_brute_force_multiclass_three_layers():
-    m = _net(hidden=(2, 3, 2), out=3, seed=3)
+@pytest.mark.parametrize("states", ["pm1", "01"])
+def test_exact_matches_brute_force_multiclass_three_layers(states):
+    m = _net(hidden=(2, 3, 2), out=3, seed=3, states=states)
     x = torch.randn(3, 2, dtype=D)
     y = torch.tensor([0, 2, 1])
-    bf = brute_force_loss(m, x, y, _ce, "logistic")
+    bf = brute_force_loss(m, x, y, _ce, "logistic", states)
     assert torch.allclose(exact_expected_loss(m, x, y, _ce), bf, rtol=1e-12)
 
 
@@ -147,11 +151,14 @@ def test_exact_refuses_conv_layers():
         m.surrogate_loss(torch.randn(1, 1, 8, 8), torch.tensor([0]), _ce, estimator="exact")
 
 
-@pytest.mark.parametrize("estimator", ["reinforce_loo", "arm"])
-def test_mc_reference_agrees_with_exact(estimator):
+@pytest.mark.parametrize(
+    ("estimator", "states"),
+    [("reinforce_loo", "pm1"), ("arm", "pm1"), ("arm_shared", "pm1"), ("arm", "01")],
+)
+def test_mc_reference_agrees_with_exact(estimator, states):
     """z-test: |mean - exact| / SE below the Bonferroni-corrected t threshold for a
     family-wise false-alarm rate of 1e-3 (per seed) over all 20 coordinates."""
-    m = _net(seed=4)
+    m = _net(seed=4, states=states)
     x = torch.randn(4, 2, dtype=D)
     t = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=D)
     ref = exact_gradient(m, x, t, logistic_loss)

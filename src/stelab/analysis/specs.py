@@ -132,7 +132,7 @@ class SignSTE(SBNEstimator):
         if self.deterministic:
             h = x
             for layer in model.hidden:
-                h = q(layer.preact(h))
+                h = layer.to_state(q(layer.preact(h)))
             f = per_example_loss(loss_fn, model.output_preact(h), y).mean()
             with torch.no_grad():
                 xr, yr = replicate(x, samples), replicate(y, samples)
@@ -143,7 +143,7 @@ class SignSTE(SBNEstimator):
             a = layer.preact(h)
             s = layer.noise.states(a.detach(), uniform_like(a, generator))
             t = q(a)
-            h = s + (t - t.detach())
+            h = layer.to_state(s + (t - t.detach()))
         f = per_example_loss(loss_fn, model.output_preact(h), replicate(y, samples)).mean()
         return f.detach(), f
 
@@ -290,7 +290,7 @@ def forward_equivalents(est: SBNEstimator, model: SBN) -> float | None:
     * ``reinforce``, ``reinforce_loo``, ``dst``, ``hard_st``, ``gumbel_st``, ``sample:*``: 1;
     * ``concrete``: 2 (the relaxed pass for the gradient, a hard pass for the loss value);
     * ``tanh_mf``, ``det:*``: 2 (deterministic pass + a sampled pass for the value);
-    * ``arm``: 1 + L (for hidden layer k, two continuations through the
+    * ``arm``, ``arm_shared``: 1 + L (for hidden layer k, two continuations through the
       L - k + 1 layers above: 2 sum_k (L - k + 1) = L (L + 1) layer evaluations);
     * ``psa``: 1 + L / (L + 1): the forward, one ratio pass per hidden layer below
       the top (L - 1 passes, each with the multiply-accumulate count of a
@@ -306,7 +306,7 @@ def forward_equivalents(est: SBNEstimator, model: SBN) -> float | None:
         return 2.0 if est.deterministic else 1.0
     if name in ("concrete", "tanh_mf"):
         return 2.0
-    if name == "arm":
+    if name in ("arm", "arm_shared"):
         return 1.0 + n_layers
     if name == "psa":
         return 1.0 + n_layers / (n_layers + 1)

@@ -18,14 +18,18 @@ drawn by replicating the batch ``M`` times (row ``m*N + n`` is sample ``m`` of
 example ``n``), one uniform tensor per layer from ``generator``: runs are
 reproducible bit for bit on CPU.
 
-The registered estimators (all in +-1 states, [S20] §2 and appendix):
+The registered estimators ([S20] §2 and appendix), written for states in {-1, +1}; each
+works on the signs ``s`` and maps them with the layer's ``to_state`` (``h = s`` or
+``h = (s + 1)/2`` for ``states="01"``), so every one of them serves both parametrisations:
 
 ==============  =========================================================  =========
 name            rule                                                       unbiased
 ==============  =========================================================  =========
 reinforce       f + sg(f) (sum log p(x) - sg(.))                           yes
 reinforce_loo   same with a leave-one-out baseline over the M samples      yes
-arm             per layer (f(b1) - f(b2)) (U - 1/2) (Yin & Zhou 2019)      yes
+arm             per layer (f(b1) - f(b2)) (U - 1/2), independent           yes
+                continuations, path continues along b1 (Yin & Zhou 2019)
+arm_shared      arm with the two continuations sharing their noise         yes
 dst             x = sg(x) + 2 (F(a) - sg(F(a)))  (deep straight-through)   no
 hard_st         x = sg(x) + hardtanh(a) - sg(hardtanh(a))                  no
 concrete        x = tanh((a - Z) / (2 tau))  (relaxed values forward)      no
@@ -100,17 +104,19 @@ def replicate(t: Tensor, samples: int) -> Tensor:
 
 def sample_path(
     model: SBN, x: Tensor, samples: int, generator: torch.Generator | None
-) -> tuple[list[Tensor], list[Tensor]]:
-    """One sampled forward path per replicated row: ``(states, preacts)`` with
-    ``states[0]`` the replicated input, ``states[k + 1] = sign(a_k - Z_k)`` computed from
-    the detached pre-activation ``preacts[k] = a_k`` (kept attached for the backward)."""
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """One sampled forward path per replicated row: ``(states, preacts, signs)`` with
+    ``states[0]`` the replicated input, ``signs[k] = sign(a_k - Z_k)`` in {-1, +1}
+    computed from the detached pre-activation ``preacts[k] = a_k`` (kept attached for
+    the backward) and ``states[k + 1] = layer_k.to_state(signs[k])``."""
     hs = [replicate(x, samples)]
-    pre = []
+    pre, signs = [], []
     for layer in model.hidden:
         a = layer.preact(hs[-1])
         pre.append(a)
-        hs.append(layer.noise.states(a.detach(), uniform_like(a, generator)))
-    return hs, pre
+        signs.append(layer.noise.states(a.detach(), uniform_like(a, generator)))
+        hs.append(layer.to_state(signs[-1]))
+    return hs, pre, signs
 
 
 def _bcast(v: Tensor, like: Tensor) -> Tensor:
@@ -185,6 +191,10 @@ class SBNEstimator:
 
 
 _REGISTRY: dict[str, type[SBNEstimator]] = {}
+#: estimators resolved by (name, sorted params): a name costs one dict look-up after its
+#: first use, like a prebuilt object (estimators hold only their constructor parameters)
+_RESOLVED: dict[Any, SBNEstimator] = {}
+_RESOLVED_MAX = 256
 
 
 def register(name: str, *, overwrite: bool = False) -> Callable[[type], type]:
@@ -203,6 +213,7 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[type], type]:
             )
         cls.name = name
         _REGISTRY[name] = cls
+        _RESOLVED.clear()
         return cls
 
     return deco
@@ -214,7 +225,12 @@ def names() -> list[str]:
 
 
 def get(estimator: str | SBNEstimator, **params: Any) -> SBNEstimator:
-    """An SBN estimator by name with its parameters (e.g. ``get("concrete", tau=0.1)``)."""
+    """An SBN estimator by name with its parameters (e.g. ``get("concrete", tau=0.1)``).
+
+    Names are resolved once: the instance built for a (name, parameters) pair is
+    cached and returned again (estimators are immutable), so passing a name costs
+    the same as passing a prebuilt object. Unhashable parameters are not cached.
+    """
     if isinstance(estimator, SBNEstimator):
         if params:
             raise ConfigError(f"parameters {sorted(params)} given with an estimator instance")
@@ -223,9 +239,23 @@ def get(estimator: str | SBNEstimator, **params: Any) -> SBNEstimator:
         raise StelabTypeError(
             f"estimator must be a name or an SBNEstimator, got {type(estimator).__name__}"
         )
+    key: Any = estimator
+    try:
+        if params:
+            # the type is part of the key: True == 1 and 1 == 1.0 must not share an instance
+            items = sorted((k, type(v).__qualname__, v) for k, v in params.items())
+            key = (estimator, *items)
+        hit = _RESOLVED.get(key)
+    except TypeError:  # unhashable parameter values
+        key, hit = None, None
+    if hit is not None:
+        return hit
     if estimator not in _REGISTRY:
         raise unknown("SBN estimator", estimator, _REGISTRY)
-    return construct("SBN estimator", estimator, _REGISTRY[estimator], params)
+    est = construct("SBN estimator", estimator, _REGISTRY[estimator], params)
+    if key is not None and len(_RESOLVED) < _RESOLVED_MAX:
+        _RESOLVED[key] = est
+    return est
 
 
 def describe() -> list[dict[str, Any]]:

@@ -8,9 +8,12 @@ is computed by a forward recursion over the 2^{n_k} states of each layer
 (exact, a Markov chain over layers):
 
     p_1[n, s]  = prod_j F(s_j a^1_j(x^0_n))                      (N x 2^{n_1})
-    T_k[s, t]  = prod_j F(t_j a^k_j(s)),  a^k(s) = W^k s + b^k    (2^{n_{k-1}} x 2^{n_k})
+    T_k[s, t]  = prod_j F(t_j a^k_j(s)),  a^k(s) = W^k h(s) + b^k  (2^{n_{k-1}} x 2^{n_k})
     p_k        = p_{k-1} T_k
-    L          = (1/N) sum_n sum_s p_L[n, s] f(V s + c, y_n)
+    L          = (1/N) sum_n sum_s p_L[n, s] f(V h(s) + c, y_n)
+
+over sign vectors ``s, t`` in {-1, +1}^n, with ``h(s)`` the emitting layer's states
+(``h = s``, or ``h = (s + 1)/2`` for ``states="01"``; ``P(s_j = +1) = F(a_j)`` either way)
 
 so the cost is ``N 2^{n_1} + sum_k 2^{n_{k-1}+n_k} + N 2^{n_L}`` terms instead of
 ``N 2^{n_1+...+n_L}`` (2-5-5-5-1 on 200 points: ~15k terms vs 6.5M). The
@@ -117,9 +120,9 @@ def exact_expected_loss(
     tables = []
     for k in range(1, len(widths)):
         layer = model.hidden[k]
-        a = layer.preact(states[k - 1])  # (S_prev, n_k)
+        a = layer.preact(model.hidden[k - 1].to_state(states[k - 1]))  # (S_prev, n_k)
         tables.append(layer.noise.log_cdf(states[k][None] * a[:, None, :]).sum(-1).exp())
-    eta = model.output_preact(states[-1])  # (S_L, O)
+    eta = model.output_preact(model.hidden[-1].to_state(states[-1]))  # (S_L, O)
     n = x.shape[0]
     block = max(1, max_states // max(2 ** max(widths), 1))
     total = eta.new_zeros(())
@@ -199,7 +202,7 @@ def mc_reference(
     each group is one call of the (unbiased) ``estimator`` with ``samples // groups``
     draws. ``mean = average of the group means``,
     ``se = std(group means) / sqrt(groups)`` (batch-means standard error).
-    ``estimator`` must be unbiased for every layer: ``arm``, ``reinforce``,
+    ``estimator`` must be unbiased for every layer: ``arm``, ``arm_shared``, ``reinforce``,
     ``reinforce_loo`` (default) or ``exact``. Does not touch ``.grad``.
     """
     est = get(estimator, **options)

@@ -207,14 +207,18 @@ def ratio_linear(
     x: Tensor,
     chunk_elements: int = 2**19,
     kernel: str = "auto",
+    scale: float = 1.0,
 ) -> Tensor:
-    """PSA step 3 through a linear layer: ``d_i = sum_j e_j [F(a_j - 2 W_ji x_i) - F(a_j)]``.
+    """PSA step 3 through a linear layer: ``d_i = sum_j e_j [F(a_j - 2 c W_ji x_i) - F(a_j)]``.
 
-    ``a``, ``e``: (R, out_features); ``x``: the layer input (any shape with R rows,
-    flattened to in_features). Returns ``d`` shaped like ``x``.
+    ``a``, ``e``: (R, out_features); ``x``: the signs in {-1, +1} of the layer input (any
+    shape with R rows, flattened to in_features); ``scale`` = ``c``, the input layer's
+    state scale (1 for states in {-1, +1}, 1/2 for {0, 1}: flipping the sign ``x_i``
+    changes the input state by ``-2 c x_i``). Returns ``d`` shaped like ``x``.
     """
     _check_kernel(kernel)
     w = layer.weight.detach()
+    w = w if scale == 1.0 else w * scale
     return _flip(a, e, x.flatten(1), w, layer.noise, chunk_elements, kernel).view(x.shape)
 
 
@@ -226,20 +230,23 @@ def ratio_conv2d(
     x: Tensor,
     chunk_elements: int = 2**19,
     kernel: str = "auto",
+    scale: float = 1.0,
 ) -> Tensor:
     """PSA step 3 through a convolution: the "ratio convolution" of [S20] §4.
 
-        cols[n, ro, p] = sum_c e[n,c,p] [F(a[n,c,p] - 2 W[c,ro] unfold(x)[n,ro,p]) - F(a[n,c,p])]
+        cols[n, ro, p] = sum_c e[n,c,p] [F(a[n,c,p] - 2 c W[c,ro] unfold(x)[n,ro,p]) - F(a[n,c,p])]
         d = fold(cols)
 
-    ``a``, ``e``: (N, C_out, H_out, W_out); ``x``: (N, C_in, H, W). Equal to
-    :func:`ratio_linear` on the dense matrix of the convolution. Examples are
+    ``a``, ``e``: (N, C_out, H_out, W_out); ``x``: the input signs (N, C_in, H, W);
+    ``scale`` = ``c`` as in :func:`ratio_linear` (zero padding gives sign 0: no flip).
+    Equal to :func:`ratio_linear` on the dense matrix of the convolution. Examples are
     unfolded a few at a time (about ``chunk_elements`` unfolded entries).
     """
     _check_kernel(kernel)
     n, c = a.shape[:2]
     p = a.shape[2] * a.shape[3]
     w = layer.weight.detach().reshape(c, -1)
+    w = w if scale == 1.0 else w * scale
     ro = w.shape[1]
     if kernel == "auto":  # decide once per layer, not per block of examples
         big = _use_compiled(kernel, layer.noise, a.dtype, n * p * c * ro)
@@ -267,10 +274,11 @@ def ratio(
     x: Tensor,
     chunk_elements: int = 2**19,
     kernel: str = "auto",
+    scale: float = 1.0,
 ) -> Tensor:
     """:func:`ratio_conv2d` or :func:`ratio_linear`, by layer type."""
     if isinstance(layer, SBNConv2d):
-        return ratio_conv2d(layer, a, e, x, chunk_elements, kernel)
+        return ratio_conv2d(layer, a, e, x, chunk_elements, kernel, scale)
     if isinstance(layer, SBNLinear):
-        return ratio_linear(layer, a, e, x, chunk_elements, kernel)
+        return ratio_linear(layer, a, e, x, chunk_elements, kernel, scale)
     raise ConfigError(f"PSA has no flip rule for {type(layer).__name__} layers")

@@ -6,7 +6,14 @@ A stochastic binary network (SBN, [S20] §2) is a stack of layers
 
 with ``Z^k`` i.i.d. noise (standard logistic by default, see :mod:`.noise`), so
 ``P(x^k_j = +1 | x^{k-1}) = F(a^k_j)``, states in {-1, +1}, a real input
-``x^0``, and a deterministic output layer ``eta = V x^L + c``. The training
+``x^0``, and a deterministic output layer ``eta = V x^L + c``.
+
+States: every layer computes the sign ``s = sign(a - Z)`` in {-1, +1} and emits the
+state ``h = c0 + c1 s``: ``states="pm1"`` (default) gives ``h = s`` in {-1, +1};
+``states="01"`` gives ``h = (s + 1) / 2`` in {0, 1} ([S20]'s parametrisation, so
+``P(h = 1) = F(a)`` and ``E[h] = F(a)``). The next layer's pre-activation sees ``h``.
+Every estimator works on the signs and maps them with :meth:`SBNLinear.to_state`, so
+one code path serves both (a flip ``s -> -s`` changes ``h`` by ``-2 c1 s``). The training
 objective is the expected loss ``E_Z[ mean_n loss(eta_n, y_n) ]``; its gradient
 is estimated by :meth:`SBN.surrogate_loss` with any estimator of
 :mod:`stelab.sbn.estimators`.
@@ -40,7 +47,11 @@ __all__ = [
     "sbn_conv8",
     "data_init",
     "CONV8_ARCH",
+    "STATES",
 ]
+
+#: state parametrisations: "pm1" (h = s in {-1, +1}) and "01" (h = (s + 1) / 2 in {0, 1})
+STATES = ("pm1", "01")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -54,6 +65,34 @@ def _pair(name: str, value: Any, lo: int) -> tuple[int, int]:
     return (v, v)
 
 
+def _check_states(states: Any) -> str:
+    if states not in STATES:
+        raise ConfigError(
+            f"states must be one of {', '.join(map(repr, STATES))} ('pm1': {{-1, +1}}, "
+            f"'01': {{0, 1}}), got {states!r}"
+        )
+    return states
+
+
+class _States:
+    """The state map of a stochastic binary layer: sign ``s`` in {-1, +1} -> state ``h``.
+
+    h = c0 + c1 s,    (c0, c1) = (0, 1) for states="pm1",  (1/2, 1/2) for states="01"
+    """
+
+    states: str = "pm1"
+
+    @property
+    def state_scale(self) -> float:
+        """``c1``: flipping the sign ``s -> -s`` changes the state by ``-2 c1 s``."""
+        return 1.0 if self.states == "pm1" else 0.5
+
+    def to_state(self, s: Tensor) -> Tensor:
+        """The state ``h = c0 + c1 s`` of signs (or relaxed signs) ``s`` in [-1, 1];
+        differentiable; the identity for ``states="pm1"``."""
+        return s if self.states == "pm1" else (s + 1.0) * 0.5
+
+
 def _reset(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
     # the torch.nn.Linear / Conv2d default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
@@ -62,15 +101,17 @@ def _reset(weight: Tensor, bias: Tensor | None, fan_in: int) -> None:
         nn.init.uniform_(bias, -bound, bound)
 
 
-class SBNLinear(nn.Module):
+class SBNLinear(_States, nn.Module):
     """Stochastic binary fully-connected layer ([S20] §2).
 
-        a = W x + b,    x_out = sign(a - Z),    Z ~ noise i.i.d.,    P(x_out = +1 | x) = F(a)
+        a = W x + b,    s = sign(a - Z),    Z ~ noise i.i.d.,    P(s = +1 | x) = F(a),
+        x_out = c0 + c1 s   (s for states="pm1", (s + 1) / 2 for states="01")
 
     ``W`` has shape (out_features, in_features). An input with more than two
     dimensions is flattened after the batch dimension (so a linear layer can
     follow a convolution). ``noise``: ``"logistic"`` (default, ``F = sigma``),
     ``"gaussian"`` or ``"uniform"`` (on [-1, 1]), or a :class:`~.noise.Noise`.
+    ``states``: ``"pm1"`` (default, {-1, +1}) or ``"01"`` ({0, 1}, [S20]'s choice).
     """
 
     def __init__(
@@ -80,6 +121,7 @@ class SBNLinear(nn.Module):
         bias: bool = True,
         noise: str | Noise = "logistic",
         *,
+        states: str = "pm1",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -87,6 +129,7 @@ class SBNLinear(nn.Module):
         self.in_features = check_int("in_features", in_features, 1, 2**31)
         self.out_features = check_int("out_features", out_features, 1, 2**31)
         self.noise = get_noise(noise)
+        self.states = _check_states(states)
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **kw))
         self.bias = nn.Parameter(torch.empty(self.out_features, **kw)) if bias else None
@@ -103,23 +146,26 @@ class SBNLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: Tensor, generator: torch.Generator | int | None = None) -> Tensor:
-        """One sample ``x_out = sign(a - Z)`` in {-1, +1}."""
+        """One sample ``x_out = to_state(sign(a - Z))``."""
         a = self.preact(x)
-        return self.noise.states(a, uniform_like(a, as_generator(generator, a.device)))
+        s = self.noise.states(a, uniform_like(a, as_generator(generator, a.device)))
+        return self.to_state(s)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, noise={self.noise.name}"
+            f"bias={self.bias is not None}, noise={self.noise.name}, states={self.states}"
         )
 
 
-class SBNConv2d(nn.Module):
+class SBNConv2d(_States, nn.Module):
     """Stochastic binary 2-d convolution ([S20] §2, §4): one binary unit per (channel, position).
 
-        a = conv2d(x, W) + b,    x_out = sign(a - Z),    P(x_out[c, p] = +1 | x) = F(a[c, p])
+        a = conv2d(x, W) + b,    s = sign(a - Z),    P(s[c, p] = +1 | x) = F(a[c, p]),
+        x_out = c0 + c1 s   (s for states="pm1", (s + 1) / 2 for states="01")
 
-    ``W`` has shape (out_channels, in_channels, kh, kw); zero padding; no groups.
+    ``W`` has shape (out_channels, in_channels, kh, kw); zero padding (of the input's
+    states); no groups.
     """
 
     def __init__(
@@ -133,6 +179,7 @@ class SBNConv2d(nn.Module):
         bias: bool = True,
         noise: str | Noise = "logistic",
         *,
+        states: str = "pm1",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -144,6 +191,7 @@ class SBNConv2d(nn.Module):
         self.padding = _pair("padding", padding, 0)
         self.dilation = _pair("dilation", dilation, 1)
         self.noise = get_noise(noise)
+        self.states = _check_states(states)
         kw = {"device": device, "dtype": dtype}
         shape = (self.out_channels, self.in_channels, *self.kernel_size)
         self.weight = nn.Parameter(torch.empty(shape, **kw))
@@ -160,9 +208,10 @@ class SBNConv2d(nn.Module):
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
 
     def forward(self, x: Tensor, generator: torch.Generator | int | None = None) -> Tensor:
-        """One sample ``x_out = sign(a - Z)`` in {-1, +1}."""
+        """One sample ``x_out = to_state(sign(a - Z))``."""
         a = self.preact(x)
-        return self.noise.states(a, uniform_like(a, as_generator(generator, a.device)))
+        s = self.noise.states(a, uniform_like(a, as_generator(generator, a.device)))
+        return self.to_state(s)
 
     def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
         """Spatial output size ``floor((s + 2 pad - dil (k - 1) - 1) / stride) + 1`` per axis."""
@@ -177,7 +226,7 @@ class SBNConv2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}, noise={self.noise.name}"
+            f"bias={self.bias is not None}, noise={self.noise.name}, states={self.states}"
         )
 
 
@@ -229,14 +278,16 @@ class SBN(nn.Module):
     ) -> Tensor:
         """One stochastic forward pass: ``eta`` for one noise sample per row.
 
-        With ``mean_field=True``: the deterministic pass ``x^k = 2F(a^k) - 1``
-        (``tanh(a/2)`` for logistic noise) instead of sampling.
+        With ``mean_field=True``: the deterministic pass ``x^k = to_state(2F(a^k) - 1)``
+        (``tanh(a/2)`` for logistic noise and states "pm1", ``F(a)`` for "01") instead
+        of sampling.
         """
         g = as_generator(generator, x.device)
         h = x
         for layer in self.hidden:
             a = layer.preact(h)
-            h = layer.noise.mean(a) if mean_field else layer.noise.states(a, uniform_like(a, g))
+            s = layer.noise.mean(a) if mean_field else layer.noise.states(a, uniform_like(a, g))
+            h = layer.to_state(s)
         return self.output_preact(h)
 
     def sample_outputs(
@@ -305,7 +356,7 @@ def data_init(
         if layer.bias is not None:
             layer.bias.sub_(mu).div_(s)
         a = layer.preact(h)
-        h = layer.noise.states(a, uniform_like(a, g))
+        h = layer.to_state(layer.noise.states(a, uniform_like(a, g)))
     return model
 
 
@@ -316,13 +367,15 @@ def sbn_mlp(
     noise: str | Noise = "logistic",
     bias: bool = True,
     *,
+    states: str = "pm1",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> SBN:
     """Fully-connected SBN ``in -> hidden... (stochastic binary) -> out (linear)``.
 
     The default is the toy network of the [S20] gradient-accuracy experiment:
-    2 -> 5 -> 5 -> 5 binary units -> 1 linear output.
+    2 -> 5 -> 5 -> 5 binary units -> 1 linear output. ``states``: ``"pm1"``
+    ({-1, +1}) or ``"01"`` ({0, 1}, the paper's) for every hidden layer.
     """
     if isinstance(hidden, int) or not hidden:
         raise ConfigError(f"hidden must be a non-empty sequence of widths, got {hidden!r}")
@@ -331,7 +384,7 @@ def sbn_mlp(
     prev = check_int("in_features", in_features, 1, 2**31)
     for i, w in enumerate(hidden):
         w = check_int(f"hidden[{i}]", w, 1, 2**31)
-        layers.append(SBNLinear(prev, w, bias=bias, noise=noise, **kw))
+        layers.append(SBNLinear(prev, w, bias=bias, noise=noise, states=states, **kw))
         prev = w
     out = nn.Linear(prev, check_int("out_features", out_features, 1, 2**31), bias=bias, **kw)
     return SBN(*layers, output=out)
@@ -359,6 +412,7 @@ def sbn_conv8(
     padding: int = 0,
     noise: str | Noise = "logistic",
     *,
+    states: str = "pm1",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> SBN:
@@ -371,7 +425,7 @@ def sbn_conv8(
     ``padding`` is applied to the 3x3 convolutions only (the paper uses 0; use 1 for
     small inputs such as 8x8, where padding 0 runs out of pixels). ``channels``
     scales the widths (e.g. (8, 16) for a quick variant). The classifier's input
-    size is computed from ``input_size``.
+    size is computed from ``input_size``. ``states``: ``"pm1"`` or ``"01"`` (every layer).
     """
     c_in = check_int("in_channels", in_channels, 1, 2**31)
     hw = _pair("input_size", input_size, 1)
@@ -383,7 +437,9 @@ def sbn_conv8(
     layers = []
     size = hw
     for i, (wi, k, s) in enumerate(CONV8_ARCH):
-        conv = SBNConv2d(c_in, widths[wi], k, s, pad if k > 1 else 0, noise=noise, **kw)
+        conv = SBNConv2d(
+            c_in, widths[wi], k, s, pad if k > 1 else 0, noise=noise, states=states, **kw
+        )
         new = conv.output_size(size)
         if min(new) < 1:
             raise ConfigError(

@@ -5,12 +5,16 @@ derivatives are replaced by exact finite differences under single-unit flips
 (``F`` the noise CDF, ``F'`` its density; ``x`` the sampled states):
 
 1. output:  ``d^L_j = f(eta with x^L_j flipped) - f(eta)``,
-   ``eta_(j) = eta - 2 V[:, j] x^L_j``;
+   ``eta_(j) = eta - 2 c V[:, j] x^L_j``;
 2. layer k = L..1:  ``e^k_j = -x^k_j d^k_j``,  ``ga^k_j = e^k_j F'(a^k_j)``,
    ``dW^k_ji = ga^k_j x^{k-1}_i``,  ``db^k_j = ga^k_j``;
-3. below (k >= 2):  ``d^{k-1}_i = sum_j e^k_j [F(a^k_j - 2 W^k_ji x^{k-1}_i) - F(a^k_j)]``;
+3. below (k >= 2):  ``d^{k-1}_i = sum_j e^k_j [F(a^k_j - 2 c W^k_ji x^{k-1}_i) - F(a^k_j)]``;
 4. output parameters: gradient of ``(1/J) sum_j [pi_j f(eta) + (1 - pi_j) f(eta_(j))]``,
    ``pi_j = sg(F(x^L_j a^L_j))`` (the probability of the sampled state).
+
+Here ``x`` are the sampled *signs* in {-1, +1} and ``c`` the state scale of the layer
+that emits them (``c = 1`` for states in {-1, +1}; ``c = 1/2`` for states in {0, 1},
+``h = (x + 1)/2``, whose flip changes ``h`` by ``-2 c x``): one code path for both.
 
 Unbiased for the output layer and the last hidden layer; the bias comes only
 from linearising through deeper layers. For a convolution, step 3 is the
@@ -51,9 +55,11 @@ _OUTPUT_RULES = ("local", "sample")
 class PSA(SBNEstimator):
     """Path sample-analytic estimator ([S20] §3, Alg. 1), linear and conv layers.
 
-        d^L_j = f(eta - 2 V[:, j] x^L_j) - f(eta)
-        ga^k_j = -x^k_j d^k_j F'(a^k_j);   dW^k = ga^k (x^{k-1})^T,  db^k = ga^k
-        d^{k-1}_i = sum_j (-x^k_j d^k_j) [F(a^k_j - 2 W^k_ji x^{k-1}_i) - F(a^k_j)]
+        d^L_j = f(eta - 2 c V[:, j] x^L_j) - f(eta)
+        ga^k_j = -x^k_j d^k_j F'(a^k_j);   dW^k = ga^k (h^{k-1})^T,  db^k = ga^k
+        d^{k-1}_i = sum_j (-x^k_j d^k_j) [F(a^k_j - 2 c W^k_ji x^{k-1}_i) - F(a^k_j)]
+
+    (``x`` signs, ``h = c0 + c x`` the layer's states, see the module docstring)
         output: grad of (1/J) sum_j [pi_j f(eta) + (1 - pi_j) f(eta_(j))], pi_j = sg(F(x_j a_j))
 
     Parameters: ``output`` = ``"local"`` (step 4 above, default) or ``"sample"``
@@ -93,18 +99,20 @@ class PSA(SBNEstimator):
         samples: int,
         generator: torch.Generator | None,
     ) -> tuple[Tensor, Tensor]:
-        hs, pre = sample_path(model, x, samples, generator)
+        hs, pre, ss = sample_path(model, x, samples, generator)
         yr = replicate(y, samples)
         top = model.hidden[-1]
-        xl = hs[-1].flatten(1)
+        xl = ss[-1].flatten(1)  # signs of the last hidden layer
         rows, nj = xl.shape
-        eta = model.output_preact(xl)
+        eta = model.output_preact(hs[-1])
         f0 = per_example_loss(loss_fn, eta, yr)
-        # step 1: all single flips of the last hidden layer, eta_(j) = eta - 2 V[:, j] x_j
-        # (differentiable in V, c only for the "local" output rule of step 4)
+        # step 1: all single flips of the last hidden layer, eta_(j) = eta - 2 c V[:, j] x_j
+        # (c = the layer's state scale; differentiable in V, c only for the "local" rule)
         local = self.output == "local"
         with torch.set_grad_enabled(local and torch.is_grad_enabled()):
             v = model.output.weight
+            if top.state_scale != 1.0:
+                v = v * top.state_scale
             eta_flip = eta[:, None, :] - 2.0 * xl[:, :, None] * v.t()[None]
             f_flip = per_example_loss(
                 loss_fn, eta_flip.reshape(rows * nj, -1), yr.repeat_interleave(nj, dim=0)
@@ -118,14 +126,15 @@ class PSA(SBNEstimator):
         else:
             sur = f0.mean()
         # steps 2-3, top-down
-        d = d.view(hs[-1].shape)
+        d = d.view(ss[-1].shape)
         for k in range(len(model.hidden) - 1, -1, -1):
             layer, a = model.hidden[k], pre[k]
             with torch.no_grad():
                 ad = a.detach()
-                e = d * -hs[k + 1]
+                e = d * -ss[k]
                 ga = e * layer.noise.pdf(ad)
                 if k > 0:
-                    d = ratio(layer, ad, e, hs[k], self.chunk_elements, self.kernel)
+                    c = model.hidden[k - 1].state_scale
+                    d = ratio(layer, ad, e, ss[k - 1], self.chunk_elements, self.kernel, c)
             sur = sur + (ga * a).sum() / rows
         return f0.detach().mean(), sur
