@@ -8,7 +8,7 @@ similarity (mean and 15-85% band), the bias ``||E g_1 - g|| / ||g||`` with its n
 floor and z-score, the variance and SNR, and the cost (seconds per draw, forward-pass
 equivalents, error at an equal time budget); ``g`` is the exact gradient by
 enumeration when the net is small enough, else a Monte-Carlo reference with its
-standard errors ([S20] §5, SPEC §3)::
+standard errors ([S20] §5, docs/papers/psa2020.md)::
 
     from stelab import sbn, analysis
     rep = analysis.gradient_fidelity(model, x, y, sbn.logistic_loss,

@@ -4,7 +4,7 @@ For one layer (weights and bias together, flattened) let ``g`` be the reference
 gradient of the expected loss and ``g_1, ..., g_D`` independent one-draw estimates
 (each the full-batch estimate with fresh noise per example, [S20] §5). Averaging
 consecutive groups of M draws, ``gbar_i = (1/M) sum_{d in group i} g_d``, gives
-``G_M = floor(D / M)`` M-sample estimates, and ([S20] Fig. 3 / SPEC §3):
+``G_M = floor(D / M)`` M-sample estimates, and ([S20] Fig. 3 / docs/papers/psa2020.md):
 
     relative RMSE(M)  = sqrt( (1/G_M) sum_i ||gbar_i - g||^2 ) / ||g||
     cosine(M)         = mean_i <gbar_i, g> / (||gbar_i|| ||g||),  with its 15% and 85% quantiles
@@ -70,7 +70,7 @@ __all__ = [
     "enumerable",
 ]
 
-#: M in {1..9, 10..90, 100..900, 1000..9000} (SPEC §3)
+#: M in {1..9, 10..90, 100..900, 1000..9000} (docs/papers/psa2020.md)
 PAPER_SAMPLE_SIZES: tuple[int, ...] = tuple(d * 10**e for e in range(4) for d in range(1, 10))
 
 _QUANTILES = (0.15, 0.85)

@@ -43,7 +43,7 @@ __all__ = [
     "PAPER_ESTIMATORS",
 ]
 
-#: the estimators of the [S20] gradient-accuracy figure (SPEC §3), as specs
+#: the estimators of the [S20] gradient-accuracy figure (docs/papers/psa2020.md), as specs
 PAPER_ESTIMATORS: tuple[str, ...] = (
     "psa",
     "dst",

@@ -2,7 +2,7 @@
 
 Reproduces Shekhovtsov, Yanush, Flach, *Path Sample-Analytic Gradient Estimators for
 Stochastic Binary Networks*, NeurIPS 2020 (arXiv:2006.03143), §5 "gradient estimation
-accuracy", as restated in SPEC §3:
+accuracy", as restated in docs/papers/psa2020.md:
 
 * data: ``psa-toy`` (seed 1, float64), 100 + 100 points; logistic loss
   ``log(1 + exp(-eta t))`` averaged over the 200 points;
@@ -139,7 +139,7 @@ def train_toy(
     curve_every: int = 10,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train the toy SBN with REINFORCE as in SPEC §3 and save the checkpoints.
+    """Train the toy SBN with REINFORCE as in docs/papers/psa2020.md and save the checkpoints.
 
     Checkpoints are ``out_dir/checkpoints/epoch_XXXX.pt`` (state dicts, loadable with
     ``weights_only=True``) plus ``train.json`` (config, exact expected loss curve).
@@ -606,7 +606,8 @@ def _report_md(
     L = [
         f"# {NAME}: gradient accuracy of SBN estimators ([S20] §5)",
         "",
-        "Protocol (SPEC §3): psa-toy data (seed 1, float64, 200 points), SBN 2-5-5-5-1 with "
+        "Protocol (docs/papers/psa2020.md): psa-toy data (seed 1, float64, 200 points), "
+        "SBN 2-5-5-5-1 with "
         "logistic noise and hidden states in {0, 1} (the paper's parametrisation), logistic "
         "loss; trained with REINFORCE (1 sample), SGD lr 0.03, "
         f"momentum 0.9, batch 10, {cfg['epochs']} epochs; checkpoints after epochs "

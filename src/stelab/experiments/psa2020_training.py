@@ -1,8 +1,8 @@
 """Experiment ``psa2020-training``: training conv SBNs with PSA and its rivals ([S20] §5).
 
-The learning protocol of [S20] (SPEC §3) trains the 8-conv SBN (96-3-1, 96-3-1, 96-3-2,
-192-3-1, 192-3-1, 192-3-2, 192-3-1, 192-1-1, each a stochastic sign, then Linear(768, 10))
-on CIFAR-10 with SGD (Nesterov momentum 0.9, batch 64, one sample per example,
+The learning protocol of [S20] (docs/papers/psa2020.md) trains the 8-conv SBN (96-3-1,
+96-3-1, 96-3-2, 192-3-1, 192-3-1, 192-3-2, 192-3-1, 192-1-1, each a stochastic sign, then
+Linear(768, 10)) on CIFAR-10 with SGD (Nesterov momentum 0.9, batch 64, one sample per example,
 gradient clamp +-1e3, data-dependent init, lr per estimator) and evaluates by
 sampling: the 1-sample accuracy and the accuracy of the 10-sample averaged prediction.
 Its abstract claims "a more stable and better performing training in deep
@@ -83,7 +83,9 @@ LR_GRID = {
 
 @dataclass(frozen=True)
 class SBNTrainConfig:
-    """One SBN training run ([S20] learning protocol, SPEC §3); every field is validated.
+    """One SBN training run ([S20] learning protocol); every field is validated.
+
+    The protocol is described in docs/papers/psa2020.md.
 
     Attributes:
         dataset: a :func:`stelab.data.load` name (digits, fashion-mnist, mnist, cifar10).
@@ -568,7 +570,8 @@ def _report_md(
     L = [
         f"# {NAME}: training a conv SBN with PSA, DST, Concrete and REINFORCE",
         "",
-        "The [S20] learning protocol (SPEC §3) on a machine without a GPU: the 8-conv SBN "
+        "The [S20] learning protocol (docs/papers/psa2020.md) on a machine without a GPU: "
+        "the 8-conv SBN "
         f"(kernels/strides as in the paper) with channels {tuple(base['channels'])} instead of "
         f"(96, 192), padding {base['padding']}, on {base['dataset']} ({r0['train_rows']} "
         f"training rows, {res['val_rows']} validation, {res['test_rows']} test); SGD with "
