@@ -139,8 +139,9 @@ def repro(tmp_path, monkeypatch):
     papers["psa2020"]["parts"] = {"one": "fake_html_b"}
     monkeypatch.setattr(rp, "PAPERS", papers)
     skip = types.SimpleNamespace(run=lambda d, **k: {"claims": [], "skipped": "needs CIFAR-10"})
-    for name, mod in (("fake_html_a", _fake_part(CLAIMS[:2])),
-                      ("fake_html_b", _fake_part(CLAIMS[2:])), ("fake_html_skip", skip)):  # fmt: skip
+    fakes = {"fake_html_a": _fake_part(CLAIMS[:2]), "fake_html_b": _fake_part(CLAIMS[2:]),
+             "fake_html_skip": skip}  # fmt: skip
+    for name, mod in fakes.items():
         monkeypatch.setitem(sys.modules, f"stelab.experiments.{name}", mod)
     rp.reproduce(["all"], tmp_path, quick=True, seed=3, log=lambda s: None)
     return tmp_path / "report.html"
