@@ -82,17 +82,20 @@ class _Display:
     """What ``reproduce`` shows while it runs: rich bars on a terminal, else log lines.
 
     The bars: one for all parts (done / total, ETA from the parts done so far), one
-    for the running part (elapsed), and one for the training run inside it, advanced
-    by the ``epoch k/n:`` records of the ``stelab.train`` logger (ETA from its epochs).
+    for the running part (its training runs finished so far, elapsed), and one for
+    the training run inside it, advanced by the ``epoch k/n:`` records of the
+    ``stelab.train`` logger (ETA from its epochs).
     """
 
-    def __init__(self, n_parts: int, *, bars: bool, log: Callable[[str], Any]) -> None:
+    def __init__(
+        self, n_parts: int, *, bars: bool, log: Callable[[str], Any], console: Any = None
+    ) -> None:
         self.n, self.log, self.progress = n_parts, log, None
         self._handler: logging.Handler | None = None
         if bars:
             from rich.console import Console
 
-            console = Console(stderr=True)
+            console = console if console is not None else Console(stderr=True)
             if console.is_terminal:
                 from rich.progress import (
                     BarColumn,
@@ -148,6 +151,8 @@ class _Display:
         if m:
             self.progress.reset(self.run, total=None, visible=True)
             self.progress.update(self.run, description=f"  run {m.group(1)}")
+        if msg.startswith("finished "):  # a training run of the part is done
+            self.progress.advance(self.part)
         m = _EPOCH.search(msg)
         if m:
             self.progress.update(
