@@ -178,9 +178,15 @@ def test_reproduce_page_opens_with_the_summary_grid(repro):
     assert "no reproduction part" in why[4]
     texts = [r.text() for r in rows]
     assert "(b) identity STE <is> unstable" in texts[1]  # escaped in the file, text here
-    assert all("stelab reproduce yin2019 --quick --seed 3" in t for t in texts[:3])
-    assert "stelab reproduce psa2020 --quick --seed 3" in texts[3]
-    assert "stelab reproduce disguise2024 --quick --seed 3" in texts[4]
+    cells = [c for c in grids[0].iter("td") if "paper" in c.classes()]
+    assert [next(c.iter("a")).text() for c in cells] == ["yin2019", "psa2020", "disguise2024"]
+    assert [next(c.iter("code")).text() for c in cells] == [  # each paper's command
+        "stelab reproduce yin2019 --quick --seed 3",
+        "stelab reproduce psa2020 --quick --seed 3",
+        "stelab reproduce disguise2024 --quick --seed 3",
+    ]
+    spans = [c.attrs["rowspan"] for c in grids[0].iter("td") if "paper" in c.classes()]
+    assert spans == ["3", "1", "1"]
     # each claim links to its evidence and to its part's figures
     for r, c in zip([rows[0], rows[1], rows[3]], CLAIMS, strict=True):
         links = {a.text().split(" ")[0]: a.attrs["href"][1:] for a in r.iter("a")}

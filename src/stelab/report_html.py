@@ -52,7 +52,9 @@ font-variant-numeric:tabular-nums}img{max-width:100%}code{background:#f2f4f6;pad
 border-radius:3px}
 .badge{display:inline-block;min-width:6.5em;text-align:center;border-radius:4px;padding:1px 6px;
 font-weight:600;font-size:.9em}
-.grid td.paper{font-weight:600;background:#fafbfc}.grid td.why{max-width:34em}
+.grid{font-size:.92em}.grid td.paper{font-weight:600;background:#fafbfc}
+.grid td.paper code.cmd{font-weight:400;font-size:.85em;white-space:nowrap}
+.grid td.claim{max-width:24em}.grid td.why{max-width:30em}
 .grid td.links{white-space:nowrap;font-size:.9em}.grid tr:hover td{background:#f6f8fa}
 .counts span{margin-right:.6em}.muted{color:#656d76}
 details>summary{cursor:pointer}details.evidence>summary{color:#24292f}

@@ -432,7 +432,7 @@ def _claim_rows(
                         "part": part,
                         "claim": c,
                         "verdict": str(c.get("verdict", "?")),
-                        "reason": one_line(str(reason)),
+                        "reason": one_line(str(reason), 120),
                     }
                 )
     return rows
@@ -449,7 +449,16 @@ def _report_html(
     one-line reasons, links to each claim's evidence, its part's figures and the command),
     then per paper its claims with the evidence (long evidence folded) and each part's
     own report with its figures embedded."""
-    from ..report_html import Anchors, badge, embed_images, esc, fold, page, render_markdown
+    from ..report_html import (
+        Anchors,
+        badge,
+        embed_images,
+        esc,
+        fold,
+        one_line,
+        page,
+        render_markdown,
+    )
 
     anchor = Anchors()
     anchor("summary")
@@ -481,7 +490,7 @@ def _report_html(
         + "".join(f"<span>{badge(v)} × {counts[v]}</span>" for v in kinds)
         + "</p>",
         '<table class="grid"><thead><tr><th>paper</th><th>part</th><th>claim</th>'
-        "<th>verdict</th><th>why</th><th>evidence · figures · command</th></tr></thead><tbody>",
+        "<th>verdict</th><th>why</th><th>details</th></tr></thead><tbody>",
     ]
     for paper in papers:
         mine = [row for row in rows if row["paper"] == paper]
@@ -490,15 +499,22 @@ def _report_html(
             if i == 0:
                 cells.append(
                     f'<td class="paper" rowspan="{len(mine)}"><a href="#{paper_id[paper]}">'
-                    f"{esc(paper)}</a></td>"
+                    f'{esc(paper)}</a><br><code class="cmd">{esc(_command(paper, mode))}</code>'
+                    "</td>"
                 )
             part, c = row["part"], row["claim"]
             key = (paper, part)
             cells.append(
                 f'<td><a href="#{part_id[key]}">{esc(part)}</a></td>' if part else "<td>–</td>"
             )
-            claim = f"({esc(c.get('id', ''))}) {esc(c.get('text', ''))}" if c else "–"
-            cells.append(f'<td class="claim">{claim}</td>')
+            if c is not None:
+                text = str(c.get("text", ""))
+                cells.append(
+                    f'<td class="claim" title="{esc(" ".join(text.split()))}">'
+                    f"({esc(c.get('id', ''))}) {esc(one_line(text, 90))}</td>"
+                )
+            else:
+                cells.append('<td class="claim">–</td>')
             cells.append(f'<td class="verdict">{badge(row["verdict"])}</td>')
             cells.append(f'<td class="why">{esc(row["reason"])}</td>')
             links = []
@@ -506,8 +522,7 @@ def _report_html(
                 links.append(f'<a href="#{row["id"]}">evidence</a>')
             if part and n_figs.get(key):
                 links.append(f'<a href="#{fig_id[key]}">figures ({n_figs[key]})</a>')
-            links.append(f"<code>{esc(_command(paper, mode))}</code>")
-            cells.append(f'<td class="links">{" · ".join(links)}</td>')
+            cells.append(f'<td class="links">{"<br>".join(links)}</td>')
             h.append(
                 f'<tr class="row v-{esc(row["verdict"])}" data-verdict="{esc(row["verdict"])}">'
                 + "".join(cells)
