@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -178,3 +179,85 @@ def test_a_folder_where_done_json_goes_is_an_error_and_is_kept(tmp_path, fake_re
     with pytest.raises(ValueError, match="done.json' is not a file"):
         rp.reproduce(["yin2019"], tmp_path, quick=True, log=lambda s: None)
     assert (tmp_path / "yin2019" / "fake" / "done.json").is_dir() and not fake_part.CALLS
+
+
+# --- what reproduce says while it runs ----------------------------------------------------
+
+
+def test_not_a_terminal_one_line_per_part_start_and_end(tmp_path, fake_registry, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fake_part, "run", _recording(fake_part.run, seen))
+    lines: list[str] = []
+    rp.reproduce(["yin2019"], tmp_path, quick=True, progress=True, log=lines.append)
+    # pytest captures stderr, so no live bars: plain lines, the parts themselves silent
+    assert lines[0] == "yin2019/fake: running (part 1 of 1)" and len(lines) == 2
+    assert re.fullmatch(r"yin2019/fake: 1 reproduced \(\d+ s\)", lines[1])
+    assert seen == [False]
+    lines.clear()
+    rp.reproduce(["yin2019"], tmp_path, quick=True, log=lines.append)
+    assert lines == ["yin2019/fake: reused finished part (1 reproduced)"]
+
+
+def test_quiet_says_nothing_and_verbose_lets_parts_talk(tmp_path, fake_registry, monkeypatch):
+    seen = []
+    monkeypatch.setattr(fake_part, "run", _recording(fake_part.run, seen))
+    lines: list[str] = []
+    rp.reproduce(["yin2019"], tmp_path, quick=True, quiet=True, log=lines.append)
+    rp.reproduce(["yin2019"], tmp_path, quick=False, quiet=True, log=lines.append)  # reruns
+    assert lines == [] and seen == [False, False]
+    rp.reproduce(["yin2019"], tmp_path, quick=True, verbose=True, log=lines.append)
+    assert seen == [False, False, True] and len(lines) == 3  # running again, start, end
+
+
+def _recording(run, seen):
+    def wrapped(d, *, quick=False, seed=0, progress=True):
+        seen.append(progress)
+        return run(d, quick=quick, seed=seed, progress=progress)
+
+    return wrapped
+
+
+def test_live_bars_follow_the_training_log():
+    import io
+    import logging
+
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    log = logging.getLogger("stelab.train")
+    prev = log.level
+    log.setLevel(logging.INFO)
+    lines: list[str] = []
+    try:
+        with rp._Display(3, bars=True, log=lines.append, console=console) as show:
+            p = show.progress
+            show.start("yin2019/table1", 0)
+            log.info("starting %s: lenet5 on digits, %d epochs", "relu-2bit", 8)
+            log.info("epoch %d/%d: train loss %.4f, lr %.3g, %.1f s", 3, 8, 0.5, 0.1, 0.2)
+            run = p.tasks[show.run]
+            assert (run.description.strip(), run.completed, run.total) == ("run relu-2bit", 3, 8)
+            log.info("finished %d epochs in %.1f s: test acc %s", 8, 1.0, "0.9")
+            assert p.tasks[show.part].completed == 1 and p.tasks[show.part].visible
+            show.end("yin2019/table1", "yin2019/table1: 1 partly (1 s)")
+            assert p.tasks[show.all].completed == 1 and not p.tasks[show.run].visible
+        assert not log.handlers or all(type(h).__name__ != "Handler" for h in log.handlers)
+    finally:
+        log.setLevel(prev)
+    # on a terminal the start line is the bar, the end line is printed
+    assert lines == ["yin2019/table1: 1 partly (1 s)"]
+
+
+def test_demo_quiet_prints_only_results_and_verbose_each_epoch(capsys):
+    from stelab.cli import main
+
+    assert main(["demo", "--epochs", "2", "-e", "ste", "-q"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("LeNet-5, 2-bit activations, estimator")
+    assert main(["demo", "--epochs", "2", "-e", "ste", "--verbose"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [ln.split(":")[0] for ln in out[1:3]] == ["  ste epoch 1/2", "  ste epoch 2/2"]
+    assert len(out) == 4 and out[0].startswith("Training LeNet-5")
+    for cmd in (["demo"], ["reproduce"]):
+        assert main([*cmd, "-q", "-v"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["stelab: error: --quiet and --verbose exclude each other; give one of them"]

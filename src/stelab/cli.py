@@ -155,17 +155,42 @@ def demo(
         typer.Option("--estimator", "-e", help="Estimators to compare (repeatable)."),
     ] = None,
     seed: Annotated[int, typer.Option(min=0, max=_SEED_MAX, help="Random seed.")] = 0,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress bar per estimator (default: on when stderr is a terminal).",
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the result lines.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print a line per epoch as well.")
+    ] = False,
 ) -> None:
     """Train LeNet-5 with quantized activations on the bundled digits, once per estimator."""
     from .experiments import demo as _demo
 
+    _check_quiet_verbose(quiet, verbose)
     ests = estimator or ["ste", "clipped_relu"]
     from . import estimators as _e
 
     for e in ests:
         _e.get(e)  # fail fast on an unknown name
-    typer.echo(f"Training LeNet-5 on scikit-learn digits ({epochs} epochs per estimator)...")
-    _demo.run(ests, bits=bits, epochs=epochs, seed=seed, log=typer.echo)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not quiet:
+        typer.echo(f"Training LeNet-5 on scikit-learn digits ({epochs} epochs per estimator)...")
+    _demo.run(
+        ests,
+        bits=bits,
+        epochs=epochs,
+        seed=seed,
+        log=typer.echo,
+        progress=progress and not quiet,
+        verbose=verbose,
+    )
 
 
 @app.command()
@@ -217,23 +242,47 @@ def reproduce(
         bool | None,
         typer.Option(
             "--progress/--no-progress",
-            help="Progress bars and per-run lines (default: on when stderr is a terminal).",
+            help="Live progress bars (default: on when stderr is a terminal).",
         ),
     ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only errors and the final line.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Print every part's per-epoch lines.")
+    ] = False,
 ) -> None:
     """Reproduce the papers' claims and write report.md + report.html (parts resume).
 
-    One summary line per finished part is always printed.
+    One line per part as it starts and ends (on a terminal: live bars with ETAs instead
+    of the start lines). Each training run's full per-epoch log is in its folder's
+    train.log.
     """
     from .experiments.reproduce import reproduce as _reproduce
 
+    _check_quiet_verbose(quiet, verbose)
     if progress is None:
         progress = sys.stderr.isatty()
 
     path = _reproduce(
-        [paper], out, quick=quick, seed=seed, progress=progress, rerun=rerun, log=typer.echo
+        [paper],
+        out,
+        quick=quick,
+        seed=seed,
+        progress=progress,
+        rerun=rerun,
+        log=typer.echo,
+        verbose=verbose,
+        quiet=quiet,
     )
     typer.echo(f"report: {path} and {path.with_suffix('.html')}")
+
+
+def _check_quiet_verbose(quiet: bool, verbose: bool) -> None:
+    if quiet and verbose:
+        from .errors import ConfigError
+
+        raise ConfigError("--quiet and --verbose exclude each other; give one of them")
 
 
 def _register_more() -> None:

@@ -107,11 +107,12 @@ def register(app: typer.Typer) -> None:
             list[Path], typer.Argument(help="Run directories written by `stelab train`.")
         ],
         out: Annotated[
-            Path, typer.Option("--out", help="Where report.md and the plots go.")
+            Path, typer.Option("--out", help="Where report.md, report.html and the plots go.")
         ] = Path("report"),
     ) -> None:
-        """Tables (mean ± std over seeds) and loss/accuracy plots from run directories."""
+        """Tables (mean ± std over seeds) and loss/accuracy plots from run directories,
+        as report.md and report.html."""
         from .report import write_report
 
         path = write_report(run_dirs, out)
-        typer.echo(f"wrote {path}")
+        typer.echo(f"wrote {path} and {path.with_suffix('.html')}")

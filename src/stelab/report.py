@@ -9,7 +9,9 @@
 * ``val-accuracy.png``: validation accuracy per epoch, one line per group
   (mean over seeds, band from the lowest to the highest seed);
 * ``curves-<run>.png``: per run, loss and accuracy per epoch (train and val);
-* ``summary.csv``: the comparison table with full-precision numbers.
+* ``summary.csv``: the comparison table with full-precision numbers;
+* ``report.html``: the same as a web page (comparison first, then the runs and
+  their curves; the PNGs are linked, so keep them next to it).
 
 Every file is written atomically (temporary file, then ``os.replace``). It needs
 neither torch nor the training code: a report can be made anywhere the run
@@ -369,7 +371,7 @@ def _summary_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
 def write_report(
     run_dirs: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
 ) -> Path:
-    """Write ``report.md``, ``summary.csv`` and PNG plots for ``run_dirs`` into ``out_dir``.
+    """Write ``report.md``, ``report.html``, ``summary.csv`` and PNG plots into ``out_dir``.
 
     Runs whose configs differ only by ``train.seed`` are one row of the comparison
     table, as mean ± sample standard deviation over the seeds. Returns the path of
@@ -460,4 +462,69 @@ def write_report(
             "",
         ]
     atomic_write_text(out / "report.md", "\n".join(lines))
+    atomic_write_text(out / "report.html", _report_html(runs, groups, names))
     return out / "report.md"
+
+
+def _report_html(runs: Sequence[Run], groups: Sequence[Group], names: Mapping[Path, str]) -> str:
+    """``report.html``: the comparison table (best test accuracy in bold), the validation
+    curves, a table of every run linking to its curves, and the curves (relative links to
+    the PNGs next to the page)."""
+    from .report_html import Anchors, esc, page
+
+    anchor = Anchors()
+    run_id = {r.path: anchor("run", r.path.name) for r in runs}
+    test = [mean_std(r.final("test_acc") for r in g.runs)[0] for g in groups]
+    best = max((t for t in test if t is not None), default=None)
+
+    def table(header: Sequence[str], rows: Sequence[Sequence[str]], cls: str = "") -> str:
+        head = "".join(f"<th>{esc(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
+        return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+    h = [
+        "<h1>stelab report</h1>",
+        f'<p class="muted">{len(runs)} run(s) in {len(groups)} group(s). Runs whose configs '
+        "differ only by <code>train.seed</code> form one group; numbers are mean ± sample "
+        "standard deviation (n − 1) over its runs. Accuracies in percent; <em>final</em> is "
+        "the last epoch, <em>best</em> the best validation epoch; test accuracy is of the "
+        "final model.</p>",
+        '<section id="summary"><h2>Comparison</h2>',
+    ]
+    rows = []
+    for g, t in zip(groups, test, strict=True):
+        seeds = ", ".join(str(r.seed) for r in g.runs)
+        epochs = sorted({int(r.final("epochs") or 0) for r in g.runs})
+        cls = ' class="best"' if best is not None and t == best and len(groups) > 1 else ""
+        row = [f"<td{cls}>{esc(g.label)}</td>", f"<td>{len(g.runs)} ({esc(seeds)})</td>"]
+        row.append(f'<td class="num">{"/".join(map(str, epochs))}</td>')
+        row += [
+            f'<td class="num">{esc(fmt([r.final(key) for r in g.runs]))}</td>'
+            for _, key, fmt in _COLUMNS
+        ]
+        rows.append(row)
+    header = ["group", "runs (seeds)", "epochs", *[c[0] for c in _COLUMNS]]
+    h.append(table(header, rows, "grid"))
+    h.append('<p><img src="val-accuracy.png" alt="validation accuracy per epoch"></p></section>')
+    h.append('<section id="runs"><h2>Runs</h2>')
+    rows = []
+    for r in runs:
+        status = "finished" if r.metrics is not None else "not finished"
+        row = [
+            f'<td><a href="#{run_id[r.path]}">{esc(r.path.name)}</a></td>',
+            f"<td>{esc(r.label)}</td><td>{esc(r.seed)}</td>",
+            f'<td class="num">{int(r.final("epochs") or 0)}</td>',
+        ]
+        row += [f'<td class="num">{esc(fmt([r.final(key)]))}</td>' for _, key, fmt in _COLUMNS]
+        row.append(f"<td>{status}</td>")
+        rows.append(row)
+    h.append(table(["run", "group", "seed", "epochs", *[c[0] for c in _COLUMNS], "status"], rows))
+    h.append('</section><section id="curves"><h2>Curves</h2>')
+    for r in runs:
+        h.append(
+            f'<h3 id="{run_id[r.path]}">{esc(r.path.name)}</h3><p class="muted">{esc(r.path)}'
+            f'</p><p><img src="{esc(names[r.path])}" alt="loss and accuracy of '
+            f'{esc(r.path.name)}"></p>'
+        )
+    h.append("</section>")
+    return page("stelab report", "\n".join(h))

@@ -8,6 +8,7 @@ estimator as the only difference between the runs.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -73,17 +74,64 @@ def run(
     epochs: int = 8,
     seed: int = 0,
     log: Callable[[str], Any] = print,
+    progress: bool = False,
+    verbose: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Train once per estimator and log one line each; returns the results."""
+    """Train once per estimator and log one line each; returns the results.
+
+    ``progress``: on a terminal (stderr), one rich bar per estimator (epochs, ETA);
+    ``verbose``: a line per epoch as well.
+    """
+    from contextlib import nullcontext
+
+    bars: Any = None
+    if progress:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        if console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=30),
+                MofNCompleteColumn(),
+                TextColumn("epochs"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console,
+                redirect_stdout=sys.stdout.isatty(),
+            )
     out = {}
-    for est in estimators:
-        t0 = time.perf_counter()
-        r = train_digits(est, bits=bits, epochs=epochs, seed=seed)
-        r["seconds"] = time.perf_counter() - t0
-        out[est] = r
-        log(
-            f"LeNet-5, {bits}-bit activations, estimator {est:>13}: "
-            f"test accuracy {100 * r['test_accuracy']:.2f}%  "
-            f"(train loss {r['train_loss']:.4f}, {r['seconds']:.1f} s)"
-        )
+    with bars if bars is not None else nullcontext():
+        tasks = {}
+        if bars is not None:
+            tasks = {e: bars.add_task(f"{e:>13}", total=epochs, start=False) for e in estimators}
+        for est in estimators:
+
+            def on_epoch(epoch: int, loss: float, est: str = est) -> None:
+                if bars is not None:
+                    bars.advance(tasks[est])
+                if verbose:
+                    log(f"  {est} epoch {epoch + 1}/{epochs}: train loss {loss:.4f}")
+
+            if bars is not None:
+                bars.start_task(tasks[est])
+            t0 = time.perf_counter()
+            r = train_digits(est, bits=bits, epochs=epochs, seed=seed, on_epoch=on_epoch)
+            r["seconds"] = time.perf_counter() - t0
+            out[est] = r
+            log(
+                f"LeNet-5, {bits}-bit activations, estimator {est:>13}: "
+                f"test accuracy {100 * r['test_accuracy']:.2f}%  "
+                f"(train loss {r['train_loss']:.4f}, {r['seconds']:.1f} s)"
+            )
     return out

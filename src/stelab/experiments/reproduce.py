@@ -19,10 +19,11 @@ part's own section.
 
 from __future__ import annotations
 
-import base64
 import importlib
 import json
+import logging
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -73,6 +74,108 @@ def _parts(papers: Sequence[str]) -> list[tuple[str, str, str]]:
     return out
 
 
+_EPOCH = re.compile(r"\bepoch (\d+)/(\d+):")
+_START = re.compile(r"^(?:starting|resuming at epoch \d+) ([^:]+):")
+
+
+class _Display:
+    """What ``reproduce`` shows while it runs: rich bars on a terminal, else log lines.
+
+    The bars: one for all parts (done / total, ETA from the parts done so far), one
+    for the running part (its training runs finished so far, elapsed), and one for
+    the training run inside it, advanced by the ``epoch k/n:`` records of the
+    ``stelab.train`` logger (ETA from its epochs).
+    """
+
+    def __init__(
+        self, n_parts: int, *, bars: bool, log: Callable[[str], Any], console: Any = None
+    ) -> None:
+        self.n, self.log, self.progress = n_parts, log, None
+        self._handler: logging.Handler | None = None
+        if bars:
+            from rich.console import Console
+
+            console = console if console is not None else Console(stderr=True)
+            if console.is_terminal:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    SpinnerColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
+
+                self.progress = Progress(
+                    SpinnerColumn(),
+                    TextColumn("{task.description}"),
+                    BarColumn(bar_width=30),
+                    MofNCompleteColumn(),
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                    console=console,
+                    transient=True,
+                    redirect_stdout=sys.stdout.isatty(),
+                )
+
+    def __enter__(self) -> _Display:
+        if self.progress is not None:
+            self.progress.start()
+            self.all = self.progress.add_task("all parts", total=self.n)
+            self.part = self.progress.add_task("", total=None, visible=False)
+            self.run = self.progress.add_task("", total=None, visible=False)
+            display = self
+
+            class Handler(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    try:
+                        display._record(record.getMessage())
+                    except Exception:  # pragma: no cover - a display problem stops nothing
+                        self.handleError(record)
+
+            self._handler = Handler(logging.INFO)
+            logging.getLogger("stelab.train").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            if self._handler is not None:
+                logging.getLogger("stelab.train").removeHandler(self._handler)
+            self.progress.stop()
+
+    def _record(self, msg: str) -> None:
+        assert self.progress is not None
+        m = _START.match(msg)
+        if m:
+            self.progress.reset(self.run, total=None, visible=True)
+            self.progress.update(self.run, description=f"  run {m.group(1)}")
+        if msg.startswith("finished "):  # a training run of the part is done
+            self.progress.advance(self.part)
+        m = _EPOCH.search(msg)
+        if m:
+            self.progress.update(
+                self.run, completed=int(m.group(1)), total=int(m.group(2)), visible=True
+            )
+
+    def start(self, name: str, i: int) -> None:
+        """Part ``name`` (the ``i``-th, from 0) starts."""
+        if self.progress is None:
+            self.log(f"{name}: running (part {i + 1} of {self.n})")
+            return
+        self.progress.reset(self.part, total=None, visible=True, description=name)
+        self.progress.update(self.run, visible=False)
+
+    def end(self, name: str, line: str) -> None:
+        """Part ``name`` is finished, reused or skipped: ``line`` says how."""
+        self.log(line)
+        if self.progress is not None:
+            self.progress.advance(self.all)
+            self.progress.update(self.part, visible=False)
+            self.progress.update(self.run, visible=False)
+
+
 def reproduce(
     papers: Sequence[str],
     out: Path,
@@ -82,11 +185,22 @@ def reproduce(
     progress: bool = True,
     rerun: bool = False,
     log: Callable[[str], Any] = print,
+    verbose: bool = False,
+    quiet: bool = False,
 ) -> Path:
     """Run the parts of ``papers`` (``["all"]`` for every paper) into ``out``.
 
     Returns the path of ``report.md``. Finished parts (same ``quick`` and
     ``seed``) are reused unless ``rerun``.
+
+    What it says: ``log`` gets one line when a part starts and one when it ends
+    (or is reused, skipped, or runs again, and why). With ``progress`` on a terminal
+    (stderr) the start lines give way to live bars instead: all parts (with an
+    ETA), the running part, and its current training run (epoch k of n, with an
+    ETA), fed by the ``stelab.train`` log. ``verbose`` lets the parts print their
+    own per-epoch lines and bars (and turns the live bars off); ``quiet`` says
+    nothing but errors. Each training run's full per-epoch log is its run folder's
+    ``train.log`` either way.
     """
     papers = list(PAPERS) if list(papers) == ["all"] or not papers else list(papers)
     parts = _parts(papers)
@@ -101,43 +215,47 @@ def reproduce(
         raise ConfigError(f"output folder {str(out)!r} is not writable: {why}") from None
     mode = {"quick": bool(quick), "seed": int(seed)}
     results: dict[tuple[str, str], dict[str, Any]] = {}
-    for paper, part, mod in parts:
-        d = out / paper / part
-        done = d / "done.json"
-        if done.exists() and not done.is_file():
-            raise ConfigError(
-                f"{str(done)!r} is not a file; stelab keeps its record of the finished part "
-                "there: move it away"
-            )
-        if done.exists() and not rerun:
-            prev, why = check_finished(d, mode)
-            if prev is not None:
-                results[(paper, part)] = prev
-                log(f"{paper}/{part}: reused finished part ({_verdicts(prev)})")
+    say: Callable[[str], Any] = (lambda s: None) if quiet else log
+    with _Display(len(parts), bars=progress and not verbose and not quiet, log=say) as show:
+        for i, (paper, part, mod) in enumerate(parts):
+            name = f"{paper}/{part}"
+            d = out / paper / part
+            done = d / "done.json"
+            if done.exists() and not done.is_file():
+                raise ConfigError(
+                    f"{str(done)!r} is not a file; stelab keeps its record of the finished "
+                    "part there: move it away"
+                )
+            if done.exists() and not rerun:
+                prev, why = check_finished(d, mode)
+                if prev is not None:
+                    results[(paper, part)] = prev
+                    show.end(name, f"{name}: reused finished part ({_verdicts(prev)})")
+                    continue
+                say(f"{name}: running again: {why}")
+            if done.exists():
+                done.unlink()  # stale: a run interrupted from here on must not look finished
+            show.start(name, i)
+            t0 = time.perf_counter()
+            module = importlib.import_module(mod if "." in mod else f"stelab.experiments.{mod}")
+            r = module.run(d, quick=quick, seed=seed, progress=verbose)
+            if r.get("skipped"):
+                results[(paper, part)] = {"claims": [], "skipped": str(r["skipped"])}
+                show.end(name, f"{name}: skipped ({r['skipped']})")
                 continue
-            log(f"{paper}/{part}: running again: {why}")
-        if done.exists():
-            done.unlink()  # stale: a run interrupted from here on must not look finished
-        t0 = time.perf_counter()
-        module = importlib.import_module(mod if "." in mod else f"stelab.experiments.{mod}")
-        r = module.run(d, quick=quick, seed=seed, progress=progress)
-        if r.get("skipped"):
-            results[(paper, part)] = {"claims": [], "skipped": str(r["skipped"])}
-            log(f"{paper}/{part}: skipped ({r['skipped']})")
-            continue
-        r = {
-            "mode": mode,
-            "seconds": time.perf_counter() - t0,
-            "claims": r.get("claims", []),
-            "notes": r.get("notes", ""),
-            "files": [f for f in _report_files(d) if (d / f).is_file()],
-        }
-        write_json(done, r)
-        results[(paper, part)] = r
-        log(f"{paper}/{part}: {_verdicts(r)} ({r['seconds']:.0f} s)")
+            r = {
+                "mode": mode,
+                "seconds": time.perf_counter() - t0,
+                "claims": r.get("claims", []),
+                "notes": r.get("notes", ""),
+                "files": [f for f in _report_files(d) if (d / f).is_file()],
+            }
+            write_json(done, r)
+            results[(paper, part)] = r
+            show.end(name, f"{name}: {_verdicts(r)} ({r['seconds']:.0f} s)")
     md = _report_md(papers, parts, results, out, mode)
     path = atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "report.html", _html(md, out))
+    atomic_write_text(out / "report.html", _report_html(papers, parts, results, out, mode))
     return path
 
 
@@ -230,8 +348,11 @@ def _report_md(
         for key in mine:
             lines += verdict_rows(results[key]["claims"], part=key[1])
         lines.append("")
-        skipped = [(part, results[(p, part)]["skipped"]) for p, part in mine
-                   if results[(p, part)].get("skipped")]  # fmt: skip
+        skipped = [
+            (part, results[(p, part)]["skipped"])
+            for p, part in mine
+            if results[(p, part)].get("skipped")
+        ]
         if skipped:
             lines += [f"Skipped: **{part}**: {why}." for part, why in skipped] + [""]
         for p, part in mine:
@@ -257,28 +378,199 @@ def _report_md(
     return "\n".join(lines) + "\n"
 
 
-def _html(md: str, root: Path) -> str:
-    """Render ``md`` to a self-contained HTML page (PNGs embedded as data URIs)."""
-    from markdown_it import MarkdownIt
+def _command(paper: str, mode: dict[str, Any]) -> str:
+    """The command line that reproduces ``paper`` in ``mode``."""
+    cmd = f"stelab reproduce {paper}"
+    if mode.get("quick"):
+        cmd += " --quick"
+    if mode.get("seed"):
+        cmd += f" --seed {mode['seed']}"
+    return cmd
 
-    body = MarkdownIt("commonmark").enable("table").render(md)
 
-    def embed(m: re.Match[str]) -> str:
-        src = m.group(2)
-        f = root / src
-        if "://" in src or not f.is_file():
-            return m.group(0)
-        data = base64.b64encode(f.read_bytes()).decode("ascii")
-        mime = "image/png" if f.suffix.lower() == ".png" else "image/svg+xml"
-        return f"{m.group(1)}data:{mime};base64,{data}{m.group(3)}"
+def _claim_rows(
+    papers: list[str],
+    parts: list[tuple[str, str, str]],
+    results: dict[tuple[str, str], dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """One row per claim (a skipped part or a paper without parts is one grey row), with
+    the one-line reason: the claim's optional ``summary``, else its evidence's first
+    sentence."""
+    from ..report_html import one_line
 
-    body = re.sub(r'(<img src=")([^"]+)(")', embed, body)
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;"
-        "line-height:1.45}table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid "
-        "#ccc;padding:4px 8px;vertical-align:top}img{max-width:100%}code{background:#f4f4f4}"
+    rows = []
+    for paper in papers:
+        mine = [part for p, part, _ in parts if p == paper]
+        if not mine:
+            rows.append(
+                {
+                    "paper": paper,
+                    "part": None,
+                    "claim": None,
+                    "verdict": "skipped",
+                    "reason": "no reproduction part of this paper is available yet",
+                }
+            )
+        for part in mine:
+            r = results[(paper, part)]
+            if r.get("skipped"):
+                rows.append(
+                    {
+                        "paper": paper,
+                        "part": part,
+                        "claim": None,
+                        "verdict": "skipped",
+                        "reason": one_line(str(r["skipped"]), 200),
+                    }
+                )
+                continue
+            for c in r.get("claims", []):
+                reason = c.get("summary") or c.get("evidence", "")
+                rows.append(
+                    {
+                        "paper": paper,
+                        "part": part,
+                        "claim": c,
+                        "verdict": str(c.get("verdict", "?")),
+                        "reason": one_line(str(reason), 120),
+                    }
+                )
+    return rows
+
+
+def _report_html(
+    papers: list[str],
+    parts: list[tuple[str, str, str]],
+    results: dict[tuple[str, str], dict[str, Any]],
+    out: Path,
+    mode: dict[str, Any],
+) -> str:
+    """The HTML report: a one-screen summary grid (papers × claims, coloured verdicts,
+    one-line reasons, links to each claim's evidence, its part's figures and the command),
+    then per paper its claims with the evidence (long evidence folded) and each part's
+    own report with its figures embedded."""
+    from ..report_html import (
+        Anchors,
+        badge,
+        embed_images,
+        esc,
+        fold,
+        one_line,
+        page,
+        render_markdown,
     )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>stelab reproduction report"
-        f"</title><style>{style}</style></head><body>{body}</body></html>\n"
-    )
+
+    anchor = Anchors()
+    anchor("summary")
+    paper_id = {p: anchor("paper", p) for p in papers}
+    part_id = {(p, part): anchor("part", p, part) for p, part, _ in parts}
+    fig_id = {(p, part): anchor("figures", p, part) for p, part, _ in parts}
+    rows = _claim_rows(papers, parts, results)
+    for row in rows:
+        c = row["claim"]
+        if c is not None:
+            row["id"] = anchor("claim", row["paper"], row["part"], c.get("id", ""))
+    n_figs = {}
+    for p, part, _ in parts:
+        files = results[(p, part)].get("files") or []
+        n_figs[(p, part)] = sum(1 for f in files if f != "report.md")
+
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["verdict"]] = counts.get(row["verdict"], 0) + 1
+    order = ["reproduced", "partly", "not", "skipped"]
+    kinds = [v for v in order if v in counts] + sorted(set(counts) - set(order))
+    h = [
+        "<h1>stelab reproduction report</h1>",
+        f'<p class="muted">{"Quick" if mode["quick"] else "Full"} mode, seed {mode["seed"]}. '
+        "Each claim of a paper gets a verdict (reproduced, partly, not; skipped when its part "
+        "could not run here) with its evidence.</p>",
+        '<section id="summary"><h2>Summary</h2>',
+        '<p class="counts">'
+        + "".join(f"<span>{badge(v)} × {counts[v]}</span>" for v in kinds)
+        + "</p>",
+        '<table class="grid"><thead><tr><th>paper</th><th>part</th><th>claim</th>'
+        "<th>verdict</th><th>why</th><th>details</th></tr></thead><tbody>",
+    ]
+    for paper in papers:
+        mine = [row for row in rows if row["paper"] == paper]
+        for i, row in enumerate(mine):
+            cells = []
+            if i == 0:
+                cells.append(
+                    f'<td class="paper" rowspan="{len(mine)}"><a href="#{paper_id[paper]}">'
+                    f'{esc(paper)}</a><br><code class="cmd">{esc(_command(paper, mode))}</code>'
+                    "</td>"
+                )
+            part, c = row["part"], row["claim"]
+            key = (paper, part)
+            cells.append(
+                f'<td><a href="#{part_id[key]}">{esc(part)}</a></td>' if part else "<td>–</td>"
+            )
+            if c is not None:
+                text = str(c.get("text", ""))
+                cells.append(
+                    f'<td class="claim" title="{esc(" ".join(text.split()))}">'
+                    f"({esc(c.get('id', ''))}) {esc(one_line(text, 90))}</td>"
+                )
+            else:
+                cells.append('<td class="claim">–</td>')
+            cells.append(f'<td class="verdict">{badge(row["verdict"])}</td>')
+            cells.append(f'<td class="why">{esc(row["reason"])}</td>')
+            links = []
+            if c is not None:
+                links.append(f'<a href="#{row["id"]}">evidence</a>')
+            if part and n_figs.get(key):
+                links.append(f'<a href="#{fig_id[key]}">figures ({n_figs[key]})</a>')
+            cells.append(f'<td class="links">{"<br>".join(links)}</td>')
+            h.append(
+                f'<tr class="row v-{esc(row["verdict"])}" data-verdict="{esc(row["verdict"])}">'
+                + "".join(cells)
+                + "</tr>"
+            )
+    h.append("</tbody></table></section>")
+
+    for paper in papers:
+        h.append(f'<section id="{paper_id[paper]}"><h2>{esc(PAPERS[paper]["title"])}</h2>')
+        h.append(f"<p>Reproduce with <code>{esc(_command(paper, mode))}</code>.</p>")
+        mine = [part for p, part, _ in parts if p == paper]
+        if not mine:
+            h.append("<p>No reproduction part of this paper is available yet.</p></section>")
+            continue
+        for part in mine:
+            key = (paper, part)
+            r = results[key]
+            h.append(f'<section id="{part_id[key]}"><h3>{esc(paper)} / {esc(part)}</h3>')
+            if r.get("skipped"):
+                h.append(f"<p>{badge('skipped')} {esc(r['skipped'])}</p></section>")
+                continue
+            secs = r.get("seconds")
+            if isinstance(secs, (int, float)):
+                h.append(f'<p class="muted">Ran in {secs:.0f} s.</p>')
+            h.append(
+                "<table><thead><tr><th>claim</th><th>verdict</th><th>evidence</th></tr>"
+                "</thead><tbody>"
+            )
+            for row in rows:
+                c = row["claim"]
+                if row["paper"] != paper or row["part"] != part or c is None:
+                    continue
+                h.append(
+                    f'<tr id="{row["id"]}"><td>({esc(c.get("id", ""))}) {esc(c.get("text", ""))}'
+                    f"</td><td>{badge(row['verdict'])}</td>"
+                    f"<td>{fold(str(c.get('evidence', '')))}</td></tr>"
+                )
+            h.append("</tbody></table>")
+            sub = out / paper / part / "report.md"
+            h.append(f'<div id="{fig_id[key]}">')
+            if sub.is_file():
+                body = render_markdown(sub.read_text(encoding="utf-8", errors="replace"), 3)
+                h.append(
+                    f"<details open><summary>The part's report: tables and figures</summary>"
+                    f"{embed_images(body, sub.parent)}</details>"
+                )
+            else:
+                h.append(f"<p><em>{esc(part)}: the part wrote no report.md.</em></p>")
+            h.append("</div></section>")
+        h.append("</section>")
+    return page("stelab reproduction report", "\n".join(h))
