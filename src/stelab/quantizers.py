@@ -303,9 +303,10 @@ class Quantizer(nn.Module):
             :class:`~stelab.estimators.Estimator`, or a function ``x -> q̂'(x)``.
             None (the default) takes the one stelab's reproductions support for
             ``fn`` (``stelab.estimators.DEFAULTS``, with the measurement behind each):
-            ``clipped`` for sign and ternary ([S20]: the identity STE's gradient
-            error grows layer by layer in a sign network), ``clipped_relu`` for
-            heaviside and act ([Y19]), ``ste`` for uniform ([S24]) and identity.
+            ``clipped`` for sign and ternary ([S20]: in a sign network the
+            identity STE's gradient is 7-1900x off, the clipped STE's 1-7x),
+            ``clipped_relu`` for heaviside and act ([Y19]), ``ste`` for uniform
+            ([S24]) and identity.
         bits: bit width for ``uniform`` (2..16, or None for unclipped) and
             ``act`` (1..16).
         step: level spacing Δ for ``uniform`` / resolution α for ``act``: a
