@@ -491,12 +491,15 @@ class DSQ(Estimator):
             t = torch.sub(x, ctx.jump_offset).div_(ctx.step)
         else:
             t = torch.div(x, ctx.step)
-        b = _integer_bound(x.dtype)
-        t.clamp_(-b, b)  # see _bin_coordinate
-        t.sub_(torch.round(t)).mul_(2 * self.k).sigmoid_()
-        torch.ops.aten.sigmoid_backward.grad_input(g, t, grad_input=t)
         lo = ctx.first_jump - ctx.step / 2
         hi = ctx.last_jump + ctx.step / 2
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            # see _bin_coordinate; within a clipped range t is finite, and beyond it
+            # hardtanh_backward below selects 0 (it does not multiply a NaN by 0)
+            b = _integer_bound(x.dtype)
+            t.clamp_(-b, b)
+        t.sub_(torch.round(t)).mul_(2 * self.k).sigmoid_()
+        torch.ops.aten.sigmoid_backward.grad_input(g, t, grad_input=t)
         if math.isfinite(lo) or math.isfinite(hi):
             torch.ops.aten.hardtanh_backward.grad_input(
                 t, x, _next(lo, -math.inf, x.dtype), _next(hi, math.inf, x.dtype), grad_input=t

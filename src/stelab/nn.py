@@ -186,7 +186,7 @@ def _check_spec(spec: QuantSpec, role: str) -> None:
         return
     if isinstance(spec, str):
         fn, _, est = spec.partition(":")
-        _role_class(role)(fn, est or None, **({"step": 1.0} if fn == "uniform" else {}))
+        _role_class(role)(fn, est or None)
         return
     if isinstance(spec, Mapping):
         kw = dict(spec)
