@@ -302,6 +302,36 @@ def test_unconvertible_layers_are_listed_in_a_warning_and_in_summary():
     assert s.float32_bytes == 4 * s.total_params
 
 
+def test_lstm_and_attention_are_reported_not_converted():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 4, batch_first=True)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h, _ = self.rnn(x)
+            h, _ = self.attn(h, h, h)
+            return self.head(h)
+
+    with pytest.warns(StelabWarning) as rec:
+        q = quantize(Seq(), weights="sign")
+    msg = " ".join(str(w.message) for w in rec)
+    assert "'rnn' (LSTM, weights)" in msg and "'attn' (MultiheadAttention, weights)" in msg
+    assert "'attn.out_proj' (NonDynamicallyQuantizableLinear, weights)" in msg
+    assert isinstance(q.head, QuantLinear) and type(q.rnn) is nn.LSTM
+    assert stelab.nn.unconvertible(nn.Softmax(dim=1)) is None
+    assert stelab.nn.unconvertible(nn.BatchNorm2d(3)) is None
+
+
+def test_bad_skip_and_summary_model_are_stelab_errors():
+    with pytest.raises(StelabTypeError, match="skip"):
+        quantize(plain_net(), weights="sign", skip=5)
+    with pytest.raises(StelabTypeError, match="model"):
+        summary("lenet5", (1, 8, 8))
+
+
 def test_summary_of_a_fully_convertible_model_has_no_extra_column():
     s = summary(quantize(plain_net(), weights="sign:ste"), (1, 8, 8))
     assert all(r.not_convertible == "" for r in s.rows)

@@ -335,6 +335,10 @@ def quantize(
         raise StelabTypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = (skip,)
+    if not isinstance(skip, Iterable) or not all(isinstance(p, str) for p in skip):
+        raise StelabTypeError(
+            f"skip must be a module-name pattern or a list of them (strings), got {skip!r}"
+        )
     skip = tuple(skip)
     if overrides is not None and not isinstance(overrides, Mapping):
         raise StelabTypeError(
@@ -610,6 +614,8 @@ def summary(
     (``F.relu``, ``torch.tanh``, ...), found while running the input; a module
     calling them gets a row of its own even if it is not a leaf.
     """
+    if not isinstance(model, nn.Module):
+        raise StelabTypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     try:
         shape = tuple(int(s) for s in input_size)
     except (TypeError, ValueError):

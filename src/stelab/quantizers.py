@@ -19,7 +19,16 @@ Rounding in ``uniform`` is ``torch.round``: halves go to the even integer
 (round(0.5) = 0, round(1.5) = 2). ``rounding="stochastic"`` rounds up with
 probability equal to the fractional part (floor(x/Δ + U), U ~ U[0, 1)), an
 unbiased forward. ``bits=None`` leaves ``uniform`` unclipped (Δ·round(x/Δ)),
-the setting of [S24].
+the setting of [S24]. Beyond L = 2^p·Δ (p = 11, 24, 53 significand bits for
+float16/32/64) its levels are finer than the floats, and the correctly rounded
+Δ·round(x/Δ) is x itself: that is what it returns there, never ±inf (computed
+directly, x/Δ overflows near the float maximum when Δ < 1). Below L the result
+is bit for bit Δ·round(x/Δ).
+
+Every estimator gives a finite gradient for every finite input in float16,
+float32 and float64; the periodic ones (``dsq`` and [S24]'s cyclical
+estimators) take the position inside a bin as 0 where x/Δ has no fractional
+bits (|x/Δ| >= 2^p), which is also where x/Δ overflows.
 
 ``act`` is [Y19]'s ceil-based quantizer: 0 for x <= 0, α·ceil(x/α) on
 (0, (2^b - 2)α], (2^b - 1)α beyond. Levels 0, α, ..., (2^b - 1)α; jumps at
