@@ -133,12 +133,15 @@ class FileServer:
     """Serves ``files`` (URL path -> bytes) on 127.0.0.1; counts requests.
 
     Paths in ``truncate`` announce their full Content-Length but send only half the
-    body and close the connection (an interrupted download).
+    body and close the connection (an interrupted download). Paths in ``endless``
+    send no Content-Length and stream their body repeated for the given number of
+    bytes (a mirror that streams without end; finite so a broken client still ends).
     """
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.truncate: set[str] = set()
+        self.endless: dict[str, int] = {}
         self.requests: list[str] = []
         outer = self
 
@@ -150,6 +153,17 @@ class FileServer:
                     self.send_error(404)
                     return
                 self.send_response(200)
+                if self.path in outer.endless:
+                    self.end_headers()
+                    self.close_connection = True
+                    sent, total = 0, outer.endless[self.path]
+                    try:
+                        while sent < total:
+                            self.wfile.write(body)
+                            sent += len(body)
+                    except OSError:  # the client stopped reading
+                        pass
+                    return
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 if self.path in outer.truncate:
@@ -343,6 +357,34 @@ def test_interrupted_download_leaves_nothing(fake_mnist, server, env):
     server.truncate.add(f"/mnist/{NAMES['train_images']}")
     with pytest.raises(DataError, match="interrupted"):
         data.load("mnist", val_size=5, mirrors=mirror, progress=False)
+    assert files_in(cache_dir(env, "mnist")) == []
+
+
+@pytest.mark.parametrize("sized", [True, False])
+def test_endless_stream_is_cut_at_the_expected_size(fake_mnist, server, env, monkeypatch, sized):
+    """A mirror streaming without end is stopped after the published size (+1 byte),
+    before the checksum; without a published size, at MAX_UNSIZED_BYTES."""
+    import stelab.data.files as files_mod
+
+    name = NAMES["train_images"]
+    remote = fake_mnist.resource.file("train_images")
+    if not sized:
+        monkeypatch.setattr(files_mod, "MAX_UNSIZED_BYTES", 3 * remote.size)
+        res = dataclasses.replace(
+            fake_mnist.resource,
+            files=tuple(
+                dataclasses.replace(f, size=None) if f.role == "train_images" else f
+                for f in fake_mnist.resource.files
+            ),
+        )
+        monkeypatch.setitem(data.RESOURCES, "mnist", res)
+    mirror = server.add("/mnist", fake_mnist.files)
+    server.endless[f"/mnist/{name}"] = 64 << 20
+    with pytest.raises(DataError) as err:
+        data.load("mnist", val_size=5, mirrors=mirror, progress=False)
+    cap = remote.size if sized else 3 * remote.size
+    msg = str(err.value)
+    assert f"more than the expected {cap} bytes" in msg and name in msg
     assert files_in(cache_dir(env, "mnist")) == []
 
 

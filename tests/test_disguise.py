@@ -296,6 +296,18 @@ def test_vanishing_estimators_raise_naming_where():
         equivalent_ste("dsq", 0.1, params={"k": 100.0})
 
 
+def test_negative_region_is_named_precisely():
+    """cosine(a=2) is negative where cos(2πr) < -1/2, i.e. |r| > 1/3: two intervals
+    next to the change points, not the whole bin."""
+    with pytest.raises(ConfigError) as e:
+        equivalent_ste("cosine", 0.1, params={"a": 2.0})
+    msg = str(e.value)
+    assert "33% of every bin" in msg
+    assert "between w = level -0.5·Δ and level -0.3334·Δ" in msg
+    assert "between w = level +0.3334·Δ and level +0.5·Δ" in msg
+    assert "level -0.5·Δ and level +0.5·Δ" not in msg
+
+
 def test_non_cyclical_and_unsupported_estimators_raise():
     with pytest.raises(ConfigError, match="not cyclical"):
         equivalent_ste("clipped", 0.1, params={"c": 0.5})  # clipped STE: 0 beyond |w| > c

@@ -336,3 +336,20 @@ def test_tensor_step_path_equals_float_step_path(qargs, est, params, formula, ex
     g_slow, y_slow = backward(slow.to(dtype), xs, dtype)
     assert torch.equal(y_fast, y_slow)
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-6, atol=1e-6)
+
+
+def test_defaults_are_described_and_listed_by_the_cli(capsys):
+    from stelab.cli import main
+
+    rows = {r["name"]: r for r in stelab.estimators.describe()}
+    assert rows["clipped"]["default_for"] == ["sign", "ternary"]
+    assert rows["clipped_relu"]["default_for"] == ["heaviside", "act"]
+    assert rows["ste"]["default_for"] == ["identity", "uniform"]
+    assert rows["dsq"]["default_for"] == []
+    # every forward function has a default that can serve it
+    for kind, (name, why) in stelab.estimators.DEFAULTS.items():
+        assert why and Quantizer(kind, **({"bits": 2, "step": 0.5} if kind in ("uniform", "act")
+                                           else {})).estimator.name == name  # fmt: skip
+    assert main(["estimators"]) == 0
+    out = capsys.readouterr().out
+    assert "default for" in out and "act: clipped_relu - [Y19]" in out

@@ -8,7 +8,7 @@ from torch import nn
 
 import stelab
 from stelab import QuantAct, QuantConv2d, Quantizer, QuantLinear, quantize, summary
-from stelab.errors import ConfigError
+from stelab.errors import ConfigError, StelabTypeError, StelabWarning
 
 
 def plain_net() -> nn.Module:
@@ -142,7 +142,7 @@ def test_summary_totals_match_hand_computation():
     assert s.compression == pytest.approx(4 * 363 / deployed)
     rows = {r.name: r for r in s.rows}
     assert rows["0"].output_shape == (4, 6, 6) and rows["0"].weight_bits == 4
-    assert rows["1"].act_bits == 2 and rows["1"].estimator == "ste"
+    assert rows["1"].act_bits == 2 and rows["1"].estimator == "clipped_relu (default)"
     text = str(s)
     assert "Compression" in text and "QuantConv2d" in text and "MACs" in text
 
@@ -189,3 +189,180 @@ def test_public_api_exports():
     for name in ["Quantizer", "QuantAct", "QuantLinear", "QuantConv2d", "quantize", "summary",
                  "register_estimator", "estimator", "custom"]:  # fmt: skip
         assert hasattr(stelab, name)
+
+
+# --- #11 item 8: quantize() raises stelab errors and never silently does nothing --------
+
+
+def test_root_layer_is_converted():
+    lin = nn.Linear(4, 2)
+    q = quantize(lin, weights="sign:ste")
+    assert isinstance(q, QuantLinear) and q.weight_quantizer.estimator.name == "ste"
+    x = torch.randn(3, 4)
+    expect = x @ torch.where(lin.weight >= 0, 1.0, -1.0).T + lin.bias
+    torch.testing.assert_close(q(x), expect)
+    # inplace: the result shares the float layer's parameters
+    qi = quantize(lin, weights="sign", inplace=True)
+    assert qi.weight is lin.weight and qi.bias is lin.bias
+    act = quantize(nn.ReLU(), activations={"fn": "act", "bits": 2, "alpha": 0.5})
+    assert isinstance(act, QuantAct)
+    assert act(torch.tensor([-1.0, 0.2, 0.7, 9.0])).tolist() == [0.0, 0.5, 1.0, 1.5]
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,words",
+    [
+        (dict(weights=5), StelabTypeError, ["weights", "5"]),
+        (dict(activations=[1]), StelabTypeError, ["activations", "[1]"]),
+        (dict(weights="sgn"), ConfigError, ["sgn"]),
+        (dict(weights="sign:nope"), ConfigError, ["nope"]),
+        (dict(weights={"fn": "uniform", "bits": 1, "step": "auto"}), ConfigError, ["bits", "1"]),
+        (dict(weights={"fn": "uniform", "bit": 4, "step": "auto"}), ConfigError,
+         ["unknown key 'bit'", "did you mean 'bits'"]),
+        (dict(weights={"fn": "sign", "bta": 3, "estimator": "swish_sign"}), ConfigError,
+         ["unknown key 'bta'", "did you mean 'beta'"]),
+    ],
+)  # fmt: skip
+def test_spec_is_validated_even_when_no_layer_matches(kwargs, exc, words):
+    model = nn.Sequential(nn.Flatten())  # nothing quantize() could convert
+    with pytest.raises(exc) as e:
+        quantize(model, **kwargs)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_auto_step_with_one_bit_names_bits_not_zero_division():
+    with pytest.raises(ConfigError, match=r"bits must be an integer in \[2, 16\], got 1"):
+        stelab.nn.auto_step(torch.ones(3), "uniform", 1)
+
+
+def test_spec_that_converts_nothing_raises_or_warns():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Flatten())
+    with pytest.raises(ConfigError, match="activations='heaviside' converted no layer"):
+        quantize(model, activations="heaviside")
+    with pytest.warns(StelabWarning, match="converted no layer"):
+        out = quantize(model, activations="heaviside", strict=False)
+    assert type(out[0]) is nn.Linear
+    # everything already quantized: also nothing converted, and said so
+    q = quantize(model, weights="sign")
+    with pytest.raises(ConfigError, match="already quantized"):
+        quantize(q, weights="sign")
+
+
+def test_shared_module_stays_shared():
+    torch.manual_seed(0)
+    lin = nn.Linear(2, 2)
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    q = quantize(model, weights="sign:ste")
+    assert isinstance(q[0], QuantLinear) and q[0] is q[2]
+    x = torch.randn(5, 2)
+    ws = torch.where(lin.weight >= 0, 1.0, -1.0)
+    expect = torch.relu(x @ ws.T + lin.bias) @ ws.T + lin.bias
+    torch.testing.assert_close(q(x), expect)
+    # inplace keeps the one Parameter
+    qi = quantize(model, weights="sign", inplace=True)
+    assert qi[0] is qi[2] and qi[0].weight is lin.weight
+    # the two uses cannot get different specs
+    with pytest.raises(ConfigError, match="same module"):
+        quantize(model, weights="sign", skip=["2"])
+
+
+def test_unconvertible_layers_are_listed_in_a_warning_and_in_summary():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1d = nn.Conv1d(2, 3, 3)
+            self.fc = nn.Linear(3, 4)
+            self.gelu = nn.GELU()
+            self.relu = nn.ReLU()
+            self.up = nn.ConvTranspose2d(1, 1, 2)
+
+        def forward(self, x):
+            y = nn.functional.relu(self.conv1d(x)).mean(-1)
+            y = self.relu(self.gelu(torch.relu(self.fc(y))))
+            return self.up(y.view(-1, 1, 2, 2))
+
+    with pytest.warns(StelabWarning) as rec:
+        q = quantize(Net(), weights="sign", activations={"fn": "act", "bits": 2, "alpha": 0.5})
+    msg = " ".join(str(w.message) for w in rec)
+    assert "'conv1d' (Conv1d, weights)" in msg and "'up' (ConvTranspose2d, weights)" in msg
+    assert "'gelu' (GELU, activation)" in msg and "'fc'" not in msg and "'relu'" not in msg
+    s = summary(q, (2, 6))
+    rows = {r.name: r for r in s.rows}
+    assert rows["conv1d"].not_convertible == "weights"
+    assert rows["up"].not_convertible == "weights"
+    assert rows["gelu"].not_convertible == "activation"
+    # functional activations are found while running: the model calls F.relu and torch.relu
+    assert rows[""].not_convertible == "F.relu, torch.relu"
+    assert rows["fc"].not_convertible == "" and rows["relu"].not_convertible == ""
+    assert rows["relu"].estimator == "clipped_relu (default)"
+    text = str(s)
+    assert "Not convertible" in text and "(default)" in text
+    # totals are unchanged by the extra row of the (non-leaf) model
+    assert s.total_params == sum(p.numel() for p in q.parameters())
+    assert s.float32_bytes == 4 * s.total_params
+
+
+def test_lstm_and_attention_are_reported_not_converted():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 4, batch_first=True)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h, _ = self.rnn(x)
+            h, _ = self.attn(h, h, h)
+            return self.head(h)
+
+    with pytest.warns(StelabWarning) as rec:
+        q = quantize(Seq(), weights="sign")
+    msg = " ".join(str(w.message) for w in rec)
+    assert "'rnn' (LSTM, weights)" in msg and "'attn' (MultiheadAttention, weights)" in msg
+    assert "'attn.out_proj' (NonDynamicallyQuantizableLinear, weights)" in msg
+    assert isinstance(q.head, QuantLinear) and type(q.rnn) is nn.LSTM
+    assert stelab.nn.unconvertible(nn.Softmax(dim=1)) is None
+    assert stelab.nn.unconvertible(nn.BatchNorm2d(3)) is None
+
+
+def test_bad_skip_and_summary_model_are_stelab_errors():
+    with pytest.raises(StelabTypeError, match="skip"):
+        quantize(plain_net(), weights="sign", skip=5)
+    with pytest.raises(StelabTypeError, match="model"):
+        summary("lenet5", (1, 8, 8))
+
+
+def test_summary_of_a_fully_convertible_model_has_no_extra_column():
+    s = summary(quantize(plain_net(), weights="sign:ste"), (1, 8, 8))
+    assert all(r.not_convertible == "" for r in s.rows)
+    assert "Not convertible" not in str(s) and "(default)" not in str(s)
+
+
+def test_empty_inputs_with_learned_step():
+    q = Quantizer("uniform", bits=4, step=0.1, learn_step=True)
+    x = torch.zeros(0, requires_grad=True)
+    q(x).sum().backward()
+    assert q.step.grad.item() == 0.0
+    a = QuantAct("act", bits=2, alpha=0.5, learn_step=True)
+    y = a(torch.zeros(0, 3, 4))
+    assert y.shape == (0, 3, 4)
+    y.sum().backward()
+    assert a.step.grad.item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "fn,kw,default",
+    [("sign", {}, "clipped"), ("ternary", {}, "clipped"), ("heaviside", {}, "clipped_relu"),
+     ("act", {"bits": 2, "alpha": 0.5}, "clipped_relu"), ("uniform", {"step": 0.1}, "ste"),
+     ("identity", {}, "ste")],
+)  # fmt: skip
+def test_default_estimator_per_quantizer(fn, kw, default):
+    q = Quantizer(fn, **kw)
+    assert q.estimator.name == default and q.default_estimator
+    assert stelab.estimators.DEFAULTS[fn][0] == default and stelab.estimators.DEFAULTS[fn][1]
+    assert not Quantizer(fn, "ste", **kw).default_estimator
+    # the default acts: clipped_relu on act zeroes the gradient above the top level
+    if fn == "act":
+        x = torch.tensor([-0.1, 0.7, 2.0], requires_grad=True)
+        QuantAct(fn, **kw)(x).sum().backward()
+        assert x.grad.tolist() == [0.0, 1.0, 0.0]

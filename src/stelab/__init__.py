@@ -26,6 +26,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "DataError": ("errors", "DataError"),
     "StelabError": ("errors", "StelabError"),
     "StelabTypeError": ("errors", "StelabTypeError"),
+    "StelabWarning": ("errors", "StelabWarning"),
     "Estimator": ("estimators", "Estimator"),
     "custom": ("estimators", "custom"),
     "estimator": ("estimators", "get"),
@@ -50,6 +51,7 @@ __all__ = [
     "Quantizer",
     "StelabError",
     "StelabTypeError",
+    "StelabWarning",
     "__version__",
     "custom",
     "estimator",
@@ -79,7 +81,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from . import estimators
-    from .errors import ConfigError, DataError, StelabError, StelabTypeError
+    from .errors import ConfigError, DataError, StelabError, StelabTypeError, StelabWarning
     from .estimators import Estimator, custom
     from .estimators import get as estimator
     from .estimators import names as estimator_names

@@ -78,12 +78,21 @@ def estimators(
         created = new_folder(plot)
     rows = describe()
     table = Table(title="stelab estimators: backward rule q̂'(x)", show_lines=False)
-    for col in ("name", "q̂'(x)", "parameters", "serves", "reference"):
+    for col in ("name", "q̂'(x)", "parameters", "serves", "default for", "reference"):
         table.add_column(col, overflow="fold")
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
-        table.add_row(r["name"], r["formula"], params, ", ".join(r["serves"]), r["reference"])
-    Console(width=max(120, Console().width)).print(table)
+        default = ", ".join(r["default_for"]) or "-"
+        table.add_row(
+            r["name"], r["formula"], params, ", ".join(r["serves"]), default, r["reference"]
+        )
+    console = Console(width=max(120, Console().width))
+    console.print(table)
+    from .estimators import DEFAULTS
+
+    console.print("Default estimator of each quantizer (estimator=None), and why:")
+    for kind, (name, why) in DEFAULTS.items():
+        console.print(f"  {kind}: {name} - {why}", highlight=False)
     if plot is not None:
         from .plots import plot_estimators
 

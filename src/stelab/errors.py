@@ -31,6 +31,11 @@ class DataError(StelabError, OSError):
     """A data file is missing, truncated or fails its checksum."""
 
 
+class StelabWarning(UserWarning):
+    """Something stelab did differs from what was probably asked (e.g. layers
+    :func:`stelab.quantize` cannot convert and leaves float)."""
+
+
 def closest(name: str, options: Iterable[str]) -> str | None:
     """The option closest to ``name`` (for 'did you mean' hints), or None."""
     found = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)

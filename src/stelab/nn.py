@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, StelabTypeError
-from .quantizers import QuantAct, Quantizer
+from . import estimators as _est
+from .errors import ConfigError, StelabTypeError, StelabWarning, check_int, closest
+from .quantizers import _QUANTIZER_PARAMS, QuantAct, Quantizer
 
-__all__ = ["QuantLinear", "QuantConv2d", "QuantAct", "quantize", "summary", "Summary"]
+__all__ = [
+    "QuantLinear",
+    "QuantConv2d",
+    "QuantAct",
+    "quantize",
+    "summary",
+    "Summary",
+    "unconvertible",
+]
 
 
 class _QuantWeightMixin:
@@ -147,59 +158,133 @@ class QuantConv2d(_QuantWeightMixin, nn.Conv2d):
 QuantSpec = None | str | Mapping[str, Any] | Quantizer | Callable[[str, nn.Module], Any]
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Tanh, nn.LeakyReLU)
+# modules of torch.nn.modules.activation that are not elementwise activations
+_NOT_ACTIVATIONS = (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d, nn.MultiheadAttention)
+_CONVERTS = "nn.Linear, nn.Conv2d and the activations ReLU, ReLU6, Hardtanh, Tanh, LeakyReLU"
+
+
+def _role_class(role: str) -> type[Quantizer]:
+    return QuantAct if role == "activations" else Quantizer
+
+
+def _spec_keys(fn: Any, estimator: Any) -> list[str]:
+    """The keys a dict spec may hold: fn, estimator, the Quantizer's parameters and
+    those of the named estimator (or of fn's default estimator)."""
+    keys = ["fn", "estimator", *_QUANTIZER_PARAMS]
+    if estimator is None and isinstance(fn, str) and fn in _est.DEFAULTS:
+        estimator = _est.default_for(fn)
+    ctor = _est._REGISTRY.get(estimator) if isinstance(estimator, str) else None
+    if inspect.isclass(ctor):
+        keys += [k for k in inspect.signature(ctor).parameters if k not in keys]
+    return keys
+
+
+def _check_spec(spec: QuantSpec, role: str) -> None:
+    """Validate a spec before any layer is converted (and even if none matches):
+    unknown keys, names and values raise here, naming the key and what is allowed."""
+    if spec is None or isinstance(spec, Quantizer):
+        return
+    if isinstance(spec, str):
+        fn, _, est = spec.partition(":")
+        _role_class(role)(fn, est or None)
+        return
+    if isinstance(spec, Mapping):
+        kw = dict(spec)
+        fn = kw.pop("fn", None)
+        if fn is None:
+            raise ConfigError(f"{role} spec needs a 'fn' key (the quantizer), got {dict(spec)!r}")
+        allowed = _spec_keys(fn, kw.get("estimator"))
+        for key in kw:
+            if key not in allowed:
+                hint = closest(str(key), allowed)
+                raise ConfigError(
+                    f"{role} spec {dict(spec)!r}: unknown key {key!r}"
+                    + (f", did you mean {hint!r}?" if hint else "")
+                    + f" (allowed: {', '.join(allowed)})"
+                )
+        if kw.get("step") == "auto":
+            if role != "weights":
+                raise ConfigError(
+                    f"step='auto' is only for weights (it is computed from them); give "
+                    f"{role} a number, got {dict(spec)!r}"
+                )
+            kw["step"] = 1.0  # stands in for the per-layer value while checking the rest
+        _role_class(role)(fn, **kw)
+        if spec.get("step") == "auto":
+            auto_step(torch.ones(1), fn, kw.get("bits"))
+        return
+    if callable(spec):
+        return
+    raise StelabTypeError(
+        f"{role} must be None, 'fn[:estimator]', a dict of Quantizer arguments, a "
+        f"Quantizer or a function (name, module) -> Quantizer; got {spec!r} "
+        f"({type(spec).__name__})"
+    )
 
 
 def _make_quantizer(
     spec: QuantSpec, name: str, module: nn.Module, role: str, weight: Tensor | None
 ) -> Quantizer | None:
-    """Build one quantizer from a spec for the layer ``name``."""
+    """Build one quantizer from a (checked) spec for the layer ``name``."""
     if spec is None:
         return None
     if isinstance(spec, Quantizer):
         q = copy.deepcopy(spec)
     elif isinstance(spec, str):
         fn, _, est = spec.partition(":")
-        q = (QuantAct if role == "activations" else Quantizer)(fn, est or "ste")
+        q = _role_class(role)(fn, est or None)
     elif isinstance(spec, Mapping):
         kw = dict(spec)
-        fn = kw.pop("fn", None)
-        if fn is None:
-            raise ConfigError(f"{role} spec for {name!r} needs a 'fn' key, got {dict(spec)!r}")
+        fn = kw.pop("fn")
         if kw.get("step") == "auto":
-            if weight is None:
-                raise ConfigError(
-                    f"step='auto' is only for weights (it is computed from them); give "
-                    f"{role} of {name!r} a number"
-                )
+            assert weight is not None  # _check_spec allows 'auto' for weights only
             kw["step"] = auto_step(weight, fn, kw.get("bits"))
-        q = (QuantAct if role == "activations" else Quantizer)(fn, **kw)
-    elif callable(spec):
+        q = _role_class(role)(fn, **kw)
+    else:
         q = spec(name, module)
         if q is not None and not isinstance(q, Quantizer):
             raise StelabTypeError(
                 f"{role} factory returned {type(q).__name__} for {name!r}; expected a Quantizer"
             )
-    else:
-        raise StelabTypeError(
-            f"{role} must be None, 'fn[:estimator]', a dict of Quantizer arguments, a "
-            f"Quantizer or a function (name, module) -> Quantizer; got {type(spec).__name__}"
-        )
     return q
 
 
 def auto_step(weight: Tensor, fn: str, bits: int | None) -> float:
-    """LSQ's initial step for a weight tensor: 2·mean|w| / sqrt(Qp) (Esser et al. 2020)."""
+    """LSQ's initial step for a weight tensor: 2·mean|w| / sqrt(Qp), Qp = 2^(b-1) - 1
+    (Esser et al. 2020); 1.0 for an all-zero (or empty) tensor."""
     if fn != "uniform" or bits is None:
         raise ConfigError(f"step='auto' needs fn='uniform' with bits set, got fn={fn!r}")
-    qp = 2 ** (int(bits) - 1) - 1
+    qp = 2 ** (check_int("bits", bits, 2, 16) - 1) - 1
+    if weight.numel() == 0:
+        return 1.0
     s = 2 * weight.detach().abs().mean().item() / math.sqrt(qp)
-    return s if s > 0 else 1.0
+    return s if 0 < s < math.inf else 1.0
 
 
 def _match(name: str, patterns: Iterable[str]) -> str | None:
     for p in patterns:
         if fnmatch.fnmatchcase(name, p):
             return p
+    return None
+
+
+def unconvertible(m: nn.Module) -> str | None:
+    """What :func:`quantize` would leave float in ``m``: ``"weights"`` for a module
+    owning a weight matrix/kernel (a floating parameter of >= 2 dims) that is not an
+    ``nn.Linear`` / ``nn.Conv2d`` (Conv1d, ConvTranspose2d, LSTM, Embedding,
+    MultiheadAttention and its inner projection, ...), ``"activation"`` for an
+    elementwise activation module it does not convert (GELU, SiLU, Sigmoid, ...),
+    else None."""
+    if isinstance(m, (QuantLinear, QuantConv2d, Quantizer)) or type(m) in (nn.Linear, nn.Conv2d):
+        return None
+    if any(p.is_floating_point() and p.dim() >= 2 for p in m.parameters(recurse=False)):
+        return "weights"
+    if (
+        type(m).__module__ == "torch.nn.modules.activation"
+        and not isinstance(m, _ACTIVATIONS)
+        and not isinstance(m, _NOT_ACTIVATIONS)
+    ):
+        return "activation"
     return None
 
 
@@ -211,49 +296,82 @@ def quantize(
     skip: Iterable[str] = (),
     overrides: Mapping[str, Mapping[str, QuantSpec] | None] | None = None,
     inplace: bool = False,
+    strict: bool = True,
 ) -> nn.Module:
     """Convert a plain torch model into a quantized one, keeping its weights.
 
     Every ``nn.Linear`` / ``nn.Conv2d`` becomes a :class:`QuantLinear` /
     :class:`QuantConv2d` with a weight quantizer built from ``weights``; every
     activation module (``nn.ReLU``, ReLU6, Hardtanh, Tanh, LeakyReLU) becomes a
-    :class:`QuantAct` built from ``activations``. A spec is
+    :class:`QuantAct` built from ``activations``. The model itself may be such a
+    layer (``quantize(nn.Linear(4, 2), "sign")`` returns a QuantLinear). A spec is
 
     * ``None``: leave that part float;
-    * ``"fn"`` or ``"fn:estimator"``, e.g. ``"sign:approx_sign"``;
+    * ``"fn"`` or ``"fn:estimator"``, e.g. ``"sign:approx_sign"`` (without an
+      estimator: fn's default, see :data:`stelab.estimators.DEFAULTS`);
     * a dict of :class:`Quantizer` arguments, e.g.
       ``{"fn": "uniform", "bits": 4, "step": "auto", "estimator": "ste"}``
       (``step="auto"``: LSQ's 2·mean|w|/sqrt(Qp) per layer);
     * a :class:`Quantizer` (copied per layer), or a function
       ``(name, module) -> Quantizer | None``.
 
-    ``skip``: module-name patterns (fnmatch, e.g. ``"features.0"``, ``"fc*"``)
-    left float. ``overrides``: ``{pattern: {"weights": spec, "activations": spec}}``
-    (the first matching pattern wins; keys absent fall back to the defaults;
-    ``None`` as the value skips the layer). Parameters are shared with the
-    original unless ``inplace=False`` (the default), which converts a deep copy.
+    Specs are checked before anything is converted. ``skip``: module-name
+    patterns (fnmatch, e.g. ``"features.0"``, ``"fc*"``) left float.
+    ``overrides``: ``{pattern: {"weights": spec, "activations": spec}}`` (the
+    first matching pattern wins; keys absent fall back to the defaults; ``None``
+    as the value skips the layer). A module used at several places stays one
+    module: it is converted once and the quantized layer is shared. Parameters
+    are shared with the original with ``inplace=True``; the default converts a
+    deep copy.
+
+    ``weights`` / ``activations`` given but converting no layer is a ConfigError
+    (a warning with ``strict=False``). Layers quantize() cannot convert
+    (:func:`unconvertible`: Conv1d, LSTM, GELU, ...) stay float with a
+    :class:`~stelab.errors.StelabWarning` listing them; activations called as
+    functions inside ``forward`` (``F.relu``) are never seen here, and
+    :func:`summary` lists them.
     """
     if not isinstance(model, nn.Module):
         raise StelabTypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = (skip,)
+    if not isinstance(skip, Iterable) or not all(isinstance(p, str) for p in skip):
+        raise StelabTypeError(
+            f"skip must be a module-name pattern or a list of them (strings), got {skip!r}"
+        )
     skip = tuple(skip)
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise StelabTypeError(
+            f"overrides must be a dict {{pattern: {{'weights': spec, 'activations': spec}}}}, "
+            f"got {type(overrides).__name__}"
+        )
     overrides = dict(overrides or {})
+    _check_spec(weights, "weights")
+    _check_spec(activations, "activations")
     for pat, ov in overrides.items():
-        if ov is not None and not set(ov) <= {"weights", "activations"}:
+        if ov is None:
+            continue
+        if not isinstance(ov, Mapping):
+            raise StelabTypeError(
+                f"override {pat!r} must be a dict with 'weights'/'activations' or None, "
+                f"got {type(ov).__name__}"
+            )
+        if not set(ov) <= {"weights", "activations"}:
             bad = sorted(set(ov) - {"weights", "activations"})
             raise ConfigError(
                 f"override {pat!r} has unknown keys {bad}; allowed: 'weights', 'activations'"
             )
-    if not inplace:
-        model = copy.deepcopy(model)
-    names = {n for n, _ in model.named_modules()}
+        for role, spec in ov.items():
+            _check_spec(spec, role)
+    names = {n for n, _ in model.named_modules(remove_duplicate=False)}
     for pat in [*skip, *overrides]:
         if not any(fnmatch.fnmatchcase(n, pat) for n in names):
             raise ConfigError(
                 f"pattern {pat!r} matches no module; modules are: "
                 f"{', '.join(sorted(n for n in names if n)[:20])}"
             )
+    if not inplace:
+        model = copy.deepcopy(model)
 
     def specs_for(name: str) -> tuple[QuantSpec, QuantSpec] | None:
         if _match(name, skip):
@@ -266,24 +384,81 @@ def quantize(
             return None
         return ov.get("weights", weights), ov.get("activations", activations)
 
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if isinstance(child, (QuantLinear, QuantConv2d, Quantizer)):
-                continue
-            specs = specs_for(name)
-            if specs is None:
-                continue
+    done: dict[int, tuple[str, Any, nn.Module | None]] = {}  # id -> (name, specs, new)
+    converted = {"weights": 0, "activations": 0}
+    already: list[str] = []
+    left: list[tuple[str, str, str]] = []
+
+    def visit(name: str, m: nn.Module) -> nn.Module | None:
+        """The replacement of ``m`` (None: keep it), converting its children in place."""
+        specs = specs_for(name)
+        if id(m) in done:  # a shared module: one conversion, shared like the original
+            first, first_specs, new = done[id(m)]
+            if specs != first_specs:
+                raise ConfigError(
+                    f"module {name!r} is the same module as {first!r} but gets other "
+                    "quantization specs (skip/overrides); a shared module is converted "
+                    "once and stays shared: give both names the same specs"
+                )
+            return new
+        new = None
+        if isinstance(m, (QuantLinear, QuantConv2d, Quantizer)):
+            already.append(name)
+        elif specs is not None:
             wspec, aspec = specs
-            new: nn.Module | None = None
-            if type(child) in (nn.Linear, nn.Conv2d) and wspec is not None:
-                wq = _make_quantizer(wspec, name, child, "weights", child.weight)
-                cls = QuantLinear if isinstance(child, nn.Linear) else QuantConv2d
-                new = cls.from_float(child, weight_quantizer=wq)
-            elif isinstance(child, _ACTIVATIONS) and aspec is not None:
-                new = _make_quantizer(aspec, name, child, "activations", None)
-            if new is not None:
-                setattr(parent, child_name, new)
+            if type(m) in (nn.Linear, nn.Conv2d) and wspec is not None:
+                wq = _make_quantizer(wspec, name, m, "weights", m.weight)  # type: ignore[arg-type]
+                if wq is not None:
+                    cls = QuantLinear if isinstance(m, nn.Linear) else QuantConv2d
+                    new = cls.from_float(m, weight_quantizer=wq)
+                    converted["weights"] += 1
+            elif isinstance(m, _ACTIVATIONS) and aspec is not None:
+                new = _make_quantizer(aspec, name, m, "activations", None)
+                if new is not None:
+                    converted["activations"] += 1
+            else:
+                role = unconvertible(m)
+                if role is not None and (wspec if role == "weights" else aspec) is not None:
+                    left.append((name or "<model>", type(m).__name__, role))
+        done[id(m)] = (name, specs, new)
+        if new is None and not isinstance(m, (QuantLinear, QuantConv2d, Quantizer)):
+            # not named_children(): it drops the second use of a shared child
+            for child_name, child in list(m._modules.items()):
+                if child is None:
+                    continue
+                rep = visit(f"{name}.{child_name}" if name else child_name, child)
+                if rep is not None:
+                    setattr(m, child_name, rep)
+        return new
+
+    root = visit("", model)
+    if root is not None:
+        model = root
+
+    for role, spec in (("weights", weights), ("activations", activations)):
+        if spec is not None and converted[role] == 0:
+            kinds = (
+                "nn.Linear / nn.Conv2d"
+                if role == "weights"
+                else ", ".join(t.__name__ for t in _ACTIVATIONS)
+            )
+            msg = f"{role}={spec!r} converted no layer: the model has no {kinds} module"
+            msg += " that skip/overrides leave to it"
+            if already:
+                msg += f" ({len(already)} modules are already quantized)"
+            if role == "activations":
+                msg += "; activations called as functions in forward() (F.relu) cannot be converted"
+            if strict:
+                raise ConfigError(msg + "; pass strict=False to only warn")
+            warnings.warn(msg, StelabWarning, stacklevel=2)
+    if left:
+        listed = ", ".join(f"{n!r} ({t}, {r})" for n, t, r in left)
+        warnings.warn(
+            f"quantize() left {len(left)} layers float that it cannot convert (it converts "
+            f"{_CONVERTS}): {listed}",
+            StelabWarning,
+            stacklevel=2,
+        )
     return model
 
 
@@ -303,6 +478,10 @@ class LayerRow:
     params: int
     memory_bytes: float
     macs: int
+    #: what quantize() cannot convert here and leaves float: "weights" or
+    #: "activation" (see :func:`unconvertible`) and activations called as
+    #: functions in forward, e.g. "F.relu x2"; "" when nothing
+    not_convertible: str = ""
 
 
 @dataclass
@@ -323,10 +502,10 @@ class Summary:
 
     def __str__(self) -> str:
         head = ["Layer", "Type", "Output shape", "W bits", "A bits", "Estimator", "Params",
-                "Memory", "MACs"]  # fmt: skip
+                "Memory", "MACs", "Not convertible"]  # fmt: skip
         body = [
             [
-                r.name,
+                r.name or "<model>",
                 r.type,
                 "x".join(map(str, r.output_shape)),
                 "-" if r.weight_bits is None else str(r.weight_bits),
@@ -335,9 +514,13 @@ class Summary:
                 f"{r.params:,}",
                 _fmt_bytes(r.memory_bytes),
                 f"{r.macs:,}",
+                r.not_convertible,
             ]
             for r in self.rows
         ]
+        flagged = [r for r in self.rows if r.not_convertible]
+        if not flagged:  # the column only when there is something to say
+            head, body = head[:-1], [b[:-1] for b in body]
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
                   for i, h in enumerate(head)]  # fmt: skip
         right = {6, 7, 8}
@@ -357,6 +540,16 @@ class Summary:
             f"Float-32 size: {_fmt_bytes(self.float32_bytes)}   Deployed size: "
             f"{_fmt_bytes(self.deployed_bytes)}   Compression: {self.compression:.2f}x",
         ]
+        if flagged:
+            out.append(
+                f"Not convertible by quantize() (stay float): {len(flagged)} layers "
+                f"({', '.join(r.name or '<model>' for r in flagged)})"
+            )
+        if any(r.estimator.endswith(_DEFAULT_MARK) for r in self.rows):
+            out.append(
+                f"{_DEFAULT_MARK.strip()}: the quantizer's default estimator "
+                "(stelab.estimators.DEFAULTS; `stelab estimators` says why)"
+            )
         return "\n".join(out)
 
 
@@ -366,6 +559,30 @@ def _fmt_bytes(b: float) -> str:
     if b < 1024**2:
         return f"{b / 1024:.2f} KiB"
     return f"{b / 1024**2:.2f} MiB"
+
+
+_DEFAULT_MARK = " (default)"
+
+
+def _est_label(q: Quantizer) -> str:
+    """The estimator of ``q`` for the summary, marked when it is fn's default."""
+    return repr(q.estimator) + (_DEFAULT_MARK if getattr(q, "default_estimator", False) else "")
+
+
+def _functional_activations() -> dict[Any, str]:
+    """Activation functions a forward may call directly, with their display names."""
+    out: dict[Any, str] = {}
+    for f in ("relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_",
+              "gelu", "silu", "mish", "elu", "selu", "celu", "hardswish", "hardsigmoid",
+              "softplus", "tanh", "sigmoid", "logsigmoid"):  # fmt: skip
+        if hasattr(F, f):
+            out[getattr(F, f)] = f"F.{f}"
+    for f in ("relu", "relu_", "tanh", "tanh_", "sigmoid", "sigmoid_"):
+        if hasattr(torch, f):
+            out.setdefault(getattr(torch, f), f"torch.{f}")
+        if hasattr(Tensor, f):
+            out.setdefault(getattr(Tensor, f), f"Tensor.{f}")
+    return out
 
 
 def _is_leaf(m: nn.Module) -> bool:
@@ -383,12 +600,22 @@ def summary(
     """Per-layer summary of ``model`` for one input of shape ``input_size`` (no batch dim).
 
     Columns: type, output shape, weight bits, activation bits (of the layer's input
-    quantizer or of a standalone quantizer), estimator, parameter count, memory of
-    the parameters at deployed precision (quantized weights at their bits, all
-    else 32-bit float), and multiply-accumulates per sample (Linear: in·out;
-    Conv2d: H_out·W_out·C_out·(C_in/groups)·k_h·k_w). Totals with the float-32 size
-    and the compression ratio. Pass ``print_fn=print`` to print it.
+    quantizer or of a standalone quantizer), estimator (marked "(default)" when the
+    quantizer was given none and uses its forward function's default), parameter
+    count, memory of the parameters at deployed precision (quantized weights at
+    their bits, all else 32-bit float), and multiply-accumulates per sample
+    (Linear: in·out; Conv2d: H_out·W_out·C_out·(C_in/groups)·k_h·k_w). Totals with
+    the float-32 size and the compression ratio. Pass ``print_fn=print`` to print it.
+
+    A "Not convertible" column (shown when not empty) names what :func:`quantize`
+    cannot convert and leaves float: layers with weights it does not handle
+    (Conv1d, LSTM, ...: "weights"), activation modules it does not handle (GELU,
+    ...: "activation"), and activations a module's ``forward`` calls as functions
+    (``F.relu``, ``torch.tanh``, ...), found while running the input; a module
+    calling them gets a row of its own even if it is not a leaf.
     """
+    if not isinstance(model, nn.Module):
+        raise StelabTypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     try:
         shape = tuple(int(s) for s in input_size)
     except (TypeError, ValueError):
@@ -399,28 +626,54 @@ def summary(
         p = next(model.parameters(), None)
         device = p.device if p is not None else "cpu"
 
+    from collections import Counter
+
+    from torch.overrides import TorchFunctionMode
+
     outputs: dict[str, tuple[int, ...]] = {}
-    leaves = [(n, m) for n, m in model.named_modules() if n and _is_leaf(m)]
+    modules = list(model.named_modules())
     nested = {
         id(q)
-        for _, m in leaves
+        for _, m in modules
         if isinstance(m, (QuantLinear, QuantConv2d))
         for q in (m.weight_quantizer, m.input_quantizer)
         if q is not None
     }
-    leaves = [(n, m) for n, m in leaves if id(m) not in nested]
+    modules = [(n, m) for n, m in modules if id(m) not in nested]
+    # activations called as functions, counted per calling module (the innermost
+    # module running); those inside activation modules and quantizers are theirs
+    calls: dict[str, Counter[str]] = {}
+    stack: list[tuple[str, nn.Module]] = []
+    watched = _functional_activations()
+
+    class _Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            label = watched.get(func)
+            if label is not None and stack:
+                n, mod = stack[-1]
+                own = type(mod).__module__ == "torch.nn.modules.activation"
+                if not own and not isinstance(mod, Quantizer):
+                    calls.setdefault(n, Counter())[label] += 1
+            return func(*args, **(kwargs or {}))
+
     hooks = []
-    for n, m in leaves:
+    for n, m in modules:
+
+        def pre(mod: nn.Module, inp: Any, n: str = n) -> None:
+            stack.append((n, mod))
 
         def hook(mod: nn.Module, inp: Any, out: Any, n: str = n) -> None:
+            if stack:
+                stack.pop()
             if isinstance(out, Tensor):
                 outputs[n] = tuple(out.shape[1:])
 
+        hooks.append(m.register_forward_pre_hook(pre))
         hooks.append(m.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _Spy():
             model(torch.zeros((1, *shape), dtype=dtype, device=device))
     except Exception as e:
         raise ConfigError(f"model does not accept input_size {shape}: {e}") from None
@@ -429,10 +682,20 @@ def summary(
             h.remove()
         model.train(was_training)
 
+    def flag(n: str, m: nn.Module) -> str:
+        parts = [unconvertible(m) or ""]
+        parts += [f"{f} x{c}" if c > 1 else f for f, c in calls.get(n, Counter()).items()]
+        return ", ".join(p for p in parts if p)
+
+    # leaves (the model itself when it is one), and any module calling activations
+    # as functions or owning weights quantize() cannot convert
+    leaves = [(n, m) for n, m in modules if _is_leaf(m) or flag(n, m)]
+
     s = Summary()
     seen: set[int] = set()
     for n, m in leaves:
-        own = [p for p in m.parameters() if id(p) not in seen]
+        mine = m.parameters(recurse=_is_leaf(m))  # a flagged non-leaf: its own only
+        own = [p for p in mine if id(p) not in seen]
         seen.update(id(p) for p in own)
         nparams = sum(p.numel() for p in own)
         wq = getattr(m, "weight_quantizer", None)
@@ -447,12 +710,12 @@ def summary(
                 s.quantized_params += p.numel()
             mem += p.numel() * bits / 8
         if wq is not None:
-            wbits, est = wq.bits, repr(wq.estimator)
+            wbits, est = wq.bits, _est_label(wq)
         if isinstance(m, Quantizer):
-            abits, est = m.bits, repr(m.estimator)
+            abits, est = m.bits, _est_label(m)
         elif iq is not None:
             abits = iq.bits
-            est = f"{est}; in: {iq.estimator!r}" if est else repr(iq.estimator)
+            est = f"{est}; in: {_est_label(iq)}" if est else _est_label(iq)
         out = outputs.get(n, ())
         macs = 0
         if isinstance(m, nn.Linear):
@@ -460,7 +723,9 @@ def summary(
         elif isinstance(m, nn.Conv2d) and len(out) == 3:
             kh, kw = m.kernel_size
             macs = out[0] * out[1] * out[2] * (m.in_channels // m.groups) * kh * kw
-        s.rows.append(LayerRow(n, type(m).__name__, out, wbits, abits, est, nparams, mem, macs))
+        s.rows.append(
+            LayerRow(n, type(m).__name__, out, wbits, abits, est, nparams, mem, macs, flag(n, m))
+        )
         s.deployed_bytes += mem
         s.total_macs += macs
     allp = list(model.parameters())

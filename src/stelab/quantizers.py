@@ -19,7 +19,16 @@ Rounding in ``uniform`` is ``torch.round``: halves go to the even integer
 (round(0.5) = 0, round(1.5) = 2). ``rounding="stochastic"`` rounds up with
 probability equal to the fractional part (floor(x/Δ + U), U ~ U[0, 1)), an
 unbiased forward. ``bits=None`` leaves ``uniform`` unclipped (Δ·round(x/Δ)),
-the setting of [S24].
+the setting of [S24]. Beyond L = 2^p·Δ (p = 11, 24, 53 significand bits for
+float16/32/64) its levels are finer than the floats, and the correctly rounded
+Δ·round(x/Δ) is x itself: that is what it returns there, never ±inf (computed
+directly, x/Δ overflows near the float maximum when Δ < 1). Below L the result
+is bit for bit Δ·round(x/Δ).
+
+Every estimator gives a finite gradient for every finite input in float16,
+float32 and float64; the periodic ones (``dsq`` and [S24]'s cyclical
+estimators) take the position inside a bin as 0 where x/Δ has no fractional
+bits (|x/Δ| >= 2^p), which is also where x/Δ overflows.
 
 ``act`` is [Y19]'s ceil-based quantizer: 0 for x <= 0, α·ceil(x/α) on
 (0, (2^b - 2)α], (2^b - 1)α beyond. Levels 0, α, ..., (2^b - 1)α; jumps at
@@ -103,6 +112,10 @@ class Forward:
         # maximum(y, clamp(x, max=lo)) hands NaN through (y >= lo everywhere else);
         # torch.sign maps NaN to 0, so it is needed for sign/heaviside/ternary.
         k = self.kind
+        if isinstance(step, Tensor) and step.dtype != x.dtype and (x.dim() == 0 or step.dim()):
+            # a 0-d float64 step does not promote a float32 x of dim >= 1, but it does a
+            # 0-d x, and a per-channel float64 step any x: compute in x's dtype
+            step = step.to(x.dtype)
         if k == "sign":  # sign(sign(x) + 1/2) maps 0 to +1
             return torch.maximum(torch.sign(x).add_(0.5).sign_(), x.clamp(max=-1.0))
         if k == "heaviside":
@@ -113,7 +126,9 @@ class Forward:
         if k == "identity":
             return x.clone()
         lo, hi = self.qrange
-        u = torch.div(x, step)
+        clipped = math.isfinite(lo)
+        xc = x if clipped else _clamp_to_grid_range(x, step)
+        u = torch.div(xc, step)
         if k == "act":
             u.ceil_()
         elif self.rounding == "stochastic":
@@ -121,9 +136,12 @@ class Forward:
             u.floor_()
         else:
             u.round_()
-        if math.isfinite(lo):
-            u.clamp_(lo, hi)
-        return u.mul_(step)
+        if clipped:
+            return u.clamp_(lo, hi).mul_(step)
+        # unclipped: q(xc) plus what the clamp took off (see _clamp_to_grid_range)
+        if self.rounding == "stochastic":
+            return u.mul_(step).add_(x - xc)
+        return u.mul_(step).sub_(xc).add_(x)
 
     def context(self, step: float | Tensor | None) -> Context:
         """The :class:`Context` an estimator sees for this forward and step."""
@@ -147,6 +165,28 @@ class Forward:
         if math.isfinite(lo):
             return Context(k, lo * step, hi * step, step, off * step, first * step, last * step)
         return Context(k, -INF, INF, step, off * step, -INF, INF)
+
+
+def _clamp_to_grid_range(x: Tensor, step: Tensor | float) -> Tensor:
+    """x clamped to ±L, L = 2^p·Δ (p the significand bits of x's dtype, 2^p = 2/eps).
+
+    For the unclipped ``uniform`` quantizer q(x) = Δ·round(x/Δ). Beyond L the
+    levels are finer than the floats: the exact Δ·round(x/Δ) lies within Δ/2 <=
+    ulp(x)/4 of x, so its correctly rounded value is x itself; computed directly,
+    x/Δ overflows to ±inf near the float maximum when Δ < 1 and q(x) = ±inf. So the
+    forward evaluates q(x) = x + (Δ·round(xc/Δ) - xc) with xc = clamp(x, -L, L):
+    for |x| <= L the difference of two floats within a factor 2 of each other is
+    exact (Sterbenz), so this is bit for bit Δ·round(x/Δ); beyond L the bracket is
+    Δ·2^p - L = 0 and q(x) = x. (Stochastic rounding uses Δ·floor(xc/Δ + U) +
+    (x - xc): exact on the grid up to L, x within two ulps beyond.)
+    """
+    b = _est._integer_bound(x.dtype)
+    if isinstance(step, Tensor):
+        # minimum/maximum with a 0-d tensor: ~4x faster than clamp with tensor bounds
+        lim = step * b
+        xc = torch.minimum(x, lim)
+        return torch.maximum(xc, -lim, out=xc)
+    return x.clamp(-step * b, step * b)
 
 
 _FORWARD_FORMULAS = {
@@ -272,6 +312,12 @@ class Quantizer(nn.Module):
             ``ternary``, ``uniform`` or ``act`` (see the module docstring).
         estimator: an estimator name (``stelab.estimators.names()``), an
             :class:`~stelab.estimators.Estimator`, or a function ``x -> q̂'(x)``.
+            None (the default) takes the one stelab's reproductions support for
+            ``fn`` (``stelab.estimators.DEFAULTS``, with the measurement behind each):
+            ``clipped`` for sign and ternary ([S20]: in a sign network the
+            identity STE's gradient is 7-1900x off, the clipped STE's 1-7x),
+            ``clipped_relu`` for heaviside and act ([Y19]), ``ste`` for uniform
+            ([S24]) and identity.
         bits: bit width for ``uniform`` (2..16, or None for unclipped) and
             ``act`` (1..16).
         step: level spacing Δ for ``uniform`` / resolution α for ``act``: a
@@ -294,7 +340,7 @@ class Quantizer(nn.Module):
     def __init__(
         self,
         fn: str = "sign",
-        estimator: str | Estimator | Any = "ste",
+        estimator: str | Estimator | Any = None,
         *,
         bits: int | None = None,
         step: float | Tensor | None = None,
@@ -357,6 +403,10 @@ class Quantizer(nn.Module):
         self.per_sample = bool(per_sample)
         self.generator = generator
 
+        #: True when the estimator is ``fn``'s default (``estimator=None``)
+        self.default_estimator = estimator is None
+        if estimator is None:
+            estimator = _est.default_for(fn)
         try:
             self.estimator = _est.get(estimator, **estimator_params)
         except ConfigError as e:
@@ -371,6 +421,8 @@ class Quantizer(nn.Module):
 
     @property
     def kind(self) -> str:
+        """The forward function's name: ``identity``, ``sign``, ``heaviside``,
+        ``ternary``, ``uniform`` or ``act``."""
         return self.fwd.kind
 
     @property
@@ -379,6 +431,9 @@ class Quantizer(nn.Module):
         return self.fwd.deployed_bits
 
     def context(self) -> Context:
+        """The :class:`~stelab.estimators.Context` the estimator sees: the lowest and
+        highest output level, the step and the positions of the jumps, in the units of
+        the input (tensors for a tensor step; ``±inf`` where unclipped)."""
         return self.fwd.context(None if self.step is None else self.step.detach())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -390,8 +445,9 @@ class Quantizer(nn.Module):
             )
         lsq = None
         if self.learn_step:
-            n = x[0].numel() if (self.per_sample and x.dim() > 1) else x.numel()
-            lsq = 1.0 / math.sqrt(n * self.fwd.qrange[1])
+            n = math.prod(x.shape[1:]) if (self.per_sample and x.dim() > 1) else x.numel()
+            # an empty input has no gradient to scale; max() keeps the scale finite
+            lsq = 1.0 / math.sqrt(max(n, 1) * self.fwd.qrange[1])
         return quantize_tensor(
             x,
             self.fwd,
@@ -438,8 +494,9 @@ class Quantizer(nn.Module):
         parts.append(f"estimator={self.estimator!r}")
         return ", ".join(parts)
 
-    def with_estimator(self, estimator: str | Estimator, **params: Any) -> Quantizer:
-        """A copy of this quantizer with another estimator (same forward and step)."""
+    def with_estimator(self, estimator: str | Estimator | None, **params: Any) -> Quantizer:
+        """A copy of this quantizer with another estimator (same forward and step;
+        None: the forward function's default)."""
         new = Quantizer.__new__(type(self))
         nn.Module.__init__(new)
         new.fwd = self.fwd
@@ -454,6 +511,9 @@ class Quantizer(nn.Module):
             new.step = nn.Parameter(self.step.detach().clone())
         else:
             new.register_buffer("step", self.step.detach().clone())
+        new.default_estimator = estimator is None
+        if estimator is None:
+            estimator = _est.default_for(self.fwd.kind)
         new.estimator = _est.get(estimator, **params)
         new.estimator.check(new.context())
         return new
@@ -466,7 +526,7 @@ class QuantAct(Quantizer):
         QuantAct("act", "clipped_relu", bits=2, alpha=0.5)
     """
 
-    def __init__(self, fn: str = "act", estimator: Any = "ste", **kwargs: Any):
+    def __init__(self, fn: str = "act", estimator: Any = None, **kwargs: Any):
         kwargs.setdefault("per_sample", True)
         super().__init__(fn, estimator, **kwargs)
 

@@ -54,8 +54,9 @@ class RemoteFile:
         role: what the file holds (``train_images``, ``test_labels``, ``archive``).
         filename: the published file name (appended to a mirror's base URL).
         sha256: SHA-256 of the file exactly as published (checked on download).
-        size: size in bytes as published (for the progress bar when the server
-            sends no ``Content-Length``), or None.
+        size: size in bytes as published, or None. A download reads at most this
+            many bytes (a longer body is rejected as soon as it passes the size) and
+            its progress bar uses it when the server sends no ``Content-Length``.
         md5: the MD5 published by the authors / torchvision (provenance only).
         content_sha256: SHA-256 of the decompressed content of a ``.gz`` file. It is
             checked on every load, so a copy recompressed by someone else (Debian's
@@ -333,6 +334,17 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+MAX_UNSIZED_BYTES = 1 << 30
+"""The cap on a download whose :class:`RemoteFile` gives no ``size`` (1 GiB, or the
+server's ``Content-Length`` if that is smaller)."""
+
+
+def _max_size(length: str | None) -> int:
+    if length and length.isdigit():
+        return min(int(length), MAX_UNSIZED_BYTES)
+    return MAX_UNSIZED_BYTES
+
+
 def _fetch_one(url: str, dest: Path, remote: RemoteFile, progress: bool) -> None:
     import urllib.request
 
@@ -351,10 +363,19 @@ def _fetch_one(url: str, dest: Path, remote: RemoteFile, progress: bool) -> None
                 )
             h = hashlib.sha256()
             received = 0
-            while chunk := resp.read(_CHUNK):
+            # read at most the published size (+1 byte to notice a longer body): a
+            # mirror that streams without end must not fill the disk before the
+            # checksum fails
+            cap = remote.size if remote.size is not None else _max_size(length)
+            while chunk := resp.read(min(_CHUNK, cap + 1 - received)):
+                received += len(chunk)
+                if received > cap:
+                    raise DataError(
+                        f"the server sent more than the expected {cap} bytes of "
+                        f"{remote.filename} (download stopped, file discarded)"
+                    )
                 out.write(chunk)
                 h.update(chunk)
-                received += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
             if length and length.isdigit() and received != int(length):

@@ -154,6 +154,21 @@ def _horner(cols: Sequence[Tensor], j: Tensor, u: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 
 
+def _runs(r: Tensor, mask: Tensor) -> list[tuple[float, float]]:
+    """The maximal intervals [first, last] of consecutive grid points ``r`` where
+    ``mask`` holds (e.g. a q̂' <= 0 around both change points gives two)."""
+    idx = mask.nonzero().flatten().tolist()
+    runs: list[tuple[float, float]] = []
+    start = prev = idx[0]
+    for i in idx[1:]:
+        if i != prev + 1:
+            runs.append((float(r[start]), float(r[prev])))
+            start = i
+        prev = i
+    runs.append((float(r[start]), float(r[prev])))
+    return runs
+
+
 def _describe_r(r: float) -> str:
     if abs(abs(r) - 0.5) < 1e-12:
         return "the change points (w = ±Δ/2 from a level)"
@@ -589,9 +604,9 @@ def equivalent_ste(
             where = _describe_r(r_min)
         else:
             frac = zero.numel() / r_dense.numel()
-            where = (
-                f"{frac:.0%} of every bin, between w = level {float(zero[0]):+.4g}·Δ "
-                f"and level {float(zero[-1]):+.4g}·Δ"
+            runs = _runs(r_dense, g_dense <= 0)
+            where = f"{frac:.0%} of every bin, " + " and ".join(
+                f"between w = level {a:+.4g}·Δ and level {b:+.4g}·Δ" for a, b in runs
             )
         why = (
             f"estimator {name} {kind} at {where} (q̂' = {g_min:.3g} at "
