@@ -14,8 +14,13 @@ M(w₀), where
     M(w) = w_b + α ∫_{w_b}^{w} ds / q̂'(s)       (w_b any change point; M' = α / q̂')
 
 M is increasing, maps each bin onto itself and fixes every change point, so
-Q(M(w)) = Q(w): the two networks compute the same function. With Adam nothing
-needs to change (the per-coordinate normalisation cancels q̂').
+Q(M(w)) = Q(w): the two networks compute the same function.
+
+Adam: [S24] states that under Adam the plain STE with the same learning rate and
+initial weights is the equivalent (Adam's per-coordinate normalisation cancels q̂').
+stelab measured this to hold only when the weights move little within Adam's
+second-moment window (β₂ = 0.9 at small learning rates), not with the default
+β₂ = 0.999; see docs/papers/disguise2024.md.
 
 This module computes α, M and M⁻¹ for any cyclical estimator
 (:func:`equivalent_ste`), converts a trained or fresh model and its optimizer to

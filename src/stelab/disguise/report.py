@@ -45,7 +45,8 @@ def disguise_report(
         f"q̂' max       {eq.g_max:.6g} at {_describe_r(eq.r_max)}",
         f"M shift      max |M(w) - w| = {eq.max_shift:.6f} Δ  (at w = level {where_shift}·Δ)",
         f"equivalent   SGD / SGD+momentum: STE with lr × {eq.alpha:.6g} from weights M(w₀)",
-        "             Adam/AdamW: STE with the same lr and weights (normalisation cancels q̂')",
+        "             Adam/AdamW: [S24] says STE with the same lr and weights; measured to hold",
+        "             only with a short window (β₂ ≈ 0.9, small lr), not at β₂ = 0.999",
         "reference    Schoenbauer et al. 2024, arXiv:2405.05171",
     ]
     lines += [f"note         {n}" for n in eq.notes]

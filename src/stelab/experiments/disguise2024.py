@@ -483,8 +483,9 @@ def _report(res: dict) -> str:
         "Schoenbauer, Moro, Lew, Howard 2024, *Custom Gradient Estimators are Straight-Through",
         "Estimators in Disguise*, arXiv:2405.05171. Theorem (SGD, momentum): training with a",
         "cyclical estimator q̂', lr η, init w₀ equals, to first order in η, the STE with lr α·η",
-        "and init M(w₀); α = harmonic mean of q̂' over a bin, M' = α/q̂'. With Adam, the plain",
-        "STE (same lr, same w₀) is the equivalent.",
+        "and init M(w₀); α = harmonic mean of q̂' over a bin, M' = α/q̂'. For Adam the paper",
+        "states that the plain STE (same lr, same w₀) is the equivalent; claim `adam` below",
+        "measures where that holds.",
         "",
         f"Setup: {cfg['dataset']} ({res['data']['train']} train rows, {res['data']['test']} test "
         f"rows), conv net {cfg['channels']} + fc, {res['weights']} quantized weights, "
