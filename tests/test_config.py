@@ -242,7 +242,8 @@ def test_dates_and_deep_nesting_in_free_form_tables_are_refused(tmp_path):
 def test_toml_date_plus_set_is_a_config_error_not_a_json_error(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text("[data]\nlimit = 1979-05-27\n")
-    with pytest.raises(StelabTypeError, match=r"data\.limit must be an integer, got datetime\.date\(1979, 5, 27\)"):
+    pattern = r"data\.limit must be an integer, got datetime\.date\(1979, 5, 27\)"
+    with pytest.raises(StelabTypeError, match=pattern):
         load_config(path, ["train.seed=1"])
 
 
