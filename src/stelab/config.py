@@ -691,7 +691,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     try:
         return parse_config(raw)
     except StelabError as e:
-        where = source + (" with --set " + " ".join(overrides) if overrides else "")
+        shown = " ".join(overrides).encode("utf-8", "backslashreplace").decode("utf-8")
+        where = source + (" with --set " + shown if overrides else "")
         raise type(e)(f"{where}: {e}") from None
 
 
