@@ -317,3 +317,28 @@ def test_train_log_on_a_full_device_is_one_line(one_epoch, tmp_path, capsys):
     assert rc == 2
     line = one_error_line(capsys)
     assert "train.log" in line and "No space left on device" in line
+
+
+# --- 7. a batch of one row with batch norm is a config error, found before the folder -----
+
+
+def test_last_batch_of_one_row_with_batch_norm_is_a_config_error(tmp_path):
+    # 65 training rows, batch 64: the second batch has one row; LeNet-5 has BatchNorm1d
+    pattern = r"65 training rows \(data\.limit = 65\).*batch_size = 64"
+    with pytest.raises(ConfigError, match=pattern):
+        train(quick_cfg("data.limit=65", "train.epochs=1"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    # torch agrees: the same model refuses a one-row batch in training mode
+    from stelab import models
+
+    m = models.build("lenet5", num_classes=10, in_shape=(1, 8, 8), act={"bits": 2}).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(torch.zeros(1, 1, 8, 8))
+    # no batch of one row (66 rows), or a model without batch norm: the run trains
+    assert train(quick_cfg("data.limit=66", "train.epochs=1"), tmp_path / "a", progress=False)
+    m = train(
+        quick_cfg("data.limit=65", "train.epochs=1", "model.name='convnet'"),
+        tmp_path / "b",
+        progress=False,
+    )
+    assert m["epochs"] == 1

@@ -17,6 +17,11 @@ all its threads, which makes it steadier than wall time on a busy machine).
 
 Every file is written to a temporary file in the same directory and moved into
 place with :func:`os.replace`, so a crash or Ctrl-C never leaves half a file.
+
+A run goes through :func:`plan_run` (read-only checks: may a run go there, what does it
+resume from) before set-up, and :func:`commit` (free space, the :class:`RunLock`, the
+checks again under the lock, removing an earlier run's files, stale temporary files,
+the marker :data:`MARKER` and config.toml) after set-up succeeded.
 """
 
 from __future__ import annotations

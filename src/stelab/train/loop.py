@@ -138,12 +138,12 @@ class _Session:
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
         ):
             return
-        probe = copy.deepcopy(model).train()
         try:
+            probe = copy.deepcopy(model).train()  # a copy: its BN statistics may change
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 probe(self.data.train.x[:1])
-        except ValueError as e:
-            if "more than 1 value per channel" not in str(e):
+        except Exception as e:
+            if not (isinstance(e, ValueError) and "more than 1 value per channel" in str(e)):
                 return  # not this problem: training reports it
             d = self.cfg.data
             limit = f" (data.limit = {d.limit})" if d.limit is not None else ""
