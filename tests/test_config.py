@@ -274,3 +274,16 @@ def test_largest_allowed_seeds_are_accepted():
     cfg = load_config(None, ["train.seed=4294967295", "data.seed=18446744073709551615"])
     assert cfg.train.seed == 2**32 - 1 and cfg.data.seed == 2**64 - 1
     assert parse_config(tomllib.loads(dump_config(cfg))) == cfg
+
+
+def test_parse_config_refuses_what_its_writer_cannot_round_trip(monkeypatch):
+    # the safety net behind every run folder: a writer that emits a raw U+007F (what
+    # json.dumps does) must make parse_config refuse, not save an unreadable config.toml
+    import json
+
+    import stelab.config as config
+
+    monkeypatch.setattr(config, "toml_string", lambda s: json.dumps(s, ensure_ascii=False))
+    with pytest.raises(ConfigError, match="cannot be written to TOML and read back"):
+        parse_config({"name": "a\x7fb"})
+    assert parse_config({"name": "ab"}).name == "ab"  # what it can round-trip still passes
