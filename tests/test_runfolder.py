@@ -202,6 +202,33 @@ def test_lock_of_a_killed_process_does_not_block_resume(one_epoch, tmp_path):
     assert m["epochs"] == 2 and not (run / files.LOCK).exists()
 
 
+def test_two_runs_planned_together_only_the_first_commit_wins(one_epoch, tmp_path):
+    cfg = quick_cfg("train.epochs=1")
+    run = tmp_path / "run"
+    first = files.plan_run(run, cfg, resume=False, overwrite=False)
+    second = files.plan_run(run, cfg, resume=False, overwrite=False)  # both saw no folder
+    lock = files.commit(first, cfg)
+    try:
+        held = rf"in use by another stelab train \(pid {os.getpid()} "
+        with pytest.raises(ConfigError, match=held):
+            files.commit(second, cfg)
+        (run / "checkpoints" / "last.pt").write_bytes(b"an epoch finished")
+    finally:
+        lock.release()
+    # the plan is checked again under the lock: the first run's epoch is not overwritten
+    with pytest.raises(ConfigError, match="already exists"):
+        files.commit(second, cfg)
+    assert (run / "checkpoints" / "last.pt").read_bytes() == b"an epoch finished"
+
+    # a resume planned from a checkpoint that another run then replaced is refused
+    run2 = copy_run(one_epoch, tmp_path / "run2")
+    plan = files.plan_run(run2, cfg, resume=True, overwrite=False)
+    os.utime(run2 / "checkpoints" / "last.pt", ns=(1, 1))  # as if rewritten meanwhile
+    with pytest.raises(ConfigError, match="changed while this run was being set up"):
+        files.commit(plan, cfg)
+    assert not (run2 / files.LOCK).exists()
+
+
 # --- 3. no half-made run folders --------------------------------------------------------
 
 
