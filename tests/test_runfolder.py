@@ -157,6 +157,7 @@ def _cli(*args: str) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_second_writer_fails_naming_folder_and_pid_and_the_run_stays_consistent(tmp_path):
     cfg = tmp_path / "long.toml"
     cfg.write_text(CLI_CONFIG)
@@ -168,8 +169,11 @@ def test_second_writer_fails_naming_folder_and_pid_and_the_run_stays_consistent(
             assert first.poll() is None, first.communicate()
             assert time.time() < deadline
             time.sleep(0.05)
-        for flag in ("--overwrite", "--resume"):
-            second = _cli(str(cfg), "--out", str(run), flag, "--set", "train.seed=7")
+        seconds = [
+            _cli(str(cfg), "--out", str(run), flag, "--set", "train.seed=7")
+            for flag in ("--overwrite", "--resume")
+        ]
+        for second in seconds:  # started together: both must fail
             out, err = second.communicate(timeout=300)
             lines = err.strip().splitlines()
             assert second.returncode == 2, (out, err)
