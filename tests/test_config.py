@@ -196,3 +196,94 @@ def test_example_configs_are_valid():
         0.1,
     )
     assert y19.optim.momentum == 0.9 and y19.model.bits == 2 and y19.train.init_from
+
+
+# --- whatever is accepted can be written and read back (run folders must resume) ----------
+
+CONTROL = "".join(chr(c) for c in [*range(0x20), 0x7F])
+
+
+@pytest.mark.parametrize("text", [CONTROL, "a\x7fb", "\U0001f600 \u00e9 \U00010348", 'q"\\'])
+def test_strings_with_control_and_non_bmp_characters_round_trip(text, tmp_path):
+    cfg = load_config(None, ["model.name='lenet5'"])
+    cfg = parse_config({**config_to_dict(cfg), "name": text, "data": {"data_dir": text}})
+    path = tmp_path / "config.toml"
+    path.write_text(dump_config(cfg), encoding="utf-8")
+    back = load_config(path)  # tomllib is the independent reader
+    assert back == cfg and back.name == text and back.data.data_dir == text
+
+
+def test_every_control_character_is_escaped_as_toml_requires():
+    text = dump_config(parse_config({"name": CONTROL}))
+    line = next(ln for ln in text.splitlines() if ln.startswith("name = "))
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7F for c in line)
+    assert tomllib.loads(line)["name"] == CONTROL
+
+
+def test_lone_surrogate_is_refused_with_the_key():
+    with pytest.raises(ConfigError, match=r"name must be valid Unicode text"):
+        parse_config({"name": "a\udcffb"})
+    with pytest.raises(ConfigError, match=r"data\.data_dir must be valid Unicode"):
+        load_config(None, ["data.data_dir=x\udc80"])
+
+
+def test_dates_and_deep_nesting_in_free_form_tables_are_refused(tmp_path):
+    import datetime
+
+    with pytest.raises(StelabTypeError, match=r"model\.estimator_params\.beta must be a string"):
+        parse_config({"model": {"estimator_params": {"beta": datetime.date(1979, 5, 27)}}})
+    deep: object = 1
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(ConfigError, match=r"model\.weights.*nested more than 16 levels"):
+        parse_config({"model": {"weights": {"fn": "sign", "x": deep}}})
+
+
+def test_toml_date_plus_set_is_a_config_error_not_a_json_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[data]\nlimit = 1979-05-27\n")
+    pattern = r"data\.limit must be an integer, got datetime\.date\(1979, 5, 27\)"
+    with pytest.raises(StelabTypeError, match=pattern):
+        load_config(path, ["train.seed=1"])
+
+
+def test_deeply_nested_toml_and_set_values_are_config_errors(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"--set optim\.betas: .*nested too deeply"):
+        load_config(None, ["optim.betas=" + "[" * 5000 + "]" * 5000])
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("train.seed=4294967296", r"train\.seed must be an integer in \[0, 4294967295\]"),
+        ("data.seed=18446744073709551616", r"data\.seed must be an integer in \[0, 18446744073"),
+        ("data.batch_size=9223372036854775808", r"data\.batch_size must be an integer in \[1, 92"),
+        ("train.epochs=99999999999999999999999", r"train\.epochs must be an integer in \[1, 92"),
+    ],
+)
+def test_integers_beyond_what_torch_numpy_or_toml_take_are_refused(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, [override])
+
+
+def test_largest_allowed_seeds_are_accepted():
+    cfg = load_config(None, ["train.seed=4294967295", "data.seed=18446744073709551615"])
+    assert cfg.train.seed == 2**32 - 1 and cfg.data.seed == 2**64 - 1
+    assert parse_config(tomllib.loads(dump_config(cfg))) == cfg
+
+
+def test_parse_config_refuses_what_its_writer_cannot_round_trip(monkeypatch):
+    # the safety net behind every run folder: a writer that emits a raw U+007F (what
+    # json.dumps does) must make parse_config refuse, not save an unreadable config.toml
+    import json
+
+    import stelab.config as config
+
+    monkeypatch.setattr(config, "toml_string", lambda s: json.dumps(s, ensure_ascii=False))
+    with pytest.raises(ConfigError, match="cannot be written to TOML and read back"):
+        parse_config({"name": "a\x7fb"})
+    assert parse_config({"name": "ab"}).name == "ab"  # what it can round-trip still passes

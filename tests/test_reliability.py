@@ -1,5 +1,6 @@
 """Reliability: a training process killed with SIGKILL mid-epoch resumes to the
-same parameters, bit for bit, as a run that was never interrupted (CPU)."""
+same parameters, bit for bit, as a run that was never interrupted (CPU); the lock it
+held does not block the resume."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path):
     assert p.returncode == -signal.SIGKILL
     done = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"]
     assert done < 4  # it really was interrupted
+    # the killed run's lock file stays, naming it; the kernel dropped its flock
+    assert (run / ".stelab.lock").read_text().split()[0] == str(p.pid)
 
     resumed = _train([str(cfg), "--out", str(run), "--resume"])
     out = resumed.communicate(timeout=600)[0]
@@ -80,3 +83,4 @@ def test_kill_9_mid_epoch_then_resume_is_bit_identical(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not list(run.rglob("*.tmp")) and not list(run.rglob(".tmp-*"))
+    assert not (run / ".stelab.lock").exists()

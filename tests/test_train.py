@@ -182,7 +182,7 @@ def test_existing_run_dir_refused_overwrite_and_unwritable(tmp_path, monkeypatch
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(ConfigError, match="not a stelab run directory"):
+    with pytest.raises(ConfigError, match="did not mark it as a run directory of its own"):
         train(quick_cfg(), foreign, overwrite=True, progress=False)
     assert (foreign / "notes.txt").exists()
     blocker = tmp_path / "a-file"
@@ -194,7 +194,7 @@ def test_existing_run_dir_refused_overwrite_and_unwritable(tmp_path, monkeypatch
             train(quick_cfg("train.accelerator='cuda'"), tmp_path / "gpu", progress=False)
         assert not (tmp_path / "gpu").exists()
 
-    # a run that failed before its first epoch (here: missing data) is started afresh
+    # a run that fails in set-up (here: missing data) creates nothing
     def no_data(*args, **kwargs):
         raise DataError("no data here")
 
@@ -203,7 +203,7 @@ def test_existing_run_dir_refused_overwrite_and_unwritable(tmp_path, monkeypatch
         for _ in range(2):
             with pytest.raises(DataError, match="no data here"):
                 train(quick_cfg(), tmp_path / "nodata", progress=False)
-    assert (tmp_path / "nodata" / "config.toml").is_file()
+    assert not (tmp_path / "nodata").exists()
     with pytest.raises(StelabTypeError, match="TrainConfig"):
         train({"train": {}}, tmp_path / "x")  # type: ignore[arg-type]
 

@@ -42,7 +42,12 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--resume", help="Continue from the run's last checkpoint.")
         ] = False,
         overwrite: Annotated[
-            bool, typer.Option("--overwrite", help="Delete an existing run directory first.")
+            bool,
+            typer.Option(
+                "--overwrite",
+                help="Start over in an existing run directory: removes only the files an "
+                "earlier stelab run wrote there (never your own files), after set-up.",
+            ),
         ] = False,
         devices: Annotated[
             int | None,
@@ -55,8 +60,9 @@ def register(app: typer.Typer) -> None:
         """Train a model from a TOML config and write a run directory.
 
         The run directory holds config.toml, env.json, metrics.csv, metrics.json,
-        train.log and checkpoints/last.pt (+ best.pt). Ctrl-C keeps the last
-        checkpoint; continue with --resume.
+        train.log and checkpoints/last.pt (+ best.pt). It is created only after the
+        config, data and model were set up, and locked while the run writes it. Ctrl-C
+        (or a killed process) keeps the last checkpoint; continue with --resume.
         """
         from .config import load_config
         from .errors import ConfigError

@@ -66,9 +66,9 @@ what is allowed (with the closest valid name for typos), as a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
-import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -212,11 +212,23 @@ def _type_error(where: str, value: Any, expected: str) -> StelabTypeError:
     return StelabTypeError(f"{where} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
+INT_MAX = 2**63 - 1  # TOML integers are 64-bit: nothing larger is written or read back
+SEED_MAX = 2**32 - 1  # train.seed: Lightning's seed_everything seeds numpy, which takes 32 bits
+DATA_SEED_MAX = 2**64 - 1  # data.seed: a torch.Generator seed (unsigned 64-bit)
+MAX_DEPTH = 16  # nesting of tables/arrays in free-form values (estimator_params, weights)
+
+
 def _int(where: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise _type_error(where, v, "an integer")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
+    top = INT_MAX if hi is None else hi
+    if (lo is not None and v < lo) or v > top:
+        if lo is None:
+            rng = f"<= {top}"
+        elif hi is None and v < lo:
+            rng = f">= {lo}"
+        else:
+            rng = f"in [{lo}, {top}]"
         raise ConfigError(f"{where} must be an integer {rng}, got {v!r}")
     return int(v)
 
@@ -257,7 +269,34 @@ def _bool(where: str, v: Any) -> bool:
 def _str(where: str, v: Any) -> str:
     if not isinstance(v, str):
         raise _type_error(where, v, "a string")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(
+            f"{where} must be valid Unicode text (no lone surrogates), got {v!r}"
+        ) from None
     return v
+
+
+def _plain(where: str, v: Any, depth: int = 0) -> Any:
+    """Check a free-form value (estimator parameters, a weights table): strings, numbers,
+    booleans, arrays and tables only, at most :data:`MAX_DEPTH` levels deep, so that it can
+    be written to config.toml (and a checkpoint) and read back unchanged."""
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(v, str):
+        return _str(where, v)
+    if isinstance(v, bool) or isinstance(v, float):
+        return v
+    if isinstance(v, int):
+        return _int(where, v, -INT_MAX - 1)
+    if isinstance(v, (list, tuple)):
+        return [_plain(f"{where}[{i}]", x, depth + 1) for i, x in enumerate(v)]
+    if isinstance(v, Mapping):
+        return {
+            _str(f"{where} (key)", k): _plain(f"{where}.{k}", x, depth + 1) for k, x in v.items()
+        }
+    raise _type_error(where, v, "a string, number, boolean, array or table")
 
 
 def _choice(where: str, v: Any, options: Sequence[str], kind: str = "value") -> str:
@@ -307,9 +346,8 @@ def _data(raw: Mapping[str, Any]) -> DataConfig:
         kw["limit"] = _int("data.limit", raw["limit"], 1)
     if raw.get("val_size") is not None:
         kw["val_size"] = _int("data.val_size", raw["val_size"], 0)
-    for key in ("seed",):
-        if key in raw:
-            kw[key] = _int(f"data.{key}", raw[key], 0)
+    if "seed" in raw:
+        kw["seed"] = _int("data.seed", raw["seed"], 0, DATA_SEED_MAX)
     for key in ("batch_size", "eval_batch_size"):
         if key in raw:
             kw[key] = _int(f"data.{key}", raw[key], 1)
@@ -362,7 +400,7 @@ def _model(raw: Mapping[str, Any]) -> ModelConfig:
     params = raw.get("estimator_params", {})
     if not isinstance(params, Mapping):
         raise _type_error("model.estimator_params", params, "a table of estimator parameters")
-    params = dict(params)
+    params = _plain("model.estimator_params", dict(params))
     _with_where("model.estimator_params", lambda: estimators.get(est, **params))
     kw["estimator_params"] = params
     if raw.get("alpha") is not None:
@@ -401,7 +439,7 @@ def _weights(spec: Any, fns: Sequence[str], ests: Sequence[str]) -> str | dict[s
         return spec
     if not isinstance(spec, Mapping):
         raise _type_error(where, spec, 'a spec string like "sign:ste" or a table')
-    spec = dict(spec)
+    spec = _plain(where, dict(spec))
     if "fn" not in spec:
         raise ConfigError(f"{where} needs a 'fn' key (one of {', '.join(fns)}), got {spec!r}")
     _choice(where + ".fn", spec["fn"], fns, "quantizer")
@@ -475,7 +513,7 @@ def _loop(raw: Mapping[str, Any]) -> LoopConfig:
     if "epochs" in raw:
         kw["epochs"] = _int("train.epochs", raw["epochs"], 1)
     if "seed" in raw:
-        kw["seed"] = _int("train.seed", raw["seed"], 0, 2**63 - 1)
+        kw["seed"] = _int("train.seed", raw["seed"], 0, SEED_MAX)
     for key in ("deterministic", "save_best"):
         if key in raw:
             kw[key] = _bool(f"train.{key}", raw[key])
@@ -512,11 +550,45 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 def parse_config(raw: Mapping[str, Any]) -> TrainConfig:
     """Validate a nested dict (as read from TOML) into a :class:`TrainConfig`.
 
+    Whatever it accepts can be written and read back: ``dump_config`` of the result,
+    read with ``tomllib`` and parsed again, gives the same TOML text (checked here, so
+    a run's config.toml always resumes).
+
     Raises:
         ConfigError: unknown section or key (with the closest valid one), a value out
             of range, an unknown model/dataset/estimator/optimizer/schedule name.
         StelabTypeError: a value of the wrong type.
     """
+    cfg = _parse(raw)
+    d = config_to_dict(cfg)
+    text = _dump(d)
+    try:
+        back: Any = _same_data(_require_toml().loads(text))
+    except (ValueError, RecursionError) as e:  # pragma: no cover - a writer bug
+        back = f"<cannot be read back: {e}>"
+    if back != _same_data(d):  # a writer bug: refuse rather than save what cannot resume
+        raise ConfigError(
+            f"this config cannot be written to TOML and read back unchanged: {text[:300]!r}; "
+            "please report it"
+        )
+    return cfg
+
+
+def _same_data(v: Any) -> Any:
+    """``v`` in a form where equal configs compare equal: lists for tuples, NaN as a
+    token, empty tables left out (dump_config does not write them)."""
+    if isinstance(v, Mapping):
+        return {
+            str(k): _same_data(x) for k, x in v.items() if not (isinstance(x, Mapping) and not x)
+        }
+    if isinstance(v, (list, tuple)):
+        return [_same_data(x) for x in v]
+    if isinstance(v, float) and math.isnan(v):
+        return ("nan",)
+    return (type(v).__name__, v)
+
+
+def _parse(raw: Mapping[str, Any]) -> TrainConfig:
     if not isinstance(raw, Mapping):
         raise _type_error("config", raw, "a table")
     for k in raw:
@@ -577,12 +649,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         parsed = toml.loads(f"v = {value}")["v"]
     except toml.TOMLDecodeError:
         parsed = value
+    except RecursionError:
+        raise ConfigError(
+            f"--set {key.strip()}: the value is nested too deeply to read "
+            f"(more than {MAX_DEPTH} levels are not allowed)"
+        ) from None
     return parts, parsed
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of ``raw`` with every ``KEY=VALUE`` of ``overrides`` set (:func:`parse_override`)."""
-    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    out = copy.deepcopy(dict(raw))  # TOML values: may hold dates, which JSON cannot copy
     for text in overrides:
         parts, value = parse_override(text)
         node = out
@@ -617,12 +694,20 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{p}: not valid TOML: {e}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not a UTF-8 text file ({e.reason})") from None
+        except RecursionError:
+            raise ConfigError(
+                f"{p}: not valid TOML for stelab: arrays or tables nested too deeply "
+                f"(more than {MAX_DEPTH} levels are allowed in a config)"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
     if overrides:
         raw = apply_overrides(raw, list(overrides))
     try:
         return parse_config(raw)
     except StelabError as e:
-        where = source + (" with --set " + " ".join(overrides) if overrides else "")
+        shown = " ".join(overrides).encode("utf-8", "backslashreplace").decode("utf-8")
+        where = source + (" with --set " + shown if overrides else "")
         raise type(e)(f"{where}: {e}") from None
 
 
@@ -651,8 +736,32 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 _BARE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+def toml_string(s: str) -> str:
+    r"""``s`` as a TOML basic string: ``"`` and ``\`` escaped, and every control character
+    TOML forbids raw (U+0000–U+001F, U+007F) written as ``\b \t \n \f \r`` or
+    ``\uXXXX``; everything else (including characters outside the BMP) as itself."""
+
+    def esc(m: re.Match[str]) -> str:
+        c = m.group()
+        return _ESCAPES.get(c) or f"\\u{ord(c):04X}"
+
+    return '"' + _NEEDS_ESCAPE.sub(esc, s) + '"'
+
+
 def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k, ensure_ascii=False)
+    return k if _BARE.match(k) else toml_string(k)
 
 
 def _value(v: Any) -> str:
@@ -668,7 +777,7 @@ def _value(v: Any) -> str:
         r = repr(v)
         return r if any(c in r for c in ".en") else r + ".0"
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
+        return toml_string(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     if isinstance(v, Mapping):
@@ -678,7 +787,10 @@ def _value(v: Any) -> str:
 
 def dump_config(cfg: TrainConfig) -> str:
     """The resolved config as TOML text; ``parse_config(tomllib.loads(dump_config(c))) == c``."""
-    d = config_to_dict(cfg)
+    return _dump(config_to_dict(cfg))
+
+
+def _dump(d: Mapping[str, Any]) -> str:
     lines = ["# stelab experiment config (resolved: every key with its value)"]
     if "name" in d:
         lines.append(f"name = {_value(d['name'])}")

@@ -10,12 +10,44 @@ import contextlib
 import csv
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from .errors import ConfigError
+
+_TEMP_SUFFIX = ".tmp"
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}."
+
+
+def is_temp_of(filename: str, target: str) -> bool:
+    """Whether ``filename`` is a temporary file :func:`atomic_open` makes for a file named
+    ``target`` in the same folder: ``.TARGET.XXXXXXXX.tmp`` (``XXXXXXXX`` from
+    :func:`tempfile.mkstemp`). Such a file outlives its write only if the process was
+    killed mid-write; :func:`remove_stale_temp_files` removes those."""
+    pattern = re.escape(_temp_prefix(target)) + r"[A-Za-z0-9_]+" + re.escape(_TEMP_SUFFIX)
+    return re.fullmatch(pattern, filename) is not None
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str], targets: tuple[str, ...]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_open` left in ``folder`` for the files named
+    ``targets`` (a writer killed mid-write). Only call it while no other writer can be
+    writing those files (e.g. holding the run folder's lock). Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if any(is_temp_of(entry.name, t) for t in targets) and entry.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -30,7 +62,7 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path.name), suffix=_TEMP_SUFFIX)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         kw = {} if mode == "wb" else {"encoding": "utf-8", "newline": ""}

@@ -5,6 +5,30 @@ on its dataset and writes a run directory::
 
     config.toml  env.json  metrics.csv  metrics.json  train.log
     checkpoints/last.pt  checkpoints/best.pt
+    .stelab-run.json     (the marker: stelab wrote this folder; lists its files)
+    .stelab.lock         (while a run writes it)
+
+The run folder (:mod:`stelab.train.files`):
+
+* Set-up first, folder after: the config, the data, the model, ``init_from`` and the
+  checkpoint to resume from are loaded and checked before anything is created; a run
+  that fails there leaves no folder (and no parent folders) behind.
+* One writer: the folder is locked (``fcntl.flock`` on ``.stelab.lock``, which names
+  the holder's pid and host) for the whole run; a second ``stelab train`` into it fails
+  naming the holder. The kernel drops the lock when its process dies (SIGKILL too), so
+  the lock of a killed run never blocks ``--resume``.
+* What it deletes: ``--overwrite`` (and restarting a run that never finished an epoch)
+  removes only the files stelab writes (``config.toml``, ``env.json``, ``metrics.*``,
+  ``train.log``, ``checkpoints/{last,best}.pt``, TensorBoard event files, the marker),
+  only in a folder carrying stelab's marker, and only after the new run was set up.
+  A user's files there (notes, subfolders) are kept; a folder without the marker is
+  never overwritten.
+* Every start removes the temporary files of stelab's own naming (``.last.pt.XXXXXXXX.tmp``)
+  that a process killed mid-write left, under the lock.
+* Whatever ``load_config`` accepts is written to config.toml so that it reads back the
+  same (control characters escaped), so every run can be resumed.
+* Free space is checked before the folder is made; a write that fails later (disk
+  full) stops the run with one error naming the folder and the file.
 
 What it does:
 

@@ -17,28 +17,42 @@ all its threads, which makes it steadier than wall time on a busy machine).
 
 Every file is written to a temporary file in the same directory and moved into
 place with :func:`os.replace`, so a crash or Ctrl-C never leaves half a file.
+
+A run goes through :func:`plan_run` (read-only checks: may a run go there, what does it
+resume from) before set-up, and :func:`commit` (free space, the :class:`RunLock`, the
+checks again under the lock, removing an earlier run's files, stale temporary files,
+the marker :data:`MARKER` and config.toml) after set-up succeeded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
+import os
 import platform
+import re
 import shutil
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..config import TrainConfig, config_to_dict, diff_configs, dump_config
-from ..errors import ConfigError
+from ..errors import ConfigError, StelabError
 from ..io import atomic_write_text as write_text
-from ..io import read_numeric_csv, write_json
+from ..io import read_numeric_csv, remove_stale_temp_files, write_json
 
+MARKER = ".stelab-run.json"
+LOCK = ".stelab.lock"
+RUN_FORMAT = "stelab.run/1"
+TB_DIR = "tensorboard"
 CONFIG = "config.toml"
 ENV = "env.json"
 METRICS_CSV = "metrics.csv"
@@ -47,6 +61,21 @@ LOG = "train.log"
 CKPT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
+
+# what stelab writes in a run folder; --overwrite removes these and nothing else
+OWNED_FILES = (
+    CONFIG,
+    ENV,
+    METRICS_CSV,
+    METRICS_JSON,
+    LOG,
+    MARKER,
+    f"{CKPT_DIR}/{LAST}",
+    f"{CKPT_DIR}/{BEST}",
+)
+_OWNED_TOP = (CONFIG, ENV, METRICS_CSV, METRICS_JSON, MARKER)
+_OWNED_CKPT = (LAST, BEST)
+_TB_FILE = re.compile(r"events\.out\.tfevents\..+|hparams\.yaml")
 
 CSV_COLUMNS = (
     "epoch",
@@ -81,8 +110,18 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
-def _empty(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+def is_marked(path: Path) -> bool:
+    """Whether stelab marked ``path`` as a run folder it wrote (:data:`MARKER`)."""
+    try:
+        with open(Path(path) / MARKER, encoding="utf-8") as f:
+            return json.load(f).get("format") == RUN_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _entries(path: Path) -> list[str]:
+    """The names in ``path`` other than the lock file (a folder holding only a lock is empty)."""
+    return [] if not path.is_dir() else [e.name for e in path.iterdir() if e.name != LOCK]
 
 
 def started(run_dir: Path) -> bool:
@@ -90,61 +129,313 @@ def started(run_dir: Path) -> bool:
     return (run_dir / CKPT_DIR / LAST).is_file() or (run_dir / METRICS_CSV).is_file()
 
 
-def check_writable(run_dir: Path) -> None:
-    """Create ``run_dir`` (and checkpoints/) and prove a file can be written there."""
+# --- the run-folder lock ----------------------------------------------------------------
+
+
+def _holder(path: Path) -> str:
     try:
-        (run_dir / CKPT_DIR).mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / ".write-test", "ok\n")
-        (run_dir / ".write-test").unlink()
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
+        text = path.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        text = []
+    return f"pid {text[0]} on {text[1]}" if len(text) >= 2 else "another process"
+
+
+class RunLock:
+    """An exclusive lock on a run folder: ``fcntl.flock`` on ``RUN_DIR/.stelab.lock``,
+    which holds the pid and host of its holder.
+
+    The kernel drops a flock when its process ends, however it ends (SIGKILL too), so a
+    lock file left by a killed run never blocks a later ``--resume``. On release the file
+    is removed; :meth:`acquire` checks that the file it locked is still the one at the
+    path, so a release racing with an acquire cannot give two holders. On systems
+    without ``fcntl`` (Windows) there is no lock.
+    """
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> RunLock:
+        """Lock ``run_dir`` (which must exist), or a ConfigError naming the holder."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return cls(Path(run_dir) / LOCK, None)
+        path = Path(run_dir) / LOCK
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise ConfigError(
+                    f"the run directory {str(run_dir)!r} (--out) is in use by another "
+                    f"stelab train ({_holder(path)}); wait for it to finish, or choose "
+                    "another --out"
+                ) from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+                return cls(path, fd)
+            os.close(fd)  # the previous holder removed the file after we opened it: retry
+
+    @staticmethod
+    def held(run_dir: Path) -> str | None:
+        """Who holds the lock of ``run_dir`` (``"pid N on HOST"``), or None; creates nothing."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows
+            return None
+        path = Path(run_dir) / LOCK
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _holder(path)
+        finally:
+            os.close(fd)  # closing drops the probe's own lock
+        return None
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (idempotent)."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+# --- planning (read-only) and committing a run folder -----------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :func:`plan_run` found: where the run goes and what it continues from."""
+
+    run_dir: str
+    resume: bool
+    overwrite: bool
+    resume_from: str | None = None
+    stamp: tuple[int, int, int] | None = None  # (inode, size, mtime_ns) of resume_from
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_creatable(run_dir: Path) -> None:
+    anc = _existing_ancestor(run_dir)
+    if not anc.is_dir():
         raise ConfigError(
-            f"cannot write to the run directory {str(run_dir)!r}: {reason}; choose another "
-            "output path (--out)"
-        ) from None
+            f"cannot write to the run directory {str(run_dir)!r}: {str(anc)!r} is a file, not "
+            "a folder; choose another output path (--out)"
+        )
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"cannot write to the run directory {str(run_dir)!r}: no permission to write in "
+            f"{str(anc)!r}; choose another output path (--out)"
+        )
 
 
-def prepare(run_dir: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool) -> Path | None:
-    """Make ``run_dir`` ready for a run and return the checkpoint to resume from (or None).
+def plan_run(
+    run_dir: Path, cfg: TrainConfig, *, resume: bool, overwrite: bool, locked: bool = False
+) -> Plan:
+    """Check that a run may go to ``run_dir``, reading only; returns the :class:`Plan`.
 
-    A run directory that never finished an epoch is started afresh. Any other
-    existing, non-empty directory is refused unless ``resume`` (continue from its
-    ``checkpoints/last.pt``; the config may change only in :data:`RESUMABLE_CHANGES`)
-    or ``overwrite`` (delete it first; only if it is a stelab run directory).
+    An empty or absent folder takes a new run. A folder stelab marked as its run
+    (:data:`MARKER`) that never finished an epoch is started again. Any other existing,
+    non-empty folder is refused unless ``resume`` (continue from its
+    ``checkpoints/last.pt``; the config may change only in :data:`RESUMABLE_CHANGES`) or
+    ``overwrite`` (only a folder stelab marked; only the files stelab wrote are removed,
+    by :func:`commit`). ``locked``: the caller holds the folder's lock.
     """
     run_dir = Path(run_dir)
     if resume and overwrite:
         raise ConfigError("choose either resume or overwrite (--resume / --overwrite), not both")
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"the run directory {str(run_dir)!r} exists and is not a directory")
-    resume_from: Path | None = None
-    if is_run_dir(run_dir) and not started(run_dir) and not resume:
-        shutil.rmtree(run_dir)  # a run that stopped before its first epoch: nothing to keep
-    if run_dir.exists() and not _empty(run_dir):
-        if resume:
-            if not is_run_dir(run_dir):
-                raise ConfigError(
-                    f"cannot resume {str(run_dir)!r}: it is not a stelab run directory "
-                    f"(no {CONFIG})"
-                )
-            check_resumable(run_dir, cfg)
-            last = run_dir / CKPT_DIR / LAST
-            resume_from = last if last.is_file() else None
-        elif overwrite:
-            if not (is_run_dir(run_dir) or (run_dir / CKPT_DIR).is_dir()):
-                raise ConfigError(
-                    f"refusing to overwrite {str(run_dir)!r}: it is not a stelab run directory "
-                    f"(no {CONFIG}); remove it yourself or choose another --out"
-                )
-            shutil.rmtree(run_dir)
-        else:
+        raise ConfigError(
+            f"the run directory {str(run_dir)!r} (--out) exists and is not a directory"
+        )
+    _check_creatable(run_dir)
+    if not locked and (holder := RunLock.held(run_dir)):
+        raise ConfigError(
+            f"the run directory {str(run_dir)!r} (--out) is in use by another stelab train "
+            f"({holder}); wait for it to finish, or choose another --out"
+        )
+    plan = Plan(str(run_dir), resume, overwrite)
+    if not _entries(run_dir):
+        return plan
+    if resume:
+        if not is_run_dir(run_dir):
             raise ConfigError(
-                f"the run directory {str(run_dir)!r} already exists; pass --resume to continue "
-                "it or --overwrite to start over (train(..., resume=True / overwrite=True))"
+                f"cannot resume {str(run_dir)!r}: it is not a stelab run directory (no {CONFIG})"
             )
-    check_writable(run_dir)
-    write_text(run_dir / CONFIG, dump_config(cfg))
-    return resume_from
+        check_resumable(run_dir, cfg)
+        last = run_dir / CKPT_DIR / LAST
+        if last.is_file():
+            return dataclasses.replace(plan, resume_from=str(last), stamp=_stamp(last))
+        return plan
+    if is_marked(run_dir) and (overwrite or not started(run_dir)):
+        return plan  # commit removes the files of the earlier run
+    if overwrite:
+        raise ConfigError(
+            f"refusing to overwrite {str(run_dir)!r}: stelab did not mark it as a run "
+            f"directory of its own (no {MARKER}), and it deletes only files it wrote; "
+            "remove it yourself or choose another --out"
+        )
+    raise ConfigError(
+        f"the run directory {str(run_dir)!r} already exists; pass --resume to continue "
+        "it or --overwrite to start over (train(..., resume=True / overwrite=True))"
+    )
+
+
+def commit(plan: Plan, cfg: TrainConfig, *, need_bytes: int = 0) -> RunLock:
+    """Create (or take over) the run folder of ``plan`` once the run has been set up:
+    check free space, lock it, check the plan again under the lock, remove the files
+    of an earlier run (:func:`remove_own_files`) unless resuming, remove stale temporary
+    files, write the marker and config.toml. Returns the held :class:`RunLock`.
+
+    Nothing is created or removed when it fails before the lock is taken; after, the
+    folders it made are removed again.
+    """
+    run_dir = Path(plan.run_dir)
+    anc = _existing_ancestor(run_dir)
+    try:
+        free = shutil.disk_usage(anc).free
+    except OSError:
+        free = None
+    if free is not None and free < need_bytes:
+        raise ConfigError(
+            f"not enough free space for the run directory {str(run_dir)!r} (--out): the run "
+            f"needs about {_size(need_bytes)} for its checkpoints and logs, {str(anc)!r} has "
+            f"{_size(free)} free; free some space or choose another --out"
+        )
+    made: list[Path] = []
+    p = run_dir.absolute()
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    fresh = not _entries(run_dir)  # nothing there yet: on failure, leave nothing behind
+    lock = None
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock.acquire(run_dir)
+        again = plan_run(run_dir, cfg, resume=plan.resume, overwrite=plan.overwrite, locked=True)
+        if (again.resume_from, again.stamp) != (plan.resume_from, plan.stamp):
+            raise ConfigError(
+                f"the run directory {str(run_dir)!r} changed while this run was being set up "
+                "(another stelab train wrote to it); start this run again"
+            )
+        if not plan.resume:
+            remove_own_files(run_dir)
+        remove_stale_temp_files(run_dir, _OWNED_TOP)
+        remove_stale_temp_files(run_dir / CKPT_DIR, _OWNED_CKPT)
+        (run_dir / CKPT_DIR).mkdir(exist_ok=True)
+        _write_marker(run_dir)
+        write_text(run_dir / CONFIG, dump_config(cfg))
+    except BaseException as e:
+        if lock is not None:
+            if fresh:
+                with contextlib.suppress(OSError):
+                    remove_own_files(run_dir)
+            lock.release()
+        for d in made:  # deepest first; only the folders this call made, and only if empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        if isinstance(e, OSError) and not isinstance(e, StelabError):
+            raise write_error(run_dir, e) from None
+        raise
+    return lock
+
+
+def write_error(run_dir: Path, e: OSError) -> ConfigError:
+    """A one-line error for a failed write in the run folder (disk full, permissions)."""
+    reason = e.strerror or str(e) or type(e).__name__
+    what = f" ({Path(e.filename).name})" if e.filename else ""
+    return ConfigError(
+        f"cannot write to the run directory {str(run_dir)!r} (--out){what}: {reason}; free "
+        "some space or choose another output path (--out)"
+    )
+
+
+@contextlib.contextmanager
+def writing(run_dir: Path) -> Iterator[None]:
+    """Turn an OSError of the writes in this block into :func:`write_error`."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, StelabError):
+            raise
+        raise write_error(run_dir, e) from None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""  # pragma: no cover
+
+
+def _write_marker(run_dir: Path) -> None:
+    from .. import __version__
+
+    path = run_dir / MARKER
+    created = None
+    if is_marked(run_dir):
+        with contextlib.suppress(OSError, ValueError):
+            created = json.loads(path.read_text(encoding="utf-8")).get("created")
+    now = datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
+    write_json(
+        path,
+        {
+            "format": RUN_FORMAT,
+            "created": created or now,
+            "stelab": __version__,
+            "files": [*OWNED_FILES, f"{TB_DIR}/events.out.tfevents.*", f"{TB_DIR}/hparams.yaml"],
+            "note": "written by stelab train; --overwrite removes only the files listed here",
+        },
+    )
+
+
+def remove_own_files(run_dir: Path) -> list[Path]:
+    """Delete the files stelab writes in a run folder (:data:`OWNED_FILES`, TensorBoard
+    event files, their temporary files) and then ``checkpoints/`` and ``tensorboard/``
+    if that leaves them empty. Anything else (a user's notes, subfolders) is kept."""
+    removed = []
+    for rel in OWNED_FILES:
+        f = run_dir / rel
+        if f.is_file() or f.is_symlink():
+            f.unlink()
+            removed.append(f)
+    tb = run_dir / TB_DIR
+    if tb.is_dir():
+        for f in tb.iterdir():
+            if _TB_FILE.fullmatch(f.name) and f.is_file():
+                f.unlink()
+                removed.append(f)
+    removed += remove_stale_temp_files(run_dir, _OWNED_TOP)
+    removed += remove_stale_temp_files(run_dir / CKPT_DIR, _OWNED_CKPT)
+    for d in (run_dir / CKPT_DIR, tb):
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+    return removed
 
 
 def check_resumable(run_dir: Path, cfg: TrainConfig) -> None:

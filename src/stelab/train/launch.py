@@ -88,8 +88,7 @@ _ERRORS: dict[str, type[BaseException]] = {
 def _worker(
     fabric: Any,
     cfg: TrainConfig | dict[str, Any],
-    run_dir: str,
-    resume_from: str | None,
+    plan: files.Plan,
     progress: bool,
     capture: bool,
 ) -> Any:
@@ -100,9 +99,9 @@ def _worker(
 
         cfg = parse_config(cfg)
     if not capture:
-        return _Session(fabric, cfg, Path(run_dir), resume_from, progress).run()
+        return _Session(fabric, cfg, plan, progress).run()
     try:
-        return ("ok", _Session(fabric, cfg, Path(run_dir), resume_from, progress).run())
+        return ("ok", _Session(fabric, cfg, plan, progress).run())
     except TrainingInterrupted as e:
         return ("interrupted", "TrainingInterrupted", str(e))
     except StelabError as e:
@@ -135,7 +134,9 @@ def train(
         resume: continue from ``run_dir/checkpoints/last.pt`` (bit-identical on CPU to a
             run that was never stopped). The config may change only in
             ``train.epochs`` and a few other keys (see ``files.RESUMABLE_CHANGES``).
-        overwrite: delete ``run_dir`` (a stelab run directory) first.
+        overwrite: start over in ``run_dir``, a folder stelab marked as its run directory:
+            the files the earlier run wrote are removed (only those; a user's own files
+            stay), after this run's config, data and model were set up.
         progress: progress bars (on a terminal) and one line per epoch on stderr.
 
     Returns:
@@ -162,9 +163,10 @@ def train(
     run_dir = Path(run_dir)
     if _external_launcher():
         return _train_external(cfg, run_dir, resume, overwrite, progress)
+    # read-only checks first; the folder is created only after the run is set up (loop.py)
+    plan = files.plan_run(run_dir, cfg, resume=resume, overwrite=overwrite)
     fabric = _fabric(cfg.train, external=False)  # a bad device setup fails before any file
-    resume_from = files.prepare(run_dir, cfg, resume=resume, overwrite=overwrite)
-    args = (str(run_dir), str(resume_from) if resume_from else None, progress)
+    args = (plan, progress)
     if cfg.train.devices == 1:
         return fabric.launch(_worker, cfg, *args, False)
     try:
@@ -184,14 +186,13 @@ def _train_external(
     fabric = _fabric(cfg.train, external=True)
     if not os.environ.get("LT_CLI_USED"):
         fabric.launch()
-    err, resume_from = None, None
+    err, plan = None, None
     if fabric.global_rank == 0:
         try:
-            p = files.prepare(run_dir, cfg, resume=resume, overwrite=overwrite)
-            resume_from = str(p) if p else None
+            plan = files.plan_run(run_dir, cfg, resume=resume, overwrite=overwrite)
         except StelabError as e:
             err = (type(e).__name__, str(e))
-    err, resume_from = fabric.broadcast((err, resume_from), src=0)
+    err, plan = fabric.broadcast((err, plan), src=0)
     if err is not None:
         raise _ERRORS.get(err[0], StelabError)(err[1])
-    return _worker(fabric, cfg, str(run_dir), resume_from, progress, False)
+    return _worker(fabric, cfg, plan, progress, False)

@@ -6,6 +6,7 @@ See :mod:`stelab.train` for the overview and the run-directory layout.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig, config_to_dict
-from ..errors import ConfigError
+from ..errors import ConfigError, StelabError
 from ..io import atomic_open
 from . import files
 from .checkpoint import FORMAT, check_state, load_checkpoint, model_from_checkpoint
@@ -68,15 +69,15 @@ class _Session:
         self,
         fabric: Any,
         cfg: TrainConfig,
-        run_dir: Path,
-        resume_from: str | None,
+        plan: files.Plan,
         progress: bool,
     ):
-        self.fabric, self.cfg, self.run_dir = fabric, cfg, run_dir
-        self.resume_from, self.progress = resume_from, progress
+        self.fabric, self.cfg, self.plan = fabric, cfg, plan
+        self.run_dir = Path(plan.run_dir)
+        self.resume_from, self.progress = plan.resume_from, progress
         self.rank, self.world = fabric.global_rank, fabric.world_size
         self.main = self.rank == 0
-        self.ckpt_dir = run_dir / files.CKPT_DIR
+        self.ckpt_dir = self.run_dir / files.CKPT_DIR
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_acc": None, "epoch": None}
         self.epoch = 0  # finished epochs
@@ -87,20 +88,80 @@ class _Session:
     # -- setup --
 
     def run(self) -> dict[str, Any]:
+        """Set up everything (data, model, init_from, checkpoint), and only then create or
+        take over the run folder (:func:`files.commit`, which locks it), then train."""
         t = self.cfg.train
         with contextlib.ExitStack() as stack:
             stack.enter_context(_determinism(t.deterministic))
             stack.enter_context(_threads(t.threads))
             stack.enter_context(_quiet_lightning())
-            logfile = self.run_dir / files.LOG if self.main else None
-            stack.enter_context(_logging(logfile, self.progress and self.main))
+            self.runlog = stack.enter_context(_logging(self.main, self.progress and self.main))
+            self._setup()
+            self._commit(stack)
             return self._run()
+
+    def _commit(self, stack: contextlib.ExitStack) -> None:
+        """Rank 0 creates and locks the run folder; every rank learns whether it could."""
+        err: tuple[str, str] | None = None
+        failure: StelabError | None = None
+        if self.main:
+            try:
+                lock = files.commit(self.plan, self.cfg, need_bytes=self._need_bytes())
+            except StelabError as e:
+                failure, err = e, (type(e).__name__, str(e))
+            else:
+                stack.callback(lock.release)
+        if self.world > 1:
+            err = self.fabric.broadcast(err, src=0)
+        if failure is not None:
+            raise failure
+        if err is not None:
+            raise StelabError(err[1])
+        if self.runlog is not None:
+            self.runlog.open(self.run_dir / files.LOG)
+
+    def _need_bytes(self) -> int:
+        """About what the run folder needs on disk: last.pt (and best.pt), each with a
+        second copy while it is replaced, plus 1 MiB for logs and metrics."""
+        model = sum(v.numel() * v.element_size() for v in self.raw_model.state_dict().values())
+        o = self.cfg.optim
+        slots = 2 if o.name in ("adam", "adamw") else int(o.momentum > 0)
+        files_kept = 2 if self.cfg.train.save_best else 1
+        return model * (1 + slots) * (files_kept + 1) + 2**20
+
+    def _check_single_row_batches(self, model: nn.Module, n: int) -> None:
+        """A ConfigError if a training batch would hold one row and the model's batch norm
+        cannot normalise it (torch: "Expected more than 1 value per channel")."""
+        b, world = self.cfg.data.batch_size, self.world
+        sizes = {b // world} if world > 1 else {min(b, n), n % b or b}
+        if 1 not in sizes or not any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        ):
+            return
+        try:
+            probe = copy.deepcopy(model).train()  # a copy: its BN statistics may change
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                probe(self.data.train.x[:1])
+        except Exception as e:
+            if not (isinstance(e, ValueError) and "more than 1 value per channel" in str(e)):
+                return  # not this problem: training reports it
+            d = self.cfg.data
+            limit = f" (data.limit = {d.limit})" if d.limit is not None else ""
+            raise ConfigError(
+                f"a training batch would hold a single row: {n} training rows{limit} with "
+                f"data.batch_size = {b} and {world} process(es); model {self.cfg.model.name!r} "
+                "has batch norm, which needs at least 2 rows per batch. Raise data.limit or "
+                "choose a data.batch_size for which no batch has exactly one row"
+            ) from None
 
     def _setup(self) -> None:
         f, cfg, t = self.fabric, self.cfg, self.cfg.train
         f.seed_everything(t.seed, verbose=False)
         with f.rank_zero_first():
-            self.data = load_data(cfg, progress=self.progress and self.main)
+            try:
+                self.data = load_data(cfg, progress=self.progress and self.main)
+            except StelabError as e:
+                raise type(e)(f"[data] (data.name = {cfg.data.name!r}): {e}") from None
         d = self.data
         n = len(d.train)
         if n == 0 or (self.world > 1 and n < cfg.data.batch_size):
@@ -114,8 +175,15 @@ class _Session:
             raise ConfigError(f"{self.resume_from!r} is not a stelab checkpoint; cannot resume")
         init = None
         if ckpt is None and t.init_from is not None:
-            init = self._init_source(t.init_from)
-        model = build_model(cfg.model, d.num_classes, d.input_shape, init_from=init)
+            try:
+                init = self._init_source(t.init_from)
+            except StelabError as e:
+                raise type(e)(f"train.init_from = {t.init_from!r}: {e}") from None
+        try:
+            model = build_model(cfg.model, d.num_classes, d.input_shape, init_from=init)
+        except StelabError as e:
+            raise type(e)(f"[model] (model.name = {cfg.model.name!r}): {e}") from None
+        self._check_single_row_batches(model, n)
         if ckpt is not None:
             check_state(model, ckpt["model"], str(self.resume_from))
             model.load_state_dict(ckpt["model"])
@@ -199,22 +267,9 @@ class _Session:
 
     def _run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
-        self._setup()
         if self.main:
-            files.write_env(
-                self.run_dir,
-                files.environment(
-                    cfg,
-                    device=str(self.fabric.device),
-                    world_size=self.world,
-                    extra={
-                        "strategy": type(self.fabric.strategy).__name__,
-                        "precision": t.precision,
-                        "resumed_from_epoch": self.epoch if self.resume_from else None,
-                        "data_source": self.data.source,
-                    },
-                ),
-            )
+            with files.writing(self.run_dir):
+                self._write_env()
             what = f"resuming at epoch {self.epoch + 1}" if self.resume_from else "starting"
             log.info(
                 "%s %s: %s on %s (%d train / %d val / %d test), %d epochs, %d process(es) on %s",
@@ -241,6 +296,24 @@ class _Session:
             msg = self._interrupt_message(epoch)
             raise TrainingInterrupted(msg, self.run_dir, self.epoch) from None
         return self._finish()
+
+    def _write_env(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        if self.main:
+            files.write_env(
+                self.run_dir,
+                files.environment(
+                    cfg,
+                    device=str(self.fabric.device),
+                    world_size=self.world,
+                    extra={
+                        "strategy": type(self.fabric.strategy).__name__,
+                        "precision": t.precision,
+                        "resumed_from_epoch": self.epoch if self.resume_from else None,
+                        "data_source": self.data.source,
+                    },
+                ),
+            )
 
     def _epoch(self, epoch: int) -> None:
         cfg, f, t = self.cfg, self.fabric, self.cfg.train
@@ -430,10 +503,11 @@ class _Session:
     def _save(self, best: bool) -> None:
         state = self._state()  # collective under DDP: every process takes part
         if self.main:
-            for name in (files.LAST, files.BEST) if best else (files.LAST,):
-                with atomic_open(self.ckpt_dir / name, "wb") as fh:
-                    torch.save(state, fh)
-            files.write_metrics_csv(self.run_dir, self.history)
+            with files.writing(self.run_dir):
+                for name in (files.LAST, files.BEST) if best else (files.LAST,):
+                    with atomic_open(self.ckpt_dir / name, "wb") as fh:
+                        torch.save(state, fh)
+                files.write_metrics_csv(self.run_dir, self.history)
         self.fabric.barrier()
 
     def _tensorboard(self, row: dict[str, Any]) -> None:
@@ -485,7 +559,8 @@ class _Session:
             "device": str(self.fabric.device),
         }
         if self.main:
-            files.write_json(self.run_dir / files.METRICS_JSON, metrics)
+            with files.writing(self.run_dir):
+                files.write_json(self.run_dir / files.METRICS_JSON, metrics)
             tacc = "n/a" if test_acc is None else f"{test_acc:.4f}"
             log.info(
                 "finished %d epochs in %.1f s: test acc %s, best val acc %s (epoch %s); %s",

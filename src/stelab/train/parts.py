@@ -287,13 +287,68 @@ class _TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
+class _RunLog(logging.Handler):
+    """train.log: keeps the records until the run folder exists (:meth:`open`), then
+    appends them and every later one to the file. A failed write (a full disk) raises a
+    ConfigError naming the file, where logging's own handlers print a traceback and go on.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.pending: list[logging.LogRecord] = []
+        self.stream: Any = None
+        self.path: Path | None = None
+
+    def open(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.stream = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            self._fail(e)
+        pending, self.pending = self.pending, []
+        for record in pending:
+            self.emit(record)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            self.pending.append(record)
+            return
+        try:
+            self.stream.write(self.format(record) + "\n")
+            self.stream.flush()
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, e: OSError) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()
+        self.pending = []
+        log.removeHandler(self)  # the error is raised once, not again for its own message
+        assert self.path is not None
+        raise ConfigError(
+            f"cannot write {str(self.path)!r} in the run directory (--out): "
+            f"{e.strerror or e}; free some space or choose another output path (--out)"
+        ) from None
+
+    def close(self) -> None:
+        if self.stream is not None:
+            with contextlib.suppress(OSError):
+                self.stream.close()
+            self.stream = None
+        super().close()
+
+
 @contextlib.contextmanager
-def _logging(path: Path | None, console: bool) -> Iterator[None]:
+def _logging(file: bool, console: bool) -> Iterator[_RunLog | None]:
+    """Log ``stelab.train`` to the console and (``file``) to a :class:`_RunLog` whose
+    file the caller opens once the run folder exists."""
     handlers: list[logging.Handler] = []
-    if path is not None:
-        fh = logging.FileHandler(path, encoding="utf-8")
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        handlers.append(fh)
+    runlog = _RunLog() if file else None
+    if runlog is not None:
+        handlers.append(runlog)
     if console:
         ch = _TqdmHandler()
         ch.setFormatter(logging.Formatter("%(message)s"))
@@ -303,7 +358,7 @@ def _logging(path: Path | None, console: bool) -> Iterator[None]:
     for h in handlers:
         log.addHandler(h)
     try:
-        yield
+        yield runlog
     finally:
         for h in handlers:
             log.removeHandler(h)
