@@ -173,6 +173,7 @@ CASES: list[Case] = [
     C("reproduce two papers", "reproduce", "yin2019", "psa2020", words="psa2020"),
     C("reproduce seed negative", "reproduce", "--seed", "-1", words=("--seed", "'-1'")),
     C("reproduce seed huge", "reproduce", "--seed", HUGE, words=("--seed", HUGE)),
+    C("reproduce seed past 32 bits", "reproduce", "--seed", "4294967296", words=("--seed",)),
     C("reproduce seed text", "reproduce", "--seed", "x", words=("--seed", "'x'")),
     C("reproduce flag value", "reproduce", "--quick=1", words=("--quick", "does not take")),
     C("reproduce out is a file", "reproduce", "yin2019", "--out", "f",
@@ -317,3 +318,11 @@ def test_running_out_of_memory_is_a_user_error(sandbox, capsys, monkeypatch):
     code = main(["estimators"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("stelab: error: not enough memory") and "5 TiB" in err
+
+
+def test_cli_seed_range_is_the_config_seed_range():
+    """`--seed` is checked by Typer against a literal (so --help stays cheap): it must be
+    exactly the range train.seed accepts, or reproduce would fail after creating folders."""
+    from stelab import cli, config
+
+    assert cli._SEED_MAX == config.SEED_MAX

@@ -46,7 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, config_to_dict, diff_configs, load_config, parse_config
+from ..config import (
+    SEED_MAX,
+    TrainConfig,
+    config_to_dict,
+    diff_configs,
+    load_config,
+    parse_config,
+)
 from ..errors import ConfigError, DataError, StelabTypeError, check_int, unknown
 from ..halfnormal import halfnormal_alpha, halfnormal_mse, lloyd_alpha
 from ..io import atomic_write_text, write_json
@@ -839,7 +846,7 @@ def run(
     t0 = time.perf_counter()
     if not isinstance(out_dir, (str, Path)):
         raise StelabTypeError(f"out_dir must be a path, got {out_dir!r}")
-    seed = check_int("seed", seed, 0, 2**63 - 1)
+    seed = check_int("seed", seed, 0, SEED_MAX)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ov = dict(overrides or {})
