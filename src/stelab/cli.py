@@ -196,6 +196,7 @@ def _register_more() -> None:
 
     cli_train.register(app)
     cli_analysis.register(app)
+    __import__("stelab.cli_export").cli_export.register(app)
 
 
 _register_more()
