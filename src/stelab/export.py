@@ -36,8 +36,12 @@ custom ops and a translation table: the TorchScript exporter is deprecated (slat
 for removal) and stops at opset 20, which lacks int16/uint16 QuantizeLinear. Each
 pattern above is a ``torch.library`` custom op (``stelab::quantize_linear`` ...)
 whose eager kernel has the ONNX operator's semantics and whose translation emits
-exactly that operator, so nothing is re-derived by pattern matching and the
-exporter's optimiser (off) cannot fold the integer weights back to float.
+exactly that operator, so nothing is re-derived by pattern matching. The
+exporter's optimiser runs (it removes shape plumbing) and keeps
+QuantizeLinear/DequantizeLinear (onnxscript >= 0.6); :func:`to_onnx` checks that
+every integer weight reached the file. Signed activation codes are stored as
+uint8 with zero point 128 rather than int8: onnxruntime (1.32) turns an int8
+pair followed by Reshape/Unsqueeze into an invalid graph at session creation.
 
 Exactness: QuantizeLinear computes round_half_even(x/s) in float32 and
 DequantizeLinear k·s in float32, the same operations as stelab's forward (whose
