@@ -297,10 +297,11 @@ def _check_quiet_verbose(quiet: bool, verbose: bool) -> None:
 
 
 def _register_more() -> None:
-    from . import cli_analysis, cli_train
+    from . import cli_analysis, cli_export, cli_train
 
     cli_train.register(app)
     cli_analysis.register(app)
+    cli_export.register(app)
     for info in app.registered_commands:  # every command's help without `<bool>` on flags
         if info.cls in (None, TyperCommand):
             info.cls = _Command
