@@ -121,6 +121,8 @@ def _problem(
 def load_state(net: Any, checkpoint: Path, what: str) -> None:
     """Load a state dict (or a stelab checkpoint's ``model``) from ``checkpoint`` into
     ``net``; every failure is a ConfigError naming --checkpoint and the file."""
+    import warnings
+
     import torch
 
     from .errors import ConfigError
@@ -130,7 +132,9 @@ def load_state(net: Any, checkpoint: Path, what: str) -> None:
         extra = " (it is a directory; give a .pt file)" if checkpoint.is_dir() else ""
         raise ConfigError(f"{where} does not exist as a file{extra}")
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError, EOFError, RuntimeError, ...: not a checkpoint
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ConfigError(
