@@ -276,3 +276,22 @@ def test_bad_inputs_name_the_parameter():
         descent_test(nn.Linear(6, 4).to(D), x, y, "ste", batches=1, batch_size=8)
     with pytest.raises(ConfigError, match="where must be"):
         descent_test(net, x, y, "ste", where="both", batches=1, batch_size=8)
+
+
+def test_gradcheck_dispatches_on_the_model():
+    from stelab import analysis, sbn
+    from stelab.analysis import DeterministicReport, FidelityReport
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 2, dtype=D)
+    y = (x[:, 0] > 0).to(D) * 2 - 1
+    rep = analysis.gradcheck(
+        sbn.sbn_mlp(2, (3,), 1, dtype=D), x, y, "det:ste", draws=4, sample_sizes=[1, 2],
+        timing=False,
+    )  # fmt: skip
+    assert isinstance(rep, FidelityReport) and rep.reference.kind == "exact"
+    net = _mlp()
+    xc, yc = _cls_data(80)
+    rep = analysis.gradcheck(net, xc, yc, "ste", etas=[0.1], batches=2, batch_size=8,
+                             reference_samples=10)  # fmt: skip
+    assert isinstance(rep, DeterministicReport) and rep.estimators == ["ste"]

@@ -55,6 +55,12 @@ RESNET = textwrap.dedent(
 
     def not_a_model():
         return 42
+
+    def sbn_toy():
+        from stelab import data, sbn
+        x, y = data.load("psa-toy", dtype=torch.float64).train
+        torch.manual_seed(0)
+        return sbn.sbn_mlp(2, (5, 5, 5), 1, dtype=torch.float64), x, y
     """
 )
 
@@ -280,3 +286,14 @@ def test_import_failure_is_one_line(main, capsys, argv, pattern):
 def test_import_env_failure_is_one_line(main, capsys, monkeypatch):
     monkeypatch.setenv("STELAB_IMPORT", "nosuch_env_mod")
     _one_line_error(capsys, main(["estimators"]), "STELAB_IMPORT 'nosuch_env_mod': cannot import")
+
+
+def test_factory_sbn_goes_to_the_sbn_report(main, usercode, capsys):
+    _, net, _, _ = usercode
+    code = main(
+        ["gradcheck", "--model", f"{net}:sbn_toy", "--estimators", "psa,det:ste", "--draws",
+         "20", "--sample-sizes", "1,2", "--no-timing"]
+    )  # fmt: skip
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    assert "layer 3" in text and "exact enumeration" in text and "det:ste" in text

@@ -213,17 +213,16 @@ def _det_problem(
     weight_bits: int | None,
     checkpoint: Path | None,
     seed: int,
-    dtype: str,
+    dtype: str | None,
 ) -> tuple[Any, Any, Any, str]:
-    """(model, x, y, description) of a deterministic quantized net for gradcheck."""
+    """(model, x, y, description) of a deterministic quantized net (or a factory's SBN)."""
     import torch
 
     from . import data as _data
     from . import models as _models
     from .errors import ConfigError, check_int
 
-    dt = {"float32": torch.float32, "float64": torch.float64}.get(dtype)
-    if dt is None:
+    if dtype not in (None, "float32", "float64"):
         raise ConfigError(f"--dtype must be 'float64' or 'float32', got {dtype!r}")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -259,6 +258,11 @@ def _det_problem(
                     f"--model {model!r} returns its own data batch; drop --data {data!r}"
                 )
             src = f"the factory's batch, {x.shape[0]} examples"
+        from .sbn import SBN
+
+        if dtype is None:  # SBN analyses default to float64 (exact enumeration)
+            dtype = "float64" if isinstance(net, SBN) else "float32"
+        dt = torch.float64 if dtype == "float64" else torch.float32
         net = net.to(dt)
         if checkpoint is not None:
             load_state(net, checkpoint, what)
@@ -393,6 +397,13 @@ def register(app: typer.Typer) -> None:
         noise_scale: Annotated[
             float, typer.Option(help="Relaxation: logistic noise scale of sign/heaviside.")
         ] = 1.0,
+        bias_examples: Annotated[
+            int | None,
+            typer.Option(
+                help="Bias check: examples of the reference batch (default --batch-size); "
+                "more examples lower the Monte-Carlo noise floor when they do not interact."
+            ),
+        ] = None,
         seed: Annotated[int, typer.Option(help="Seed of the init and of every draw.")] = 0,
         dtype: Annotated[
             str | None,
@@ -430,7 +441,7 @@ def register(app: typer.Typer) -> None:
             from .sbn import SBN
 
             net, x, y, desc = _det_problem(
-                model, data, examples, bits, weight_bits, checkpoint, seed, dtype or "float32"
+                model, data, examples, bits, weight_bits, checkpoint, seed, dtype
             )
             if not isinstance(net, SBN):
                 _run_det(
@@ -451,6 +462,7 @@ def register(app: typer.Typer) -> None:
                         if reference_samples is None
                         else check_int("--reference-samples", reference_samples, 2, 2**31),
                         "noise_scale": noise_scale,
+                        "bias_examples": bias_examples,
                         "generator": seed,
                     },
                 )

@@ -101,6 +101,10 @@ def plot_bias(
     and cosine similarity, one line per estimator."""
     style = estimator_style(report.estimators)
     fig, axes = panels(2, title=bool(title))
+    w, h = fig.get_size_inches()  # room below for the rotated layer names
+    top = fig.subplotpars.top * h
+    fig.set_size_inches(w, h + 1.0)
+    fig.subplots_adjust(bottom=1.5 / (h + 1.0), top=(top + 1.0) / (h + 1.0))
     xs = list(range(len(report.layers)))
     first = report.bias[report.estimators[0]]
     floor = [first[k].bias_floor for k in report.layers]
