@@ -82,9 +82,10 @@ ESTS = textwrap.dedent(
 
 
 @pytest.fixture()
-def main():
+def main(monkeypatch):
     from stelab import cli
 
+    monkeypatch.setenv("STELAB_IMPORT", "")  # --import exports to it: restored after the test
     return cli.main
 
 
@@ -250,6 +251,9 @@ def test_import_makes_user_estimators_visible_everywhere(main, usercode, capsys,
     for argv in (["estimators", "--import", ests], [f"--import={ests}", "estimators"]):
         assert main(argv) == 0
         assert tri in capsys.readouterr().out
+    import os
+
+    assert os.environ["STELAB_IMPORT"] == ests  # exported once, for worker processes
     sys.modules.pop(ests)
     estimators._REGISTRY.pop(tri)
     monkeypatch.setenv("STELAB_IMPORT", ests)

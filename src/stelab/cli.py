@@ -45,10 +45,11 @@ def _root(
     ] = None,
 ) -> None:
     """stelab: gradient estimators for quantized and binary neural networks."""
-    from .plugins import import_from_env, import_modules
+    from .plugins import export_to_env, import_from_env, import_modules
 
     import_from_env()
     import_modules(list(import_ or []))
+    export_to_env(list(import_ or []))  # for worker processes (they read STELAB_IMPORT)
 
 
 @app.command()

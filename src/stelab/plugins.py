@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ENV", "import_modules", "import_from_env", "resolve", "parse_value"]
+__all__ = ["ENV", "import_modules", "import_from_env", "export_to_env", "resolve", "parse_value"]
 
 #: the environment variable read by :func:`import_from_env`
 ENV = "STELAB_IMPORT"
@@ -57,6 +57,15 @@ def import_from_env() -> list[Any]:
     """Import the modules listed in ``STELAB_IMPORT`` (``os.pathsep``-separated)."""
     value = os.environ.get(ENV, "")
     return import_modules([v for v in value.split(os.pathsep) if v.strip()], source=ENV)
+
+
+def export_to_env(names: list[str] | tuple[str, ...]) -> None:
+    """Add module names to ``STELAB_IMPORT`` so processes started from this one (data-parallel
+    training workers) can import the same user code with :func:`import_from_env`."""
+    have = [v for v in os.environ.get(ENV, "").split(os.pathsep) if v.strip()]
+    new = have + [n.strip() for n in names if n.strip() and n.strip() not in have]
+    if new != have:
+        os.environ[ENV] = os.pathsep.join(new)
 
 
 def resolve(spec: str, what: str = "object") -> Any:
