@@ -216,12 +216,18 @@ def test_descent_of_a_float_model_is_first_order_taylor():
 def test_planted_wrong_estimator_comes_out_worse():
     # 'flipped' back-propagates -1 through the activations: the hidden layer's gradient
     # points uphill; the descent test must rank it below the STE
+    from stelab import estimators
+
     stelab.register_estimator("flipped_test", overwrite=True)(lambda x: -torch.ones_like(x))
-    net = _mlp()
-    x, y = _cls_data()
-    res = descent_test(
-        net, x, y, "ste,flipped_test", etas=[0.03, 0.1], batches=30, batch_size=32, per_layer=True
-    )
+    try:
+        net = _mlp()
+        x, y = _cls_data()
+        res = descent_test(
+            net, x, y, "ste,flipped_test", etas=[0.03, 0.1], batches=30, batch_size=32,
+            per_layer=True,
+        )  # fmt: skip
+    finally:
+        del estimators._REGISTRY["flipped_test"]
     ste, bad = res["ste"]["0"], res["flipped_test"]["0"]  # a step on the first layer only
     for k in range(2):
         assert ste.p_train[k] >= 0.7 and bad.p_train[k] <= 0.3

@@ -539,7 +539,18 @@ def test_inverse_lookup_finds_the_same_panel_as_binary_search(name, params):
 # --- to_ste: no silent no-ops
 
 
-def test_to_ste_refuses_an_estimator_it_cannot_map_and_names_the_layer():
+@pytest.fixture()
+def user_registry():
+    """Estimators registered by a test are removed after it (the registry is global)."""
+    from stelab import estimators
+
+    before = set(estimators._REGISTRY)
+    yield
+    for name in set(estimators._REGISTRY) - before:
+        del estimators._REGISTRY[name]
+
+
+def test_to_ste_refuses_an_estimator_it_cannot_map_and_names_the_layer(user_registry):
     @stelab_register("bump_not_cyclical_test", overwrite=True)
     def bump(w):
         "1 + 0.3 cos(2 pi w / 0.05)"
@@ -569,12 +580,12 @@ def test_to_ste_refuses_an_estimator_it_cannot_map_and_names_the_layer():
     assert all(g["lr"] == 0.1 for g in opt2.param_groups)
 
 
-def test_to_ste_maps_a_registered_cyclical_estimator():
+def test_to_ste_maps_a_registered_cyclical_estimator(user_registry):
     from stelab.estimators import CyclicEstimator, register
 
     @register("cos_user_test", overwrite=True)
     class CosUser(CyclicEstimator):
-        "1 + 0.5 cos(2 pi r)"
+        formula = "1 + 0.5 cos(2 pi r)"
 
         def profile(self, r):
             return 1 + 0.5 * torch.cos(2 * math.pi * r)
