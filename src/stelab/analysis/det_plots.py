@@ -65,8 +65,10 @@ def plot_descent_change(
     """Mean loss change after a step -eta*g vs eta (symlog), with ± one standard error."""
     style = estimator_style(report.estimators)
     fig, axes = panels(2, title=bool(title))
+    w = fig.get_size_inches()[0]
+    fig.subplots_adjust(left=1.0 / w, wspace=0.4)  # room for symlog tick labels
     for ax, which in zip(axes, ("train", "held"), strict=True):
-        small = math.inf
+        small, big = math.inf, 0.0
         for lab, c in _curves(report, group).items():
             d = getattr(c, f"d_{which}")
             se = getattr(c, f"d_{which}_se")
@@ -79,10 +81,14 @@ def plot_descent_change(
                 alpha=0.15,
                 lw=0,
             )
-            small = min([small, *(abs(v) for v in d if v != 0 and math.isfinite(v))])
+            finite = [abs(v) for v in d if v != 0 and math.isfinite(v)]
+            small = min([small, *finite])
+            big = max([big, *finite])
         ax.axhline(0.0, color="0.6", ls=":", lw=1)
         ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=small if math.isfinite(small) else 1e-6)
+        thresh = max(small, 1e-3 * big) if math.isfinite(small) else 1e-6
+        ax.set_yscale("symlog", linthresh=thresh)
+        ax.tick_params(axis="y", labelsize=8)
         ax.set_xlabel("step size eta")
         ax.set_title("training batch" if which == "train" else "held-out batch")
         ax.grid(alpha=0.3, lw=0.5)
