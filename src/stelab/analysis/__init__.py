@@ -33,7 +33,8 @@ stochastic relaxation (:mod:`.relax`); :func:`gradcheck` dispatches on the model
     rep = analysis.gradcheck(model, x, y, "ste,clipped_relu,dsq,ewgs")
     print(rep.descent_table()); print(rep.bias_table())
 
-Modules: :mod:`.deterministic`, :mod:`.relax`, :mod:`.det_plots`, :mod:`.dispatch`.
+Modules: :mod:`.deterministic`, :mod:`.det_report`, :mod:`.relax`, :mod:`.det_plots`,
+:mod:`.dispatch`.
 """
 
 from .deterministic import (
