@@ -32,6 +32,7 @@ from stelab.disguise import (
 )
 from stelab.errors import ConfigError, StelabTypeError
 from stelab.estimators import get
+from stelab.estimators import register as stelab_register
 from stelab.nn import QuantConv2d, QuantLinear
 from stelab.quantizers import Forward, Quantizer
 
@@ -545,3 +546,72 @@ def test_inverse_lookup_finds_the_same_panel_as_binary_search(name, params):
     eq._table = dataclasses.replace(t, hops=99)  # force torch.searchsorted
     slow = eq._phi_inv(p.clone())
     assert torch.equal(fast, slow)
+
+
+# --- to_ste: no silent no-ops
+
+
+@pytest.fixture()
+def user_registry():
+    """Estimators registered by a test are removed after it (the registry is global)."""
+    from stelab import estimators
+
+    before = set(estimators._REGISTRY)
+    yield
+    for name in set(estimators._REGISTRY) - before:
+        del estimators._REGISTRY[name]
+
+
+def test_to_ste_refuses_an_estimator_it_cannot_map_and_names_the_layer(user_registry):
+    @stelab_register("bump_not_cyclical_test", overwrite=True)
+    def bump(w):
+        "1 + 0.3 cos(2 pi w / 0.05)"
+        return 1 + 0.3 * torch.cos(2 * math.pi * w / 0.05)
+
+    bumpy = Quantizer("uniform", "bump_not_cyclical_test", step=0.05)
+    net = nn.Sequential(
+        QuantLinear(3, 2, weight_quantizer=Quantizer("uniform", "ste", step=0.05)),
+        QuantLinear(2, 2, weight_quantizer=bumpy),
+    )
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=r"layer '1': estimator bump_not_cyclical_test is not"):
+        to_ste(net, opt)
+    with pytest.raises(
+        ConfigError, match=r"layer '0'.*'ewgs\(delta=0.2\)'|layer '0': estimator ewgs"
+    ):
+        to_ste(
+            nn.Sequential(
+                QuantLinear(3, 2, weight_quantizer=Quantizer("uniform", "ewgs", step=0.1))
+            )
+        )
+    # strict=False: listed as unchanged, and the optimizer report does not claim lr × α
+    new, opt2, report = to_ste(net, opt, strict=False)
+    assert new[1].weight_quantizer.estimator.name == "bump_not_cyclical_test"
+    assert report.unchanged and report.unchanged[0][0] == "1"
+    assert "no layer was converted" in report.optimizer and "lr × α" not in report.optimizer
+    assert all(g["lr"] == 0.1 for g in opt2.param_groups)
+
+
+def test_to_ste_maps_a_registered_cyclical_estimator(user_registry):
+    from stelab.estimators import CyclicEstimator, register
+
+    @register("cos_user_test", overwrite=True)
+    class CosUser(CyclicEstimator):
+        formula = "1 + 0.5 cos(2 pi r)"
+
+        def profile(self, r):
+            return 1 + 0.5 * torch.cos(2 * math.pi * r)
+
+    net = nn.Sequential(
+        QuantLinear(3, 2, weight_quantizer=Quantizer("uniform", "cos_user_test", step=0.05)),
+        QuantLinear(2, 2, weight_quantizer=Quantizer("sign", "approx_sign")),
+    )
+    new, opt2, report = to_ste(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    assert new[0].weight_quantizer.estimator.name == "ste"
+    assert report.layers[0].alpha == pytest.approx(math.sqrt(0.75), abs=1e-9)
+    lr_of = {id(p): g["lr"] for g in opt2.param_groups for p in g["params"]}
+    assert lr_of[id(new[0].weight)] == pytest.approx(0.1 * math.sqrt(0.75), abs=1e-9)
+    # the sign layer is outside [S24]: listed, not silently skipped
+    assert report.unchanged == [
+        ("1", "approx_sign on forward 'sign': [S24] maps 'uniform' quantizers")
+    ]

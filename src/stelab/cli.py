@@ -55,8 +55,22 @@ def _root(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
+    import_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--import",
+            help="Import this Python module first (repeatable; also STELAB_IMPORT, "
+            "os.pathsep-separated), so the estimators, quantizers and models it registers "
+            "are known to every command. May also follow the command name.",
+        ),
+    ] = None,
 ) -> None:
     """stelab: gradient estimators for quantized and binary neural networks."""
+    from .plugins import export_to_env, import_from_env, import_modules
+
+    import_from_env()
+    import_modules(list(import_ or []))
+    export_to_env(list(import_ or []))  # for worker processes (they read STELAB_IMPORT)
 
 
 @app.command()
@@ -210,7 +224,11 @@ def disguise(
     step: Annotated[float, typer.Option(help="Quantizer step Δ.")] = 1.0,
     param: Annotated[
         list[str] | None,
-        typer.Option("--param", "-p", help="Estimator parameter NAME=VALUE (repeatable)."),
+        typer.Option(
+            "--param",
+            "-p",
+            help="Estimator parameter NAME=VALUE: a number, a name or MODULE:NAME (repeatable).",
+        ),
     ] = None,
     plot: Annotated[
         Path | None, typer.Option(help="Draw q̂', the map M and the STE-equivalent to this file.")
@@ -219,16 +237,16 @@ def disguise(
     """[S24]: the STE equivalent of a cyclical weight estimator (α, the map M)."""
     from .disguise import disguise_report
     from .errors import ConfigError
+    from .plugins import parse_value
 
-    params: dict[str, float] = {}
+    params: dict[str, object] = {}
     for p in param or []:
         name, eq, value = p.partition("=")
-        try:
-            params[name.strip()] = float(value)
-        except ValueError:
-            raise ConfigError(f"--param must be NAME=NUMBER, got {p!r}") from None
-        if not eq or not name.strip():
-            raise ConfigError(f"--param must be NAME=NUMBER, got {p!r}")
+        if not eq or not name.strip() or not value.strip():
+            raise ConfigError(
+                f"--param must be NAME=VALUE (a number, a name or MODULE:NAME), got {p!r}"
+            )
+        params[name.strip()] = parse_value(value.strip())
     created = None
     if plot is not None:
         from .plots import check_plot_path, new_folder
@@ -335,6 +353,30 @@ def _is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)
 
 
+def _hoist_imports(argv: list[str] | None) -> list[str]:
+    """Move every ``--import M`` / ``--import=M`` to the front, so it works after the
+    command name too (``stelab estimators --import mymod``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            rest += args[i:]
+            break
+        if a == "--import" and i + 1 < len(args):
+            front += [a, args[i + 1]]
+            i += 2
+            continue
+        if a.startswith("--import="):
+            front.append(a)
+        else:
+            rest.append(a)
+        i += 1
+    return front + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``stelab`` console script.
 
@@ -351,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import StelabError
 
     try:
-        rv = app(args=argv, prog_name="stelab", standalone_mode=False)
+        rv = app(args=_hoist_imports(argv), prog_name="stelab", standalone_mode=False)
     except TyperException as e:  # usage errors: bad option, missing argument
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `stelab`: the help was printed
             return 0

@@ -1,4 +1,8 @@
-"""``stelab gradcheck``: how accurate are SBN gradient estimators on a given net?
+"""``stelab gradcheck``: how accurate are gradient estimators on a given net?
+
+SBNs (the zoo's toy, mlp, conv8) get the [S20] fidelity report; deterministic
+quantized nets (the zoo's lenet5, vgg11, resnet20, convnet, or ``MODULE:FACTORY``)
+get the descent test and the bias against the stochastic relaxation.
 
 Registered on the main app by :func:`register` (called from :mod:`stelab.cli`).
 Heavy modules are imported inside the command so ``stelab --help`` stays fast.
@@ -14,6 +18,7 @@ import typer
 __all__ = ["register"]
 
 _MODELS = ("toy", "mlp", "conv8")
+_DET_MODELS = ("lenet5", "vgg11", "resnet20", "convnet")
 
 
 def _ints(option: str, text: str | None, lo: int = 1) -> list[int] | None:
@@ -101,18 +106,7 @@ def _problem(
             pad = 1 if min(in_shape[1:]) < 24 else 0
             net = sbn.sbn_conv8(in_shape[0], in_shape[1:], out_features, tuple(ch), pad, dtype=dt)
         if checkpoint is not None:
-            if not checkpoint.is_file():
-                raise ConfigError(f"--checkpoint {str(checkpoint)!r} does not exist")
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-                state = state["model"]
-            try:
-                net.load_state_dict(state)
-            except (RuntimeError, KeyError) as e:
-                msg = " ".join(str(e).split())[:300]
-                raise ConfigError(
-                    f"--checkpoint {str(checkpoint)!r} does not fit --model {model}: {msg}"
-                ) from None
+            load_state(net, checkpoint, f"--model {model}")
             net.to(dt)
         elif model != "toy":
             sbn.data_init(net, x, generator=seed)
@@ -124,35 +118,244 @@ def _problem(
     return net, x, y, loss_fn, desc
 
 
+def load_state(net: Any, checkpoint: Path, what: str) -> None:
+    """Load a state dict (or a stelab checkpoint's ``model``) from ``checkpoint`` into
+    ``net``; every failure is a ConfigError naming --checkpoint and the file."""
+    import warnings
+
+    import torch
+
+    from .errors import ConfigError
+
+    where = f"--checkpoint {str(checkpoint)!r}"
+    if not checkpoint.is_file():
+        extra = " (it is a directory; give a .pt file)" if checkpoint.is_dir() else ""
+        raise ConfigError(f"{where} does not exist as a file{extra}")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols: one line only
+            warnings.simplefilter("ignore")
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, EOFError, RuntimeError, ...: not a checkpoint
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(
+            f"{where} is not a PyTorch state dict loadable with weights_only=True "
+            f"({type(e).__name__}{': ' + first if first else ''})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{where} holds a {type(state).__name__}, not a state dict of tensors")
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise ConfigError(f"{where} does not fit {what}: {msg}") from None
+
+
+def _floats(option: str, text: str | None) -> list[float] | None:
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    out = []
+    for tok in text.split(","):
+        try:
+            v = float(tok)
+        except ValueError:
+            raise ConfigError(
+                f"{option} must be comma-separated numbers > 0, got {text!r}"
+            ) from None
+        if not v > 0 or v == float("inf"):
+            raise ConfigError(f"{option} must be numbers > 0, got {tok.strip()!r} in {text!r}")
+        out.append(v)
+    return out
+
+
+def _from_factory(spec: str) -> tuple[Any, Any, Any]:
+    """(model, x, y) from ``MODULE:FACTORY``; x, y are None when the factory returns a model."""
+    from torch import Tensor, nn
+
+    from .errors import ConfigError
+    from .plugins import resolve
+
+    factory = resolve(spec, "--model")
+    if not callable(factory):
+        raise ConfigError(f"--model {spec!r} names a {type(factory).__name__}, not a callable")
+    try:
+        out = factory()
+    except Exception as e:
+        raise ConfigError(
+            f"--model {spec!r}: calling it failed: {type(e).__name__}: {str(e)[:200]}"
+        ) from None
+    x = y = None
+    if isinstance(out, tuple):
+        if len(out) == 2 and isinstance(out[1], (tuple, list)) and len(out[1]) == 2:
+            out, (x, y) = out[0], out[1]
+        elif len(out) == 3:
+            out, x, y = out
+        else:
+            raise ConfigError(
+                f"--model {spec!r} returned a tuple of {len(out)}; expected a model, "
+                "(model, (x, y)) or (model, x, y)"
+            )
+    if not isinstance(out, nn.Module):
+        raise ConfigError(f"--model {spec!r} returned a {type(out).__name__}, not an nn.Module")
+    if x is not None and not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        raise ConfigError(f"--model {spec!r} returned a data batch that is not two tensors (x, y)")
+    return out, x, y
+
+
+def _det_problem(
+    model: str,
+    data: str | None,
+    examples: int | None,
+    bits: int,
+    weight_bits: int | None,
+    checkpoint: Path | None,
+    seed: int,
+    dtype: str | None,
+) -> tuple[Any, Any, Any, str]:
+    """(model, x, y, description) of a deterministic quantized net (or a factory's SBN)."""
+    import torch
+
+    from . import data as _data
+    from . import models as _models
+    from .errors import ConfigError, check_int
+
+    if dtype not in (None, "float32", "float64"):
+        raise ConfigError(f"--dtype must be 'float64' or 'float32', got {dtype!r}")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        x = y = None
+        if ":" in model:
+            net, x, y = _from_factory(model)
+            what = f"--model {model}"
+        else:
+            net = None
+            what = f"--model {model} (--bits {bits})"
+        if x is None:
+            name = data or "digits"
+            ds = _data.load(name, limit=examples, progress=False)
+            x, y = ds.train
+            if examples is not None:
+                x, y = x[:examples], y[:examples]
+            src = f"{name}, {x.shape[0]} examples"
+            if net is None:
+                bits = check_int("--bits", bits, 1, 16)
+                weights = None
+                if weight_bits is not None:
+                    weights = {"fn": "uniform", "bits": weight_bits, "step": "auto"}
+                net = _models.build(
+                    model,
+                    num_classes=int(ds.num_classes or 2),
+                    in_shape=tuple(ds.input_shape),
+                    act={"bits": bits, "estimator": "ste"},
+                    weights=weights,
+                )
+        else:
+            if data is not None:
+                raise ConfigError(
+                    f"--model {model!r} returns its own data batch; drop --data {data!r}"
+                )
+            src = f"the factory's batch, {x.shape[0]} examples"
+        from .sbn import SBN
+
+        if dtype is None:  # SBN analyses default to float64 (exact enumeration)
+            dtype = "float64" if isinstance(net, SBN) else "float32"
+        dt = torch.float64 if dtype == "float64" else torch.float32
+        net = net.to(dt)
+        if checkpoint is not None:
+            load_state(net, checkpoint, what)
+            net.to(dt)
+    if x.is_floating_point():
+        x = x.to(dt)
+    return net, x, y, f"{what} on {src}, {dtype}"
+
+
+def _run_det(
+    net: Any, x: Any, y: Any, desc: str, estimators: str | None, opts: dict[str, Any]
+) -> None:
+    import time
+
+    from .analysis.det_plots import plot_bias, plot_descent, plot_descent_change
+    from .analysis.deterministic import DEFAULT_ETAS, deterministic_fidelity
+    from .errors import ConfigError
+
+    out = opts.pop("out")
+    etas = opts.pop("etas") or list(DEFAULT_ETAS)
+    typer.echo(f"gradcheck: {desc}")
+    t0 = time.perf_counter()
+    try:
+        rep = deterministic_fidelity(
+            net, x, y, estimators or "ste,relu,clipped_relu", etas=etas, **opts
+        )
+    except RuntimeError as e:  # a model that does not accept the data
+        msg = " ".join(str(e).split())[:300]
+        raise ConfigError(f"--model does not run on this data: {msg}") from None
+    typer.echo(f"estimators on the {rep.where} quantizers: {', '.join(rep.estimators)}")
+    groups = ["all"] + (list(rep.layers) if opts.get("per_layer") else [])
+    for g in groups:
+        typer.echo("")
+        typer.echo(rep.descent_table(g))
+    typer.echo("")
+    typer.echo(rep.bias_table())
+    typer.echo("")
+    typer.echo(
+        "P: fraction of batches whose loss went down after the step -eta*g; held-out: the same "
+        "step on a disjoint batch. bias: ||g_est - g_ref||/||g_ref|| less the reference's noise "
+        "floor (floor: its standard error); cos: cosine to the reference."
+    )
+    if out is not None:
+        from .io import write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        plot_descent(rep, out / "descent.png", title=desc)
+        plot_descent_change(rep, out / "descent_change.png", title=desc)
+        plot_bias(rep, out / "bias.png", title=desc)
+        write_json(out / "results.json", {"problem": desc, **rep.to_dict()})
+        typer.echo(f"wrote {out}/descent.png, descent_change.png, bias.png, results.json")
+    typer.echo(f"({time.perf_counter() - t0:.1f} s)")
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``gradcheck`` command to ``app``."""
 
     @app.command()
     def gradcheck(
         model: Annotated[
-            str, typer.Option(help="toy (the [S20] 2-5-5-5-1 net on psa-toy), mlp or conv8.")
-        ] = "toy",
-        estimators: Annotated[
             str,
             typer.Option(
-                help="Comma-separated estimators: SBN estimators (psa, dst, hard_st, arm, "
-                "reinforce, reinforce_loo, concrete:tau=0.1, gumbel_st, tanh_mf), and "
-                "det:STE / sample:STE for a sign net with a quantizer STE (det:ste, "
-                "det:clipped, det:approx_sign, ...)."
+                help="SBN: toy (the [S20] 2-5-5-5-1 net on psa-toy), mlp or conv8. "
+                "Deterministic quantized net: lenet5, vgg11, resnet20, convnet (see --bits), "
+                "or MODULE:FACTORY, a callable returning the model, (model, (x, y)) or "
+                "(model, x, y) (load user modules with --import)."
             ),
-        ] = "psa,dst,arm,reinforce",
-        draws: Annotated[int, typer.Option(help="One-sample estimates per estimator.")] = 2000,
+        ] = "toy",
+        estimators: Annotated[
+            str | None,
+            typer.Option(
+                help="Comma-separated estimators. SBN: psa, dst, hard_st, arm, reinforce, "
+                "reinforce_loo, concrete:tau=0.1, gumbel_st, tanh_mf, det:STE / sample:STE "
+                "(default psa,dst,arm,reinforce). Deterministic net: quantizer estimators "
+                "(ste, relu, clipped_relu, dsq:k=3, ewgs, registered ones; default "
+                "ste,relu,clipped_relu)."
+            ),
+        ] = None,
+        draws: Annotated[int, typer.Option(help="SBN: one-sample estimates per estimator.")] = 2000,
         sample_sizes: Annotated[
             str | None,
             typer.Option(
-                help="Sample sizes M, e.g. 1,10,100 (default 1..9,10..90,... up to draws)."
+                help="SBN: sample sizes M, e.g. 1,10,100 (default 1..9,10..90,... up to draws)."
             ),
         ] = None,
         reference: Annotated[
             str, typer.Option(help="auto (exact when enumerable), exact or mc.")
         ] = "auto",
         reference_samples: Annotated[
-            int | None, typer.Option(help="Draws of the Monte-Carlo reference (default 20000).")
+            int | None,
+            typer.Option(
+                help="Draws of the Monte-Carlo reference (default 20000 SBN, 1000 deterministic)."
+            ),
         ] = None,
         data: Annotated[
             str | None,
@@ -164,90 +367,208 @@ def register(app: typer.Typer) -> None:
         channels: Annotated[
             str | None, typer.Option(help="conv8 widths, e.g. 8,16 (default).")
         ] = None,
-        examples: Annotated[int, typer.Option(help="Training examples used for image data.")] = 200,
+        examples: Annotated[
+            int | None,
+            typer.Option(help="Training examples used (default: 200 for SBNs, all otherwise)."),
+        ] = None,
         checkpoint: Annotated[
-            Path | None, typer.Option(help="Load the SBN's weights from this state dict (.pt).")
+            Path | None, typer.Option(help="Load the model's weights from this state dict (.pt).")
+        ] = None,
+        bits: Annotated[int, typer.Option(help="Zoo deterministic nets: activation bits.")] = 2,
+        weight_bits: Annotated[
+            int | None, typer.Option(help="Zoo deterministic nets: weight bits (uniform).")
+        ] = None,
+        etas: Annotated[
+            str | None,
+            typer.Option(help="Descent test step sizes, e.g. 0.001,0.01,0.1 (default 1e-4..1)."),
+        ] = None,
+        batches: Annotated[int, typer.Option(help="Descent test: batches.")] = 20,
+        batch_size: Annotated[int, typer.Option(help="Descent test: batch size.")] = 64,
+        where: Annotated[
+            str,
+            typer.Option(
+                help="Quantizers that get each estimator: auto (activations if any), "
+                "activations, weights or all."
+            ),
+        ] = "auto",
+        per_layer: Annotated[
+            bool, typer.Option(help="Descent test also per layer (a step on one layer).")
+        ] = False,
+        noise_scale: Annotated[
+            float, typer.Option(help="Relaxation: logistic noise scale of sign/heaviside.")
+        ] = 1.0,
+        bias_examples: Annotated[
+            int | None,
+            typer.Option(
+                help="Bias check: examples of the reference batch (default --batch-size); "
+                "more examples lower the Monte-Carlo noise floor when they do not interact."
+            ),
         ] = None,
         seed: Annotated[int, typer.Option(help="Seed of the init and of every draw.")] = 0,
-        dtype: Annotated[str, typer.Option(help="float64 or float32.")] = "float64",
-        timing: Annotated[bool, typer.Option(help="Measure seconds per draw.")] = True,
+        dtype: Annotated[
+            str | None,
+            typer.Option(help="float64 or float32 (default float64 SBN, float32 otherwise)."),
+        ] = None,
+        timing: Annotated[bool, typer.Option(help="SBN: measure seconds per draw.")] = True,
         out: Annotated[
             Path | None,
-            typer.Option(help="Write rmse.png, cosine.png, budget.png and results.json here."),
+            typer.Option(
+                help="Write the figures and results.json here (SBN: rmse, cosine, budget; "
+                "deterministic: descent, descent_change, bias)."
+            ),
         ] = None,
     ) -> None:
-        """Gradient fidelity of SBN estimators: relative RMSE, cosine, bias, variance, SNR
-        and cost per layer against the exact (or Monte-Carlo) gradient."""
-        import time
+        """Gradient fidelity per layer and estimator. SBNs: relative RMSE, cosine, bias,
+        variance, SNR and cost against the exact (or Monte-Carlo) gradient. Deterministic
+        quantized nets: the descent test (does a step along each estimator's gradient
+        lower the quantized loss?) and the bias against the stochastic relaxation."""
 
         from .errors import ConfigError, check_int
 
-        draws = check_int("--draws", draws, 1, 2**31)
-        sizes = _ints("--sample-sizes", sample_sizes, lo=1) if sample_sizes is not None else None
-        if examples < 1:
+        if examples is not None and examples < 1:
             raise ConfigError(f"--examples must be an integer >= 1, got {examples}")
         if reference not in ("auto", "exact", "mc"):
             raise ConfigError(f"--reference must be auto, exact or mc, got {reference!r}")
-        from .analysis import check_sample_sizes, enumerable, gradient_fidelity, parse_estimators
-        from .analysis.plots import plot_budget, plot_cosine, plot_rmse
-
-        sizes = check_sample_sizes(sizes, draws)
-        specs = parse_estimators(estimators)
         if out is not None and out.exists() and not out.is_dir():
             raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+        if model not in _MODELS:
+            if model not in _DET_MODELS and ":" not in model:
+                from .errors import unknown
+
+                raise unknown(
+                    "gradcheck model (or MODULE:FACTORY)", model, (*_MODELS, *_DET_MODELS)
+                )
+            from .sbn import SBN
+
+            net, x, y, desc = _det_problem(
+                model, data, examples, bits, weight_bits, checkpoint, seed, dtype
+            )
+            if not isinstance(net, SBN):
+                _run_det(
+                    net,
+                    x,
+                    y,
+                    desc,
+                    estimators,
+                    {
+                        "out": out,
+                        "etas": _floats("--etas", etas),
+                        "batches": check_int("--batches", batches, 1, 10**6),
+                        "batch_size": check_int("--batch-size", batch_size, 1, 10**8),
+                        "where": where,
+                        "per_layer": per_layer,
+                        "reference": reference,
+                        "reference_samples": 1000
+                        if reference_samples is None
+                        else check_int("--reference-samples", reference_samples, 2, 2**31),
+                        "noise_scale": noise_scale,
+                        "bias_examples": bias_examples,
+                        "generator": seed,
+                    },
+                )
+                return
+            _run_sbn(
+                net, x, y, None, desc, estimators, draws, sample_sizes, reference,
+                reference_samples, seed, timing, out,
+            )  # fmt: skip
+            return
         net, x, y, loss_fn, desc = _problem(
             model,
             data,
             _ints("--hidden", hidden),
             _ints("--channels", channels),
-            examples,
+            200 if examples is None else examples,
             checkpoint,
             seed,
-            dtype,
+            dtype or "float64",
         )
-        if reference == "exact":
-            ok, why = enumerable(net)
-            if not ok:
-                raise ConfigError(
-                    f"{why.split('. Use ')[0]}; use --reference mc (Monte-Carlo reference, "
-                    f"--reference-samples N)"
-                )
-        typer.echo(f"gradcheck: {desc}; {draws} draws per estimator")
-        t0 = time.perf_counter()
-        rep = gradient_fidelity(
-            net,
-            x,
-            y,
-            loss_fn,
-            specs,
-            draws=draws,
-            sample_sizes=sizes,
-            reference=reference,
-            reference_samples=reference_samples,
-            generator=seed,
-            timing=timing,
-        )
-        for key in rep.layers:
-            typer.echo("")
-            typer.echo(rep.table(key))
-        typer.echo("")
-        typer.echo(
-            "RMSE@M: relative RMSE of the M-sample average; bias: debiased ||E g - g||/||g||; "
-            "floor: its noise level; bias z ~ N(0,1) if unbiased; rel.var: tr Cov / ||g||^2."
-        )
-        if out is not None:
-            from .io import write_json
+        _run_sbn(
+            net, x, y, loss_fn, desc, estimators, draws, sample_sizes, reference,
+            reference_samples, seed, timing, out,
+        )  # fmt: skip
 
-            out.mkdir(parents=True, exist_ok=True)
-            hid = [k for k in rep.layers if k != "output"]
-            plot_rmse(rep, out / "rmse.png", title=desc)
-            plot_cosine(rep, out / "cosine.png", layers=hid, title=desc)
-            if timing:
-                plot_budget(rep, out / "budget.png", layers=hid, title=desc)
-            write_json(out / "results.json", {"problem": desc, **rep.to_dict()})
-            typer.echo(
-                f"wrote {out}/rmse.png, cosine.png"
-                + (", budget.png" if timing else "")
-                + ", results.json"
+
+def _run_sbn(
+    net: Any,
+    x: Any,
+    y: Any,
+    loss_fn: Any,
+    desc: str,
+    estimators: str | None,
+    draws: int,
+    sample_sizes: str | None,
+    reference: str,
+    reference_samples: int | None,
+    seed: int,
+    timing: bool,
+    out: Path | None,
+) -> None:
+    import time
+
+    from .analysis import check_sample_sizes, enumerable, gradient_fidelity, parse_estimators
+    from .analysis.plots import plot_budget, plot_cosine, plot_rmse
+    from .errors import ConfigError, check_int
+
+    draws = check_int("--draws", draws, 1, 2**31)
+    sizes = _ints("--sample-sizes", sample_sizes, lo=1) if sample_sizes is not None else None
+    sizes = check_sample_sizes(sizes, draws)
+    specs = parse_estimators(estimators or "psa,dst,arm,reinforce")
+    if loss_fn is None:
+        import torch.nn.functional as F
+
+        from . import sbn
+
+        out_features = getattr(net.output, "out_features", 2)
+        if out_features == 1:
+            loss_fn = sbn.logistic_loss
+        else:
+
+            def loss_fn(eta: Any, t: Any) -> Any:
+                return F.cross_entropy(eta, t, reduction="none")
+
+    if reference == "exact":
+        ok, why = enumerable(net)
+        if not ok:
+            raise ConfigError(
+                f"{why.split('. Use ')[0]}; use --reference mc (Monte-Carlo reference, "
+                f"--reference-samples N)"
             )
-        typer.echo(f"({time.perf_counter() - t0:.1f} s)")
+    typer.echo(f"gradcheck: {desc}; {draws} draws per estimator")
+    t0 = time.perf_counter()
+    rep = gradient_fidelity(
+        net,
+        x,
+        y,
+        loss_fn,
+        specs,
+        draws=draws,
+        sample_sizes=sizes,
+        reference=reference,
+        reference_samples=reference_samples,
+        generator=seed,
+        timing=timing,
+    )
+    for key in rep.layers:
+        typer.echo("")
+        typer.echo(rep.table(key))
+    typer.echo("")
+    typer.echo(
+        "RMSE@M: relative RMSE of the M-sample average; bias: debiased ||E g - g||/||g||; "
+        "floor: its noise level; bias z ~ N(0,1) if unbiased; rel.var: tr Cov / ||g||^2."
+    )
+    if out is not None:
+        from .io import write_json
+
+        out.mkdir(parents=True, exist_ok=True)
+        hid = [k for k in rep.layers if k != "output"]
+        plot_rmse(rep, out / "rmse.png", title=desc)
+        plot_cosine(rep, out / "cosine.png", layers=hid, title=desc)
+        if timing:
+            plot_budget(rep, out / "budget.png", layers=hid, title=desc)
+        write_json(out / "results.json", {"problem": desc, **rep.to_dict()})
+        typer.echo(
+            f"wrote {out}/rmse.png, cosine.png"
+            + (", budget.png" if timing else "")
+            + ", results.json"
+        )
+    typer.echo(f"({time.perf_counter() - t0:.1f} s)")

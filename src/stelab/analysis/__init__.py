@@ -23,8 +23,30 @@ Estimator specs (:func:`parse_estimator`) name SBN estimators (``psa``,
 Modules: :mod:`.specs` (specs, :class:`SignSTE`, costs), :mod:`.draws` (per-draw
 gradients), :mod:`.fidelity` (metrics, reference, report), :mod:`.plots` (figures).
 ``stelab gradcheck`` is the command-line front end.
+
+Deterministic quantized networks (any ``nn.Module`` with stelab quantizers):
+:func:`deterministic_fidelity` runs the descent test (does a step along each
+estimator's coarse gradient lower the true quantized loss?) and compares each
+estimator's gradient with the exact or Monte-Carlo gradient of the network's
+stochastic relaxation (:mod:`.relax`); :func:`gradcheck` dispatches on the model::
+
+    rep = analysis.gradcheck(model, x, y, "ste,clipped_relu,dsq,ewgs")
+    print(rep.descent_table()); print(rep.bias_table())
+
+Modules: :mod:`.deterministic`, :mod:`.det_report`, :mod:`.relax`, :mod:`.det_plots`,
+:mod:`.dispatch`.
 """
 
+from .deterministic import (
+    DEFAULT_ETAS,
+    DescentCurve,
+    DeterministicReport,
+    LayerBias,
+    descent_test,
+    deterministic_fidelity,
+    parse_det_estimators,
+)
+from .dispatch import gradcheck
 from .draws import (
     DrawEngine,
     flatten_layers,
@@ -44,6 +66,7 @@ from .fidelity import (
     gradient_fidelity,
     reference_gradient,
 )
+from .relax import RelaxedGradient, relaxed, relaxed_gradient
 from .specs import (
     PAPER_ESTIMATORS,
     EstimatorSpec,
@@ -56,6 +79,17 @@ from .specs import (
 )
 
 __all__ = [
+    "gradcheck",
+    "deterministic_fidelity",
+    "descent_test",
+    "parse_det_estimators",
+    "relaxed",
+    "relaxed_gradient",
+    "RelaxedGradient",
+    "DeterministicReport",
+    "DescentCurve",
+    "LayerBias",
+    "DEFAULT_ETAS",
     "gradient_fidelity",
     "reference_gradient",
     "check_sample_sizes",

@@ -17,6 +17,9 @@ from .equivalence import Equivalence, equivalent_ste, is_cyclical
 
 __all__ = ["ConversionReport", "LayerChange", "STEConversion", "to_ste"]
 
+#: estimators that already are the STE (nothing to convert)
+_STE_NAMES = ("ste", "clipped")
+
 
 @dataclass(frozen=True)
 class LayerChange:
@@ -105,6 +108,7 @@ def to_ste(
     *,
     map_weights: bool | None = None,
     allow_degenerate: bool = False,
+    strict: bool = True,
 ) -> STEConversion:
     """Convert a model trained with cyclical weight estimators to its STE equivalent [S24].
 
@@ -126,7 +130,16 @@ def to_ste(
     * ``report``: a :class:`ConversionReport` with per-layer α and what changed.
 
     ``map_weights``: None (default) maps unless the optimizer is Adam/AdamW. Learned
-    steps (LSQ) and non-cyclical estimators are left unchanged and listed as such.
+    steps (LSQ), cyclical estimators on other forwards than ``uniform`` and every
+    estimator on a non-uniform weight quantizer (outside [S24]'s setting) are left
+    unchanged and listed in ``report.unchanged``.
+
+    A ``uniform`` weight quantizer whose estimator is neither an STE (``ste``,
+    ``clipped``) nor cyclical (``Estimator.cyclical``, e.g. a
+    :class:`~stelab.estimators.CyclicEstimator` subclass, registered or not) cannot be
+    mapped: a ConfigError naming the layer and the estimator (``strict=False`` lists it
+    in ``report.unchanged`` instead). Register a periodic surrogate as a
+    ``CyclicEstimator`` subclass, or use ``periodic`` with ``func=``, to have it mapped.
     """
     if not isinstance(model, nn.Module):
         raise StelabTypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -146,10 +159,25 @@ def to_ste(
         q: Quantizer = mod.weight_quantizer
         est = q.estimator
         if q.kind != "uniform":
-            if is_cyclical(est):
-                report.unchanged.append((name, f"forward {q.kind!r} is not 'uniform'"))
+            if est.name not in _STE_NAMES:
+                report.unchanged.append(
+                    (name, f"{est!r} on forward {q.kind!r}: [S24] maps 'uniform' quantizers")
+                )
             continue
         if not is_cyclical(est):
+            if est.name in _STE_NAMES:
+                continue
+            why = (
+                f"estimator {est!r} is not cyclical (a function of w/step mod 1), so it has "
+                "no STE equivalent"
+            )
+            if strict:
+                raise ConfigError(
+                    f"to_ste cannot convert layer {name!r}: {why}; register a periodic "
+                    "surrogate as a stelab.estimators.CyclicEstimator subclass (or use "
+                    "'periodic' with func=...), or pass strict=False to leave the layer as is"
+                )
+            report.unchanged.append((name, why))
             continue
         if q.learn_step:
             report.unchanged.append((name, "learned step (LSQ): [S24] assumes a fixed step"))
@@ -262,6 +290,11 @@ def _convert_optimizer(
             new_st[k] = v
         new_opt.state[pn] = new_st
     n_groups = len(groups)
+    if not alpha_of:  # nothing converted: say so instead of claiming a scaled lr
+        report.optimizer = (
+            f"{type(opt).__name__}: unchanged (no layer was converted; same lr, same state)"
+        )
+        return new_opt
     if kind == "sgd":
         mom = any(g.get("momentum", 0) for g in opt.param_groups)
         report.optimizer = (
