@@ -130,3 +130,21 @@ def test_check_fits_counts_parameters_and_refuses_at_the_budget():
     assert exact == 8 * p + 12 * 6 * 28 * 28  # conv1's output 6x28x28 is the largest
     with pytest.raises(ValueError, match=r"in_shape \(1, 28, 28\).*more than the 1 KiB"):
         models.check_fits("lenet5", in_shape=shape, budget=1024)
+
+
+def test_summary_prints_the_export_size_beside_the_float_size(capsys):
+    """The line agrees with stelab.export.exported_size (itself checked against the bytes
+    of a real exported file in test_export.py)."""
+    from stelab import models
+    from stelab.export import exported_size
+
+    code, out, _ = run(capsys, "summary", "lenet5", "--bits", "2", "--weight-bits", "4")
+    assert code == 0
+    m = models.build(
+        "lenet5", act={"bits": 2}, weights={"fn": "uniform", "bits": 4, "step": "auto"}
+    )
+    es = exported_size(m)
+    line = next(ln for ln in out.splitlines() if ln.startswith("ONNX export"))
+    assert f"{es.exported_bytes / 1024:.1f} KiB" in line
+    assert f"{es.float_bytes / 1024:.1f} KiB float32" in line
+    assert es.quantized_weights == 5 and es.compression > 3.5

@@ -57,6 +57,7 @@ __all__ = [
     "estimator",
     "estimator_names",
     "estimators",
+    "export",
     "halfnormal_alpha",
     "quantize",
     "register_estimator",
@@ -70,13 +71,13 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(f".{module}", __name__), attr)
         globals()[name] = value
         return value
-    if name == "estimators":
-        return importlib.import_module(".estimators", __name__)
+    if name in ("estimators", "export"):  # modules (stelab.export is also callable)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'stelab' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, "estimators"})
+    return sorted({*globals(), *_EXPORTS, "estimators", "export"})
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs

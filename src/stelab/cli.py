@@ -138,7 +138,8 @@ def summary(
     ] = None,
     num_classes: Annotated[int, typer.Option(min=1, help="Number of output classes.")] = 10,
 ) -> None:
-    """Per-layer table of a zoo model: bits, estimator, memory, MACs, compression."""
+    """Per-layer table of a zoo model: bits, estimator, memory, MACs, compression, and the
+    size of its ONNX export next to the float32 size."""
     from . import estimators as _e
     from . import models
     from .errors import ConfigError, unknown
@@ -169,6 +170,14 @@ def summary(
         weights=weights,
     )
     typer.echo(str(_summary(m, shape)))
+    from .export import exported_size
+
+    es = exported_size(m)
+    typer.echo(
+        f"ONNX export (stelab export): {es.exported_bytes / 1024:.1f} KiB of tensors "
+        f"({es.quantized_weights} weights as integers) vs {es.float_bytes / 1024:.1f} KiB "
+        f"float32, {es.compression:.2f}x smaller"
+    )
 
 
 @app.command()

@@ -94,6 +94,9 @@ def _worker(
 ) -> Any:
     """The function every process runs (module level, so it can be sent to spawned
     processes; they get the config as plain data)."""
+    from ..plugins import import_from_env
+
+    import_from_env()  # user estimators/models named by --import / STELAB_IMPORT (spawned workers)
     if not isinstance(cfg, TrainConfig):
         from ..config import parse_config
 
