@@ -243,7 +243,13 @@ def disguise(
         Path | None, typer.Option(help="Draw q̂', the map M and the STE-equivalent to this file.")
     ] = None,
 ) -> None:
-    """[S24]: the STE equivalent of a cyclical weight estimator (α, the map M)."""
+    """[S24]: the STE equivalent of a cyclical weight estimator (α, the map M).
+
+    Under SGD (with momentum) the estimator equals the STE with learning rate α·η from
+    weights M(w₀). Under Adam, [S24] states the plain STE with the same learning rate
+    and weights is the equivalent; stelab measured that only with a short
+    second-moment window (β₂ = 0.9, small learning rate), not at β₂ = 0.999.
+    """
     from .disguise import disguise_report
     from .errors import ConfigError
     from .plugins import parse_value

@@ -124,9 +124,12 @@ def to_ste(
       new SGD over the new model with each converted weight's learning rate
       multiplied by its layer's α (param groups split per α; other parameters keep
       their rate), momentum buffers divided by q̂'(w) (the first-order conversion).
-      For Adam/AdamW: the same hyperparameters, weights *not* mapped (the theorem
-      needs neither M nor α for Adam), moment estimates divided by q̂' and q̂'² so the
-      next update is the same. None when no optimizer is given.
+      For Adam/AdamW: the same hyperparameters, weights *not* mapped ([S24] states
+      that Adam needs neither M nor α), moment estimates divided by q̂' and q̂'² so the
+      next update is the same. stelab measured that equivalence to hold only when the
+      weights move little within Adam's second-moment window (β₂ = 0.9 at small
+      learning rates), not at β₂ = 0.999 (docs/papers/disguise2024.md). None when no
+      optimizer is given.
     * ``report``: a :class:`ConversionReport` with per-layer α and what changed.
 
     ``map_weights``: None (default) maps unless the optimizer is Adam/AdamW. Learned
@@ -310,11 +313,13 @@ def _convert_optimizer(
     else:
         report.optimizer = (
             f"{type(opt).__name__}: unchanged (same lr and betas; weights not mapped): "
-            "Adam's normalisation cancels q̂' [S24]"
+            "[S24]: Adam's normalisation cancels q̂'"
             + ("; moments divided by q̂' and q̂'²" if opt.state else "")
         )
         report.notes.append(
             f"{type(opt).__name__}: the equivalence needs eps << sqrt(v) and weights that "
-            "move much less than a step over Adam's averaging window ~1/(1 - beta2) steps"
+            "move much less than a step over Adam's averaging window ~1/(1 - beta2) steps; "
+            "stelab measured it to hold at beta2 = 0.9, not at 0.999 "
+            "(docs/papers/disguise2024.md)"
         )
     return new_opt
