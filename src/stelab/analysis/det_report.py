@@ -74,6 +74,10 @@ class DeterministicReport:
             "seconds": self.seconds,
         }
 
+    def __str__(self) -> str:
+        """The descent and bias tables, as ``stelab gradcheck`` prints them."""
+        return self.descent_table() + "\n\n" + self.bias_table()
+
     def descent_table(self, group: str = "all") -> str:
         """P(loss decreases) and the mean loss change ± s.e., per estimator and step size."""
         curves = {e: d[group] for e, d in self.descent.items() if group in d}
