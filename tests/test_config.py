@@ -188,7 +188,7 @@ def test_example_configs_are_valid():
         cfg = load_config(f)
         assert cfg.name == f.stem
     y19 = load_config(root / "lenet5-fashion-y19.toml")
-    # SPEC §2, deep-network table, LeNet-5 row
+    # docs/papers/yin2019.md, deep-network table, LeNet-5 row
     assert (y19.train.epochs, y19.data.batch_size, y19.optim.lr) == (50, 64, 0.1)
     assert (y19.schedule.name, y19.schedule.milestones, y19.schedule.gamma) == (
         "multistep",

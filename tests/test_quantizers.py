@@ -50,7 +50,7 @@ def test_act_quantizer_y19_definition(bits):
     xs = [-1.0, 0.0, 1e-9, a, a + 1e-9, 2 * a, (2**bits - 2) * a, (2**bits - 2) * a + 1e-9,
           top, top + 1.0, 1e9]  # fmt: skip
 
-    def sigma(x: float) -> float:  # SPEC §1, case by case
+    def sigma(x: float) -> float:  # docs/estimators.md, case by case
         if x <= 0:
             return 0.0
         if x <= (2**bits - 2) * a:

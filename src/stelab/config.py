@@ -51,7 +51,7 @@ of the resolved config unless set)::
     accelerator = "auto"              # auto | cpu | cuda | gpu | mps
     precision = "32-true"             # 32-true | 64-true | 16-mixed | bf16-mixed | bf16-true
     threads = ...                     # absent: torch's choice (per process)
-    grad_clip = ...                   # clamp every gradient element to [-v, v] (SPEC §3: 1e3)
+    grad_clip = ...                   # clamp every gradient element to [-v, v] ([S20]: 1e3)
     grad_clip_norm = ...              # clip the global gradient norm
     init_from = ...                   # a run dir or checkpoint of a float model ([Y19])
     eval_every = 1                    # validate every n epochs (and after the last)

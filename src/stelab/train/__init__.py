@@ -34,7 +34,7 @@ What it does:
 
 * SGD (momentum, Nesterov), Adam, AdamW; constant, multi-step or cosine learning
   rate set once per epoch; weight decay; element-wise gradient clamp
-  (``train.grad_clip``, SPEC §3 uses 1e3) and norm clipping.
+  (``train.grad_clip``, docs/papers/psa2020.md uses 1e3) and norm clipping.
 * Seeds: ``train.seed`` seeds torch (model init), the shuffling generator and the
   augmentation generator; ``train.deterministic`` turns on
   ``torch.use_deterministic_algorithms``. On CPU two runs with one seed are equal
