@@ -210,12 +210,12 @@ def _mixed_model() -> nn.Module:
         QuantConv2d(c, c, 1, weight_quantizer=Quantizer("uniform", bits=None, step=0.01)),
         QuantAct("act", bits=10, alpha=0.01, learn_step=True),
         QuantConv2d(c, c, 1, weight_quantizer=Quantizer("heaviside")),
-        QuantAct("ternary", threshold=0.7),
+        QuantAct("ternary", "ste", threshold=0.7),
         nn.Conv2d(c, c, 1),
-        QuantAct("sign"),
+        QuantAct("sign", "ste"),  # identity STEs: the gradient reaches every LSQ step
         nn.Flatten(),
         QuantLinear(c * 8 * 8, 5, weight_quantizer=Quantizer("act", bits=2, alpha=0.05)),
-        QuantAct("heaviside"),
+        QuantAct("heaviside", "ste"),
         QuantLinear(5, 6, weight_quantizer=Quantizer(
             "uniform", bits=5, step=torch.rand(6, 1) * 0.1 + 0.05, learn_step=True)),
         QuantAct("uniform", bits=None, step=0.1),

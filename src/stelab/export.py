@@ -57,6 +57,13 @@ the first jump of [Y19]'s act, and the rounding residue (±1e-9) decides. NaN
 inputs are the other exception: stelab propagates them, ONNX QuantizeLinear does
 not define them.
 
+Runtimes may do more than the graph says: onnxruntime's default session fuses
+DequantizeLinear → Conv/Gemm → QuantizeLinear into integer kernels (QLinearConv)
+and rounds a float bias to int32 at scale s_in·s_w, which moves outputs by whole
+levels where that scale is coarse (sign weights have scale 1). Run with the session
+option ``session.disable_quant_qdq=1`` (what :func:`run_onnx` does by default) for
+stelab's exact semantics.
+
 ``onnx``, ``onnxscript`` and ``onnxruntime`` are optional (``pip install
 stelab[export]``) and imported inside the functions that need them;
 :func:`exported_size` needs none of them.
@@ -618,10 +625,21 @@ def count_ops(onnx_model: Any) -> dict[str, int]:
     return counts
 
 
-def run_onnx(path: str | os.PathLike[str], x: Tensor) -> Tensor:
-    """Run an exported file in onnxruntime (CPU provider) on ``x``; the first output."""
+def run_onnx(path: str | os.PathLike[str], x: Tensor, *, fuse_qdq: bool = False) -> Tensor:
+    """Run an exported file in onnxruntime (CPU provider) on ``x``; the first output.
+
+    ``fuse_qdq=False`` (default) runs the graph as written (the session option
+    ``session.disable_quant_qdq=1``), which is stelab's eval forward. With its default
+    options onnxruntime fuses DequantizeLinear → Conv/Gemm → QuantizeLinear into an
+    integer kernel (QLinearConv) and rounds a float bias to int32 at scale
+    s_in·s_w on the way: outputs can then move by whole levels where s_in·s_w is
+    coarse against the next quantizer's step (e.g. sign weights, scale 1).
+    """
     (ort,) = _require("onnxruntime")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    if not fuse_qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     (out, *_) = sess.run(None, {name: x.detach().cpu().numpy()})
     return torch.from_numpy(out)
