@@ -113,8 +113,11 @@ def main() -> None:
         torch.set_num_threads(prev)
     print(f"cpu cores: {os.cpu_count()}, torch {torch.__version__}, threshold {AUTO_THRESHOLD:.2g}")
     print(f"load average (1 min) at start: idle {load['idle']:.2f}, busy {load['busy']:.2f}")
-    print("| model | MACs x batch per step | machine | 1 thread (ms) | 2 threads (ms) | 2 / 1 |")
-    print("|---|---:|---|---:|---:|---:|")
+    print(
+        "| model | MACs x batch per step | machine | 1 thread (ms) | 2 threads (ms) | 2 / 1 "
+        "| `auto` picks |"
+    )
+    print("|---|---:|---|---:|---:|---:|---|")
     for c in cases:
         for col in ("idle", "busy"):
             r = res[col][c]
@@ -122,7 +125,8 @@ def main() -> None:
             label = f"{c}: {name} {'x'.join(map(str, shape[1:]))}, batch {batch}"
             print(
                 f"| {label} | {macs[c]:.3g} | {col} (load {load[col]:.1f}) | {r['t1_ms']:.2f} | "
-                f"{r['t2_ms']:.2f} | {r['t2_ms'] / r['t1_ms']:.2f} |"
+                f"{r['t2_ms']:.2f} | {r['t2_ms'] / r['t1_ms']:.2f} | "
+                f"{'1' if macs[c] < AUTO_THRESHOLD else 'the free cores'} |"
             )
     if args.json:
         with open(args.json, "w") as f:

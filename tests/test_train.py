@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -355,8 +356,11 @@ def test_resolve_threads_auto_int_and_environment(monkeypatch):
     try:
         torch.set_num_threads(2)
         assert threads.resolve_threads("auto", threads.AUTO_THRESHOLD / 2) == 1
-        big = threads.resolve_threads("auto", threads.AUTO_THRESHOLD * 2)
-        assert big == min(2, len(__import__("os").sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # only this process
+        assert threads.resolve_threads("auto", threads.AUTO_THRESHOLD * 2) == min(2, cores)
+        monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))  # all taken
+        assert threads.resolve_threads("auto", threads.AUTO_THRESHOLD * 2) == 1
         assert threads.resolve_threads(3, 0.0) == 3  # an integer always wins
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user chose: keep torch's setting
         assert threads.resolve_threads("auto", 0.0) == 2

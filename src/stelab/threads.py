@@ -6,12 +6,18 @@ joining a second thread costs more than it saves, and on a busy machine every
 thread waits for a core (20x slower measured; see ``benchmarks/bench_threads.py``).
 ``"auto"`` (the default) therefore picks
 
-    threads = 1                                   if W < AUTO_THRESHOLD
-            = min(torch.get_num_threads(), cores)  otherwise
+    threads = 1                                          if W < AUTO_THRESHOLD
+            = max(1, min(torch.get_num_threads(), free))  otherwise
+    free    = cores - round(max(0, load - 1))
 
 where ``W = MACs per sample x batch rows per process`` is the multiply-accumulate
-count of one step's forward pass (Linear and Conv layers) and ``cores`` the CPUs
-this process may run on. When the user set ``OMP_NUM_THREADS`` or
+count of one step's forward pass (Linear and Conv layers), ``cores`` the CPUs this
+process may run on and ``load`` the 1-minute load average (this process counts as
+one): threads beyond the free cores wait for one, and even ResNet-20 ran 3x slower
+on 2 threads than on 1 on a loaded 2-core machine. A large model's count thus
+depends on the load when the run starts; it is recorded (env.json, the checkpoint)
+and ``--resume`` reuses it. Set an integer for runs that must match bit for bit
+across machines or loads. When the user set ``OMP_NUM_THREADS`` or
 ``MKL_NUM_THREADS``, ``"auto"`` leaves torch's setting (which honours them) alone.
 An integer always wins.
 """
@@ -27,9 +33,13 @@ from torch import nn
 
 __all__ = ["AUTO_THRESHOLD", "ENV_VARS", "auto_threads", "resolve_threads", "step_macs"]
 
-#: Below this many forward MACs per step one thread is used (see bench_threads.py:
-#: on 2 cores, 2 threads beat 1 only from about 1e8 MACs per step on an idle machine).
-AUTO_THRESHOLD = 1e8
+#: Below this many forward MACs per step one thread is used. Measured with
+#: benchmarks/bench_threads.py on a shared 2-core machine (load 6-7): 2 threads were
+#: 4-20x slower than 1 for LeNet-5 (4e6 to 1.1e8 MACs per step) and 2.8x slower for
+#: ResNet-20 at batch 128 (5e9). Every LeNet-5 config (digits, Fashion-MNIST, batch
+#: up to 2048) stays below; ResNet-20 / VGG-11 at batch 128 (5e9, 2e10), where a
+#: free machine gains from its cores, get the free ones.
+AUTO_THRESHOLD = 1e9
 
 #: Environment variables that, when set, mean the user chose the thread count.
 ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -84,7 +94,11 @@ def auto_threads(work: float) -> int | None:
         return None
     if work < AUTO_THRESHOLD:
         return 1
-    return max(1, min(torch.get_num_threads(), _cores()))
+    try:
+        busy = round(max(0.0, os.getloadavg()[0] - 1.0))
+    except (AttributeError, OSError):  # pragma: no cover - no load average (Windows)
+        busy = 0
+    return max(1, min(torch.get_num_threads(), _cores() - busy))
 
 
 def resolve_threads(requested: int | str | None, work: float) -> int:
