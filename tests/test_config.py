@@ -287,3 +287,36 @@ def test_parse_config_refuses_what_its_writer_cannot_round_trip(monkeypatch):
     with pytest.raises(ConfigError, match="cannot be written to TOML and read back"):
         parse_config({"name": "a\x7fb"})
     assert parse_config({"name": "ab"}).name == "ab"  # what it can round-trip still passes
+
+
+def test_threads_default_auto_round_trips_and_integers_win(tmp_path):
+    assert parse_config({}).train.threads == "auto"
+    for raw in ({}, {"train": {"threads": "auto"}}, {"train": {"threads": 3}}):
+        cfg = parse_config(raw)
+        text = dump_config(cfg)
+        assert parse_config(tomllib.loads(text)) == cfg
+        assert dump_config(parse_config(tomllib.loads(text))) == text
+    assert 'threads = "auto"' in dump_config(parse_config({}))
+    assert load_config(None, ["train.threads=auto"]).train.threads == "auto"
+    assert load_config(None, ["train.threads=2"]).train.threads == 2
+
+
+@pytest.mark.parametrize(
+    "value, pattern",
+    [
+        ("four", r"train\.threads must be an integer from 1 to 4096 or \"auto\", got 'four'"),
+        ("Auto", r"train\.threads .*got 'Auto'"),
+        (0, r"train\.threads.*0"),
+        (4097, r"train\.threads.*4097"),
+    ],
+)
+def test_bad_threads_name_the_key_and_what_is_allowed(value, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config({"train": {"threads": value}})
+    with pytest.raises(ConfigError, match=r"train\.threads"):
+        load_config(None, [f"train.threads={value}"])
+
+
+def test_bool_threads_is_a_type_error():
+    with pytest.raises(StelabTypeError, match=r"train\.threads"):
+        parse_config({"train": {"threads": True}})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -319,3 +320,111 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         assert torch.allclose(a[k], b[k], atol=2e-5, rtol=1e-4), k
     assert abs(one["final_train_loss"] - two["final_train_loss"]) < 1e-4
     assert len(ckpt(tmp_path / "two")["rng"]["torch"]) == 2
+
+
+# --- train.threads ----------------------------------------------------------------
+
+
+def test_step_macs_matches_the_closed_form():
+    from stelab.threads import step_macs
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1, groups=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 10),
+    )
+    # conv: 4·8·8 outputs, each (2/2)·3·3 MACs; linear: 256·10
+    assert step_macs(net, (2, 8, 8)) == 4 * 8 * 8 * 9 + 256 * 10
+    # LeNet-5 on 8x8 with BN and quantizers: the same count as a hand-built float twin,
+    # and the model's RNG stream and buffers are left alone
+    q = models.build("lenet5", num_classes=10, in_shape=(1, 8, 8), act={"bits": 2})
+    before = {k: v.clone() for k, v in q.state_dict().items()}
+    rng = torch.get_rng_state()
+    lenet = step_macs(q, (1, 8, 8))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert_same_tensors(before, q.state_dict())
+    assert lenet == sum(r.macs for r in __import__("stelab").summary(q, (1, 8, 8)).rows)
+
+
+def test_resolve_threads_auto_int_and_environment(monkeypatch):
+    from stelab import threads
+
+    for v in threads.ENV_VARS:
+        monkeypatch.delenv(v, raising=False)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert threads.resolve_threads("auto", threads.AUTO_THRESHOLD / 2) == 1
+        cores = len(os.sched_getaffinity(0))
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # only this process
+        assert threads.resolve_threads("auto", threads.AUTO_THRESHOLD * 2) == min(2, cores)
+        monkeypatch.setattr(os, "getloadavg", lambda: (cores + 3.0, 0.0, 0.0))  # all taken
+        assert threads.resolve_threads("auto", threads.AUTO_THRESHOLD * 2) == 1
+        assert threads.resolve_threads(3, 0.0) == 3  # an integer always wins
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user chose: keep torch's setting
+        assert threads.resolve_threads("auto", 0.0) == 2
+    finally:
+        torch.set_num_threads(prev)
+    for bad in ("four", 0, -1):
+        with pytest.raises(ValueError, match="threads must be a positive integer or 'auto'"):
+            threads.resolve_threads(bad, 0.0)
+
+
+def test_auto_threads_trains_the_digits_model_on_one_thread(tmp_path, monkeypatch):
+    for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(v, raising=False)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train(quick_cfg("train.threads='auto'", "train.epochs=1"), tmp_path / "r", progress=False)
+        assert torch.get_num_threads() == 2  # restored afterwards
+    finally:
+        torch.set_num_threads(prev)
+    assert ckpt(tmp_path / "r")["threads"] == 1
+    assert json.loads((tmp_path / "r" / "env.json").read_text())["torch_threads"] == 1
+
+
+def test_auto_threads_resume_keeps_the_checkpoint_count(tmp_path, monkeypatch):
+    """The thread count changes float sums on CPU: a run trained on 2 threads and resumed
+    where "auto" would now pick 1 must still continue on 2, bit for bit."""
+    import stelab.threads as threads
+
+    monkeypatch.setattr(threads, "auto_threads", lambda work: 2)
+    ref, run, one = tmp_path / "ref", tmp_path / "run", tmp_path / "one"
+    train(quick_cfg("train.threads='auto'", "train.epochs=2"), ref, progress=False)
+    train(quick_cfg("train.threads=1", "train.epochs=2"), one, progress=False)
+    train(quick_cfg("train.threads='auto'", "train.epochs=1"), run, progress=False)
+    assert ckpt(run)["threads"] == 2
+    monkeypatch.setattr(threads, "auto_threads", lambda work: 1)
+    train(quick_cfg("train.threads='auto'", "train.epochs=2"), run, resume=True, progress=False)
+    a, b = ckpt(ref), ckpt(run)
+    # the thread count matters here (else this test could not fail) ...
+    assert any(not torch.equal(a["model"][k], ckpt(one)["model"][k]) for k in a["model"])
+    # ... and the resumed run used the checkpoint's 2 threads
+    assert b["threads"] == 2
+    assert_same_tensors(a["model"], b["model"], "model")
+    assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
+
+
+def test_demo_trains_on_one_thread_and_restores_torch_setting(monkeypatch):
+    from stelab.experiments.demo import train_digits
+
+    for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(v, raising=False)
+    seen = []
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        train_digits("ste", epochs=1, on_epoch=lambda e, loss: seen.append(torch.get_num_threads()))
+        assert seen == [1] and torch.get_num_threads() == 2
+        seen.clear()
+        train_digits(
+            "ste",
+            epochs=1,
+            threads=2,
+            on_epoch=lambda e, loss: seen.append(torch.get_num_threads()),
+        )
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(prev)

@@ -50,7 +50,7 @@ of the resolved config unless set)::
     devices = 1                       # processes (data parallel); > 1 uses DDP (gloo on CPU)
     accelerator = "auto"              # auto | cpu | cuda | gpu | mps
     precision = "32-true"             # 32-true | 64-true | 16-mixed | bf16-mixed | bf16-true
-    threads = ...                     # absent: torch's choice (per process)
+    threads = "auto"                  # "auto": 1 for small models, else the cores; or an int
     grad_clip = ...                   # clamp every gradient element to [-v, v] ([S20]: 1e3)
     grad_clip_norm = ...              # clip the global gradient norm
     init_from = ...                   # a run dir or checkpoint of a float model ([Y19])
@@ -175,7 +175,7 @@ class LoopConfig:
     devices: int = 1
     accelerator: str = "auto"
     precision: str = "32-true"
-    threads: int | None = None
+    threads: int | str = "auto"
     grad_clip: float | None = None
     grad_clip_norm: float | None = None
     init_from: str | None = None
@@ -524,7 +524,15 @@ def _loop(raw: Mapping[str, Any]) -> LoopConfig:
     if "precision" in raw:
         kw["precision"] = _choice("train.precision", str(raw["precision"]), PRECISIONS)
     if raw.get("threads") is not None:
-        kw["threads"] = _int("train.threads", raw["threads"], 1, 4096)
+        v = raw["threads"]
+        if isinstance(v, str):
+            if _str("train.threads", v) != "auto":
+                raise ConfigError(
+                    f'train.threads must be an integer from 1 to 4096 or "auto", got {v!r}'
+                )
+            kw["threads"] = v
+        else:
+            kw["threads"] = _int("train.threads", v, 1, 4096)
     for key in ("grad_clip", "grad_clip_norm"):
         if raw.get(key) is not None:
             kw[key] = _float(f"train.{key}", raw[key], lo=0.0, lo_open=True)

@@ -28,12 +28,19 @@ def train_digits(
     lr: float = 0.05,
     batch_size: int = 64,
     seed: int = 0,
+    threads: int | str = "auto",
     on_epoch: Callable[[int, float], Any] | None = None,
 ) -> dict[str, float]:
     """Train LeNet-5 (σ_α activations, ``bits`` bits, ``estimator`` backward) on digits.
 
     SGD with momentum 0.9 and cosine decay; returns train loss and test accuracy.
+    ``threads``: torch threads while training, as ``train.threads``
+    (:func:`stelab.threads.resolve_threads`; "auto" gives 1 for this small model);
+    torch's setting is restored afterwards.
     """
+    from ..threads import resolve_threads, step_macs
+
+    prev = torch.get_num_threads()
     torch.manual_seed(seed)
     data = load("digits", seed=seed, progress=False)
     model = models.build(
@@ -42,6 +49,23 @@ def train_digits(
         in_shape=data.input_shape,
         act={"bits": bits, "estimator": estimator},
     )
+    n = resolve_threads(threads, step_macs(model, data.input_shape) * batch_size)
+    try:
+        torch.set_num_threads(n)
+        return _fit(model, data, epochs, lr, batch_size, seed, on_epoch)
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _fit(
+    model: nn.Module,
+    data: Any,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    on_epoch: Callable[[int, float], Any] | None,
+) -> dict[str, float]:
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     n_steps = epochs * -(-len(data.train.y) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps)

@@ -187,6 +187,7 @@ class _Session:
         if ckpt is not None:
             check_state(model, ckpt["model"], str(self.resume_from))
             model.load_state_dict(ckpt["model"])
+        self._set_threads(model, ckpt)
         if self.rank > 0:  # different model noise per process (e.g. stochastic estimators)
             torch.manual_seed(_mix(t.seed, 1, self.rank))
         self.raw_model = model
@@ -220,6 +221,33 @@ class _Session:
                     f"{d.name!r} has inputs of shape {tuple(d.input_shape)}"
                 )
             self.augment = FlipCrop(4, generator=self.aug_gen, flip=cfg.data.augment == "flip_crop")
+
+    def _set_threads(self, model: nn.Module, ckpt: dict[str, Any] | None) -> None:
+        """Resolve ``train.threads``: an integer as given; ``"auto"`` from the work per step
+        (:func:`stelab.threads.resolve_threads`), except on resume, where it takes the
+        count the checkpoint was trained with (the thread count can change the order of
+        float sums on CPU, so the same count keeps the resumed run bit-identical)."""
+        from ..threads import resolve_threads, step_macs
+
+        t = self.cfg.train
+        saved = None if ckpt is None else ckpt.get("threads")
+        if t.threads == "auto" and saved is not None:
+            n = int(saved)
+        elif t.threads == "auto":
+            rows = max(1, self.cfg.data.batch_size // self.world)
+            work = step_macs(model, tuple(self.data.input_shape)) * rows
+            n = resolve_threads("auto", work)
+        else:
+            n = int(t.threads)
+            if saved is not None and int(saved) != n and self.main:
+                log.warning(
+                    "train.threads = %d, but the checkpoint was trained with %d thread(s): the "
+                    "run continues but may not be bit-identical to an uninterrupted one",
+                    n,
+                    int(saved),
+                )
+        torch.set_num_threads(n)
+        self.threads = n
 
     def _init_source(self, source: str) -> nn.Module:
         """The float model to copy weights from ([Y19]: start from a trained float net)."""
@@ -498,6 +526,7 @@ class _Session:
             "best": dict(self.best),
             "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
             "world_size": self.world,
+            "threads": self.threads,
         }
 
     def _save(self, best: bool) -> None:

@@ -252,12 +252,12 @@ def _determinism(on: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    if n is None:
-        yield
-        return
+def _threads(n: int | str | None) -> Iterator[None]:
+    """Restore torch's thread count on exit; set ``n`` now when it is an integer (``"auto"``
+    is resolved once the model exists: :func:`stelab.threads.resolve_threads`)."""
     prev = torch.get_num_threads()
-    torch.set_num_threads(n)
+    if isinstance(n, int) and not isinstance(n, bool):
+        torch.set_num_threads(n)
     try:
         yield
     finally:
