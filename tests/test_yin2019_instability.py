@@ -132,5 +132,11 @@ def test_resnet20_quick_path_end_to_end(tmp_path: Path) -> None:
     assert "(instability_from_clipped_relu.png)" in report
     assert (out / "instability_from_clipped_relu.png").read_bytes()[:4] == b"\x89PNG"
     assert res["wall_time_s"] > 0
+    md = y19i.write_docs(out, tmp_path / "docs")
+    assert (tmp_path / "docs" / "instability_from_clipped_relu.png").is_file()
+    body = md.read_text()
+    assert body.startswith(report) and "## How this was produced" in body and "quick=True" in body
+    with pytest.raises(ConfigError, match="out_dir"):
+        y19i.write_docs(tmp_path / "nothing", tmp_path / "docs2")
     with pytest.raises(ConfigError, match="source"):
         y19i.run(out, sources=("identity",), **kw)

@@ -34,7 +34,8 @@ resumable run directory under ``out_dir/runs*/``, so rerunning :func:`run` with 
 same arguments resumes an interrupted run.
 
 Public API: :func:`run`, :func:`protocol_for`, :func:`continuation_config`,
-:func:`default_lrs`, :func:`final_lr`, :func:`effect` (the verdict rule), ``LR_SCALE``
+:func:`default_lrs`, :func:`final_lr`, :func:`effect` and :func:`verdict_for` (the verdict
+rules), :func:`write_docs` (a finished report into ``docs/``), ``LR_SCALE``
 (the paper-scaled learning-rate factor), ``RESNET20`` (the subset per mode), ``CONTROL``
 and ``CONTINUE`` (which STEs continue from which source, per net).
 """
@@ -68,6 +69,7 @@ __all__ = [
     "protocol_for",
     "run",
     "verdict_for",
+    "write_docs",
 ]
 
 NAME = "yin2019-instability"
@@ -685,3 +687,40 @@ def _report_md(
             "effect does not show here, that is a statement about this scale, not a refutation.",
         ]
     return "\n".join(L) + "\n"
+
+
+def write_docs(out_dir: Path, docs_dir: Path = Path("docs/yin2019_instability")) -> Path:
+    """Copy a finished run's report and figures into ``docs_dir`` (atomically), with a
+    section on how it was produced. Returns the report's path."""
+    from ..io import atomic_write_bytes
+
+    out_dir, docs_dir = Path(out_dir), Path(docs_dir)
+    report = out_dir / "report.md"
+    try:
+        res = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        res = None
+    if res is None or not report.is_file():
+        raise ConfigError(
+            f"out_dir={str(out_dir)!r} has no finished report (report.md and results.json); "
+            "run yin2019_instability.run(out_dir) to the end first"
+        )
+    srcs = sorted({k.rsplit("-a", 1)[0] for k in res["sources"]})
+    for s in srcs:
+        png = out_dir / f"instability_from_{s}.png"
+        atomic_write_bytes(docs_dir / png.name, png.read_bytes())
+    args = f"'{out_dir}'" + (", quick=True" if res.get("quick") else "")
+    args += f", seed={res['seed']}" if res.get("seed") else ""
+    args += f", net='{res['net']}'" if res.get("net", "resnet20") != "resnet20" else ""
+    text = report.read_text(encoding="utf-8") + (
+        "\n## How this was produced\n\n"
+        "```\n"
+        'OMP_NUM_THREADS=1 python -c "from stelab.experiments.yin2019_instability import run; '
+        f'run({args}, threads=1)"\n'
+        "```\n\n"
+        "Every source cell and continuation is a resumable run directory under "
+        f"`{Path(out_dir).name}/runs*/`: rerunning the command reuses finished runs and resumes "
+        "an interrupted one. Regenerate this page with "
+        "`yin2019_instability.write_docs(out_dir, 'docs/yin2019_instability')`.\n"
+    )
+    return atomic_write_text(docs_dir / "report.md", text)
