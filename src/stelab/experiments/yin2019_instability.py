@@ -412,7 +412,7 @@ def run(
             results[case] = per_lr
 
     base = f"{default_lrs(p, quick)[0]:g}"
-    claims = _claims(results, starts, srcs, widths, p, n_ep, base)
+    claims = _claims(results, starts, srcs, widths, p, n_ep, base, last_rows)
     figs = {}
     for s in srcs:
         figs[s] = f"instability_from_{s}.png"
@@ -487,6 +487,24 @@ def _line(est: str, lr: str, r: dict[str, Any], start: dict[str, float]) -> str:
     )
 
 
+def _train_mode(r: dict[str, Any], c: dict[str, Any], src_last: dict[str, Any] | None) -> str:
+    """The trainer's own last-epoch training loss (train-mode batch norm) of a
+    continuation and its control, beside the source's: shows how much of an eval-mode
+    change comes from the batch-norm running statistics."""
+
+    def last(rec: dict[str, Any]) -> str:
+        h = rec.get("history") or []
+        v = h[-1].get("train_loss") if h else None
+        return "–" if v is None else f"{float(v):.3g}"
+
+    if not r.get("history") or src_last is None or src_last.get("train_loss") is None:
+        return ""
+    return (
+        f" [train-mode loss of the last epoch: {float(src_last['train_loss']):.3g} at the "
+        f"source -> {last(r)}, control {last(c)}]"
+    )
+
+
 def _claims(
     results: dict[str, Any],
     starts: dict[str, Any],
@@ -495,6 +513,7 @@ def _claims(
     p: t1.Protocol,
     n_ep: int,
     base: str,
+    last_rows: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One claim per (source, continuing STE, bit width)."""
     claims = []
@@ -525,7 +544,11 @@ def _claims(
                         if eff
                         else ""
                     )
-                    ev.append(_line(est, lr, r, starts[case]) + f" (control {ctrl}{cmp})")
+                    ev.append(
+                        _line(est, lr, r, starts[case])
+                        + f" (control {ctrl}{cmp})"
+                        + _train_mode(r, c, last_rows[case] if last_rows else None)
+                    )
                 where = (
                     f"shows at lr {', '.join(shows)}"
                     if shows
@@ -695,9 +718,15 @@ def _report_md(
     return "\n".join(L) + "\n"
 
 
-def write_docs(out_dir: Path, docs_dir: Path = Path("docs/yin2019_instability")) -> Path:
+def write_docs(
+    out_dir: Path,
+    docs_dir: Path = Path("docs/yin2019_instability"),
+    *,
+    shown_out_dir: str | None = None,
+) -> Path:
     """Copy a finished run's report and figures into ``docs_dir`` (atomically), with a
-    section on how it was produced. Returns the report's path."""
+    section on how it was produced (``shown_out_dir``: the output folder named in that
+    command, default ``out_dir``). Returns the report's path."""
     from ..io import atomic_write_bytes
 
     out_dir, docs_dir = Path(out_dir), Path(docs_dir)
@@ -715,7 +744,8 @@ def write_docs(out_dir: Path, docs_dir: Path = Path("docs/yin2019_instability"))
     for s in srcs:
         png = out_dir / f"instability_from_{s}.png"
         atomic_write_bytes(docs_dir / png.name, png.read_bytes())
-    args = f"'{out_dir}'" + (", quick=True" if res.get("quick") else "")
+    shown = str(out_dir) if shown_out_dir is None else str(shown_out_dir)
+    args = f"'{shown}'" + (", quick=True" if res.get("quick") else "")
     args += f", seed={res['seed']}" if res.get("seed") else ""
     args += f", net='{res['net']}'" if res.get("net", "resnet20") != "resnet20" else ""
     text = report.read_text(encoding="utf-8") + (
@@ -725,7 +755,7 @@ def write_docs(out_dir: Path, docs_dir: Path = Path("docs/yin2019_instability"))
         f'run({args}, threads=1)"\n'
         "```\n\n"
         "Every source cell and continuation is a resumable run directory under "
-        f"`{Path(out_dir).name}/runs*/`: rerunning the command reuses finished runs and resumes "
+        f"`{shown}/runs*/`: rerunning the command reuses finished runs and resumes "
         "an interrupted one. Regenerate this page with "
         "`yin2019_instability.write_docs(out_dir, 'docs/yin2019_instability')`.\n"
     )
