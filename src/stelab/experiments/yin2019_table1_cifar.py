@@ -142,7 +142,7 @@ def run(
             overrides={**ov, **dict(per_net.get(net) or {})},
         )
         claims += [{**c, "id": f"{net} {c['id']}"} for c in r["claims"]]
-        figures += r["figures"]
+        figures += list(r.get("figures") or [])
         text = Path(r["report"]).read_text(encoding="utf-8")
         # point the sub-report's images at its folder
         sections.append(text.replace("](table1_curves.png)", f"]({net}/table1_curves.png)"))
