@@ -84,10 +84,10 @@ def test_cifar_part_is_skipped_with_its_reason_and_tried_again(
 def test_cifar_part_runs_both_nets_when_cifar10_is_present(tmp_path, monkeypatch):
     from stelab.experiments import yin2019_table1_cifar as cifar
 
-    monkeypatch.setattr(cifar.t1, "pick_data", lambda net: ("cifar10", "found"))
+    monkeypatch.setattr(cifar.t1, "pick_data", lambda net, **kw: ("cifar10", "found"))
     seen = []
 
-    def fake_run(out_dir, *, quick, seed, progress, net):
+    def fake_run(out_dir, *, quick, seed, progress, net, **kw):
         seen.append((net, quick, seed))
         out_dir.mkdir(parents=True)
         (out_dir / "report.md").write_text(f"# {net}\n\n![curves](table1_curves.png)\n")

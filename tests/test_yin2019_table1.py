@@ -169,7 +169,9 @@ def test_interrupted_cell_resumes(tmp_path: Path) -> None:
 def test_instability_quick_reuses_sibling_table1(quick_table: tuple[Path, dict]) -> None:
     out, _ = quick_table
     inst = out.parent / "instability"
-    r = y19i.run(inst, quick=True, progress=False, overrides=TINY, epochs=1, lrs=(1e-3,))
+    r = y19i.run(
+        inst, quick=True, progress=False, net="lenet5", overrides=TINY, epochs=1, lrs=(1e-3,)
+    )
     res = json.loads((inst / "results.json").read_text())
     assert {v["from"] for v in res["sources"].values()} == {"table1 (reused)"}
     assert set(res["sources"]) == {"clipped_relu-a4", "clipped_relu-a2"}
@@ -191,7 +193,9 @@ def test_instability_quick_reuses_sibling_table1(quick_table: tuple[Path, dict])
         )
     assert len(r["claims"]) == 4 and all(c["verdict"] in VERDICTS for c in r["claims"])
     with pytest.raises(ConfigError, match="source"):
-        y19i.run(inst, quick=True, progress=False, overrides=TINY, sources=("identity",))
+        y19i.run(
+            inst, quick=True, progress=False, net="lenet5", overrides=TINY, sources=("identity",)
+        )
 
 
 # --------------------------------------------------------------------------- CIFAR nets
