@@ -18,37 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
-#: The README's "train a 2-bit model" example (quick start). While README.md has no block
-#: defining ``train_2bit``, this copy is the one tested; once it does, the README's own
-#: block is run instead.
-SNIPPET = '''\
-import torch, stelab
-from stelab.data import batches, load
-
-def train_2bit(estimator, epochs=6, seed=0):
-    """A small conv net with 2-bit σ_α activations on the 8x8 digits; test accuracy."""
-    torch.manual_seed(seed)
-    d = load("digits", seed=seed)      # ships with scikit-learn: no download
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(16 * 4 * 4, 64), torch.nn.ReLU(),
-        torch.nn.Linear(64, 10))
-    net = stelab.quantize(net, activations={"fn": "act", "bits": 2, "alpha": 0.49,
-                                            "estimator": estimator})
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for x, y in batches(d.train.x, d.train.y, 64, generator=g):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(net(x), y).backward()
-            opt.step()
-    with torch.no_grad():
-        return (net.eval()(d.test.x).argmax(1) == d.test.y).float().mean().item()
-
-acc = {est: train_2bit(est) for est in ("ste", "clipped_relu")}
-print(acc)   # about {'ste': 0.88, 'clipped_relu': 0.97}
-'''
-
 #: What "Which estimator should I use?" recommends, as numbers this example must meet:
 #: clipped ReLU at least this test accuracy, and at least the identity STE's.
 MIN_CLIPPED_RELU_ACC = 0.93
@@ -105,8 +74,8 @@ def test_readme_training_example_reaches_the_recommended_accuracy(tmp_path):
     own = [
         b for b in python_blocks(README.read_text(encoding="utf-8")) if "def train_2bit(" in b[1]
     ]
-    blocks = own or [(1, SNIPPET)]
-    r = _run(blocks, tmp_path)
+    assert own, "README.md has no block defining train_2bit (the quick start's 2-bit example)"
+    r = _run(own, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     line = next(s for s in r.stdout.splitlines() if s.startswith("ACC="))
     acc = json.loads(line[4:])

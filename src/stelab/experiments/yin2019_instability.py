@@ -50,7 +50,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, config_to_dict, load_config, parse_config
+from ..config import SEED_MAX, TrainConfig, config_to_dict, load_config, parse_config
 from ..errors import ConfigError, StelabTypeError, check_int, unknown
 from ..io import atomic_write_text, write_json
 from . import yin2019_table1 as t1
@@ -302,7 +302,7 @@ def run(
     t0 = time.perf_counter()
     if not isinstance(out_dir, (str, Path)):
         raise StelabTypeError(f"out_dir must be a path, got {out_dir!r}")
-    seed = check_int("seed", seed, 0, 2**63 - 1)
+    seed = check_int("seed", seed, 0, SEED_MAX)
     if net not in NETS:
         raise unknown("net", net, NETS)
     if bits is None:

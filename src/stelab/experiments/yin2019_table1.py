@@ -180,7 +180,7 @@ class Protocol:
     ``epochs``/``batch_size``/``lr``/``milestones``/``gamma``: the schedule ([Y19]
     Table 2); ``float_epochs``: the float pre-training (None: ``epochs``, same
     schedule); ``limit``/``val_size``: rows kept/held out; ``width``: the VGG-11 /
-    ResNet-20 width option; ``threads``: torch threads per run (None: torch's choice).
+    ResNet-20 width option; ``threads``: torch threads per run (None: the "auto" default).
     """
 
     net: str = "lenet5"
@@ -837,7 +837,7 @@ def run(
         net: ``lenet5`` (MNIST if found, else Fashion-MNIST), ``vgg11`` or ``resnet20``
             (CIFAR-10, which must be present).
         data: force a dataset (default: see ``net``).
-        threads: torch threads per training run (None: torch's choice).
+        threads: torch threads per training run (None: train.threads's "auto").
         overrides: more :class:`Protocol` fields (``epochs``, ``limit``, ``width``, ...).
 
     Returns:
