@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from _scaling import fit_exponent  # noqa: E402  (benchmarks/ is on sys.path)
+
 from stelab.sbn import exact_gradient, get_estimator, logistic_loss, sbn_conv8, sbn_mlp
 
 ESTIMATORS = ("psa", "dst")
