@@ -118,3 +118,21 @@ def test_compiled_quantizer_has_no_graph_break(est):
     out = torch._dynamo.explain(q)(torch.randn(8, 4, requires_grad=True))
     assert out.graph_count == 1
     assert out.graph_break_count == 0, out.break_reasons
+
+
+def test_dsq_derivative_keeps_its_tails():
+    """Sharp dsq (k = 100): q̂' falls to ~1e-39 at the bin centres; the tensor-step path
+    must keep these values (no 1 - σ cancellation to 0), as the [S24] map needs them."""
+    from stelab.estimators import get
+    from stelab.quantizers import Forward
+
+    k, step = 100.0, 0.1
+    ctx = Forward("uniform", None).context(torch.tensor(step, dtype=torch.float64))
+    x = torch.linspace(-0.3, 0.3, 601, dtype=torch.float64)
+    got = get("dsq", k=k).derivative(x, ctx)
+    expect = torch.tensor(
+        [_dsq_ref(v, k, step, step / 2, -math.inf, math.inf) for v in x.tolist()],
+        dtype=torch.float64,
+    )
+    assert float(expect.min()) < 1e-30
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=0)
