@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _scaling import block_medians, fit_exponent
 
 from stelab.disguise import equivalent_ste, to_ste
 from stelab.quantizers import Quantizer
@@ -56,6 +57,52 @@ def _samples_ms(fn, repeat: int, clock=time.perf_counter) -> list[float]:
 
 def _median_ms(fn, repeat: int, clock=time.perf_counter) -> float:
     return statistics.median(_samples_ms(fn, repeat, clock))
+
+
+#: weights per tensor of the scaling rows
+SCALING_SIZES = (10**4, 10**5, 10**6, 10**7)
+#: goal of the scaling rows: M within this factor of a fake-quant pass at >= 1e6 weights
+FQ_GOAL = 5.0
+
+
+def m_scaling(rounds: int) -> list[dict]:
+    """M vs a fake-quant pass over the same tensor, interleaved, CPU time, per size/dtype.
+
+    The fake-quant pass is the 4-bit quantizer's own forward (``Forward("uniform", 4)``:
+    Δ·clamp(round(w/Δ), -8, 7), four in-place passes); torch's fused
+    ``fake_quantize_per_tensor_affine`` (float32 only) is timed beside it.
+    """
+    from stelab.quantizers import Forward
+
+    eq = equivalent_ste("cosine", 0.01, params={"a": 0.5}, bits=4)
+    fq = Forward("uniform", 4)
+    step = torch.tensor(0.01, dtype=torch.float64)
+    out = []
+    for dtype in (torch.float32, torch.float64):
+        for n in SCALING_SIZES:
+            w = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * 0.05).to(dtype)
+            fns = {"M": lambda w=w: eq.M(w, step), "fq": lambda w=w: fq(w, step)}
+            if dtype == torch.float32:
+                fns["aten_fq"] = lambda w=w: torch.fake_quantize_per_tensor_affine(
+                    w, 0.01, 0, -8, 7
+                )
+            reps = max(3, int(rounds * (10**6 / n) ** 0.5))
+            t: dict[str, list[float]] = {k: [] for k in fns}
+            for f in fns.values():
+                f()
+            for _ in range(reps):
+                for k, f in fns.items():
+                    c = time.process_time()
+                    f()
+                    t[k].append(time.process_time() - c)
+            med = {k: statistics.median(v) for k, v in t.items()}
+            blocks = [m / f for m, f in zip(block_medians(t["M"]), block_medians(t["fq"]),
+                                           strict=True)]  # fmt: skip
+            aten = med["M"] / med["aten_fq"] if "aten_fq" in med else None
+            out.append({"dtype": str(dtype).removeprefix("torch."), "n": n,
+                        "m_ns_per_weight": 1e9 * med["M"] / n, "ratio_fq": med["M"] / med["fq"],
+                        "ratio_fq_blocks": blocks, "ratio_aten_fq": aten})  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -115,6 +162,16 @@ def main(argv: list[str] | None = None) -> dict:
     res["goal_ms"] = 10.0
     res["meets_goal"] = res["m_ms"] <= res["goal_ms"]
     res["load_average"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    res["scaling"] = m_scaling(max(3, args.rounds * 2))
+    for dt in ("float32", "float64"):
+        rs = [r for r in res["scaling"] if r["dtype"] == dt]
+        res[f"scaling_exponent_{dt}"] = fit_exponent(
+            [r["n"] for r in rs], [r["m_ns_per_weight"] * r["n"] for r in rs]
+        )
+        for r in rs:
+            print(f"| M / fake-quant, {dt}, {r['n']:.0e} weights | {r['ratio_fq']:.2f} "
+                  f"({min(r['ratio_fq_blocks']):.2f}-{max(r['ratio_fq_blocks']):.2f}) | "
+                  f"{r['m_ns_per_weight']:.2f} ns/weight |")  # fmt: skip
 
     print("| what | tensors | weights | threads | median ms |")
     print("|---|---:|---:|---:|---:|")

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _scaling import fit_exponent  # noqa: E402  (benchmarks/ is on sys.path)
 
 from stelab.sbn import exact_gradient, get_estimator, logistic_loss, sbn_conv8, sbn_mlp
 
@@ -145,6 +146,32 @@ def time_exact(repeats: int) -> list[float]:
     return out
 
 
+#: hidden widths (w, w, w) of the scaling rows: 2^(3w) joint hidden states
+SCALING_WIDTHS = (3, 4, 5, 6, 7, 8, 9, 10)
+
+
+def time_exact_scaling(repeats: int) -> list[dict]:
+    """Exact value + gradient of a 2-w-w-w-1 SBN on 200 points vs its 2^(3w) states.
+
+    The recursion costs N·2^w + 2·2^(2w) + N·2^w terms, so once the 2^w x 2^w
+    transition tables dominate the time grows as states^(2/3).
+    """
+    out = []
+    for w in SCALING_WIDTHS:
+        torch.manual_seed(1)
+        model = sbn_mlp(hidden=(w, w, w), dtype=torch.float64)
+        x = torch.rand(200, 2, dtype=torch.float64) * 2 - 1
+        t = torch.where(torch.arange(200) < 100, 1.0, -1.0).to(torch.float64)
+        exact_gradient(model, x, t, logistic_loss)  # warm-up
+        ts = []
+        for _ in range(repeats):
+            c = time.process_time()
+            exact_gradient(model, x, t, logistic_loss)
+            ts.append(time.process_time() - c)
+        out.append({"states_log2": 3 * w, "seconds": ts, "median": statistics.median(ts)})
+    return out
+
+
 def time_name_vs_object(repeats: int) -> dict[str, list[float]]:
     """Seconds per one-sample ``dst`` call on the toy SBN, estimator by name vs by object."""
     torch.manual_seed(1)
@@ -211,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     med = {e: {k: statistics.median(v) for k, v in d.items()} for e, d in times.items()}
     mem = {e: c.peak_step_bytes() for e, c in cases.items()}
     ex = time_exact(3 if args.quick else 10)
+    scaling = time_exact_scaling(3 if args.quick else 7)
+    big = [r for r in scaling if r["states_log2"] >= 15]
     result = {
+        "exact_scaling": scaling,
+        "exact_scaling_exponent": fit_exponent(
+            [2.0 ** r["states_log2"] for r in big], [r["median"] for r in big]
+        ),
         "device": args.device,
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -260,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         f"| exact 2-5-5-5-1, 200 points, value+grad (s) | "
         f"{result['exact_toy_median_seconds']:.4f} | | | <= 1 |"
     )
+    for r in scaling:
+        print(f"| exact 2-w-w-w-1, 2^{r['states_log2']} states, CPU time (s) | "
+              f"{r['median']:.4g} | | | |")  # fmt: skip
+    print(f"| exact: fitted exponent of time vs states (2^15..2^30; expected 2/3) | "
+          f"{result['exact_scaling_exponent']:.3f} | | | |")  # fmt: skip
     print("| (name / object columns:) | name | object | name/object | |")
     print(over_row)
     if args.json:

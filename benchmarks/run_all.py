@@ -45,7 +45,16 @@ def _sbn(d: dict) -> list[dict]:
         _row(b, "PSA peak step memory / DST's", m, "x", "<= 2x", m <= 2),
         _row("exact enumeration, 2-5-5-5-1 net, 200 points (value + gradient)", "median time",
              d["exact_toy_median_seconds"], "s", "<= 1 s", d["exact_toy_median_seconds"] <= 1),
-    ]  # fmt: skip
+    ] + [
+        _row("exact enumeration vs states: 2-w-w-w-1 net, 200 points, value + gradient",
+             f"2^{r['states_log2']} states, CPU time", r["median"],
+             f"s (spread {min(r['seconds']):.3g}-{max(r['seconds']):.3g})")
+        for r in d.get("exact_scaling", [])
+    ] + ([
+        _row("exact enumeration vs states: 2-w-w-w-1 net, 200 points, value + gradient",
+             "time ∝ states^p, 2^15-2^30: p (expected 2/3, the 2^w x 2^w tables)",
+             d["exact_scaling_exponent"], "")
+    ] if "exact_scaling_exponent" in d else [])  # fmt: skip
 
 
 def _train(d: dict) -> list[dict]:
@@ -80,7 +89,27 @@ def _disguise(d: dict) -> list[dict]:
         _row(b, "M(w) called once per tensor, wall", d["m_per_tensor_ms"], "ms"),
         _row(b, "M^-1(w), wall", d["m_inv_ms"], "ms"),
         _row(b, "to_ste(model, SGD), wall", d["to_ste_ms"], "ms"),
-    ]
+    ] + _m_scaling(d)
+
+
+def _m_scaling(d: dict) -> list[dict]:
+    rows = []
+    for r in d.get("scaling", []):
+        b = f"[S24] M vs a fake-quant pass over the same tensor ({r['dtype']})"
+        big = r["n"] >= 10**6
+        a = r["ratio_aten_fq"]
+        aten = "" if a is None else f"; {a:.2f}x aten fake_quantize"
+        lo, hi = min(r["ratio_fq_blocks"]), max(r["ratio_fq_blocks"])
+        unit = f"x (blocks {lo:.2f}-{hi:.2f}; {r['m_ns_per_weight']:.2f} ns/weight{aten})"
+        rows.append(_row(b, f"{r['n']:.0e} weights: M / Forward('uniform', 4), CPU time",
+                         r["ratio_fq"], unit, "<= 5x" if big else None,
+                         (r["ratio_fq"] <= 5) if big else None))  # fmt: skip
+    for kind in ("float32", "float64"):
+        if f"scaling_exponent_{kind}" in d:
+            rows.append(_row(f"[S24] M vs a fake-quant pass over the same tensor ({kind})",
+                             "M time ∝ weights^p, 1e4-1e7: p (expected 1)",
+                             d[f"scaling_exponent_{kind}"], ""))  # fmt: skip
+    return rows
 
 
 def _native(d: dict) -> list[dict]:

@@ -615,3 +615,23 @@ def test_to_ste_maps_a_registered_cyclical_estimator(user_registry):
     assert report.unchanged == [
         ("1", "approx_sign on forward 'sign': [S24] maps 'uniform' quantizers")
     ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bits", [4, None])
+def test_M_whole_chunks_with_one_step_equal_the_buffered_path(monkeypatch, dtype, bits):
+    """A tensor with one step maps its whole chunks in place of the copy (the step a 0-d
+    tensor); the buffered per-weight path (the same step value at every element) must give
+    the same bits, at chunk edges, change points, NaN and ±inf alike."""
+    import stelab.disguise.equivalence as dg
+
+    monkeypatch.setattr(dg, "_CHUNK", 64)
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=bits)
+    g = torch.Generator().manual_seed(1)
+    special = torch.tensor([0.05, -0.05, 0.75, -0.85, 0.7, 1e30, -math.inf, math.inf, math.nan])
+    w = torch.cat([torch.randn(64 * 5 + 7, generator=g) * 0.5, special]).to(dtype)
+    for step in (0.1, torch.tensor(0.07, dtype=F64)):
+        per_weight = torch.full(w.shape, float(step), dtype=F64).to(dtype)  # the step in w's dtype
+        fast, ref = eq.M(w, step), eq.M(w, per_weight)
+        bits_of = torch.int32 if dtype == torch.float32 else torch.int64
+        assert torch.equal(fast.view(bits_of), ref.view(bits_of))

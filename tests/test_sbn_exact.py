@@ -181,3 +181,31 @@ def test_mc_reference_rejects_biased_estimator_and_bad_groups():
         mc_reference(m, x, t, logistic_loss, 100, 0, groups=1)
     with pytest.raises(ConfigError, match="draws per group"):
         mc_reference(m, x, t, logistic_loss, 100, 0, estimator="reinforce_loo", groups=100)
+
+
+_CDF = {
+    "logistic": stats.logistic.cdf,
+    "gaussian": stats.norm.cdf,
+    "uniform": stats.uniform(loc=-1, scale=2).cdf,
+}
+
+
+@pytest.mark.parametrize("noise", sorted(_CDF))
+def test_transition_table_is_the_product_of_unit_probabilities(noise):
+    """The table built by one matrix product of log-CDFs equals prod_j F(t_j a_j(s)),
+    each entry a direct product of n CDF values from scipy (float64); rows sum to 1."""
+    from stelab.sbn.exact import _transition
+    from stelab.sbn.noise import get_noise
+
+    g = torch.Generator().manual_seed(0)
+    scale = 0.5 if noise == "uniform" else 6.0  # large |a|: tiny F(-a)
+    a = torch.randn(16, 4, generator=g, dtype=torch.float64) * scale
+    t = all_states(4, torch.float64)
+    got = _transition(get_noise(noise), a, t)
+    want = torch.ones(16, 16, dtype=torch.float64)
+    for s in range(16):
+        for k in range(16):
+            for j in range(4):
+                want[s, k] *= float(_CDF[noise](float(t[k, j] * a[s, j])))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-300)
+    torch.testing.assert_close(got.sum(1), torch.ones(16, dtype=torch.float64), rtol=1e-13, atol=0)

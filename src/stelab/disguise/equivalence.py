@@ -359,6 +359,15 @@ class Equivalence:
                 if per_weight:
                     st = st.to(device=device, dtype=cdt).expand(ws[i].shape).reshape(-1)
                 k = 0
+                if not per_weight:
+                    # whole chunks of a tensor with one step: mapped in place of the
+                    # copy, with the step as a 0-d tensor of the compute dtype (the
+                    # same rounded value the buffer would hold; no step array to read)
+                    st0 = (st.to(device=device, dtype=cdt) if isinstance(st, Tensor)
+                           else torch.tensor(st, dtype=cdt, device=device))  # fmt: skip
+                    while fill == 0 and w.numel() - k >= chunk > 0 and w.dtype == cdt:
+                        self._map_chunk(w[k : k + chunk], st0, res[done : done + chunk], inverse)
+                        k, done = k + chunk, done + chunk
                 while k < w.numel():
                     take = min(chunk - fill, w.numel() - k)
                     w_buf[fill : fill + take].copy_(w[k : k + take])
@@ -388,7 +397,8 @@ class Equivalence:
             n.clamp_(self._lo, self._hi)
         # r = w/Δ - n ∈ [-1/2, 1/2] (the subtraction is exact); NaN/±inf inputs give
         # r = 0 and come out as n·Δ = NaN/±inf again
-        r = (s - n).to(_F64).nan_to_num_(0.0)
+        r = torch.sub(s, n, out=torch.empty(s.shape, dtype=_F64, device=s.device))
+        r.nan_to_num_(0.0)
         if inverse:  # w = Δ(n - 1/2 + Φ(r')) -> r'
             y = self._phi_inv(r.add_(0.5))
         else:  # Δ(n - 1/2 + Φ(r))

@@ -67,6 +67,19 @@ def all_states(n: int, dtype: torch.dtype | None = None, device: Any = None) -> 
     return bits.to(dtype or torch.get_default_dtype()) * 2.0 - 1.0
 
 
+def _transition(noise: Any, a: Tensor, states: Tensor) -> Tensor:
+    """T[s, t] = prod_j F(t_j a_j(s)) for pre-activations ``a`` (S, n) and sign states (T, n).
+
+    t_j is ±1, so log T[s, t] = sum_j log F(-a_j(s)) + sum_j b_j(t) (log F(a_j(s)) -
+    log F(-a_j(s))), b = (t + 1)/2: one (S, n) @ (n, T) product of the two log-CDF
+    tables of ``a``, with no (S, T, n) intermediate (which outgrows the cache past
+    ~2^27 entries and costs n exp/log evaluations per table entry).
+    """
+    lp, lm = noise.log_cdf(a), noise.log_cdf(-a)
+    b = (states + 1) / 2
+    return torch.addmm(lm.sum(-1, keepdim=True), lp - lm, b.T).exp()
+
+
 def _check_enumerable(model: SBN, max_states: int) -> list[int]:
     if not isinstance(model, SBN):
         raise StelabTypeError(f"model must be an SBN, got {type(model).__name__}")
@@ -121,7 +134,7 @@ def exact_expected_loss(
     for k in range(1, len(widths)):
         layer = model.hidden[k]
         a = layer.preact(model.hidden[k - 1].to_state(states[k - 1]))  # (S_prev, n_k)
-        tables.append(layer.noise.log_cdf(states[k][None] * a[:, None, :]).sum(-1).exp())
+        tables.append(_transition(layer.noise, a, states[k]))
     eta = model.output_preact(model.hidden[-1].to_state(states[-1]))  # (S_L, O)
     n = x.shape[0]
     block = max(1, max_states // max(2 ** max(widths), 1))
@@ -130,7 +143,7 @@ def exact_expected_loss(
         xb, yb = x[n0 : n0 + block], y[n0 : n0 + block]
         first = model.hidden[0]
         a = first.preact(xb)  # (B, n_1)
-        p = first.noise.log_cdf(states[0][None] * a[:, None, :]).sum(-1).exp()
+        p = _transition(first.noise, a, states[0])
         for t in tables:
             p = p @ t
         s_l = eta.shape[0]
