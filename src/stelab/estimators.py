@@ -267,7 +267,7 @@ def describe() -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------
-# The estimators (SPEC §1)
+# The estimators (docs/estimators.md)
 # ---------------------------------------------------------------------------
 
 
@@ -453,8 +453,8 @@ class DSQ(Estimator):
         q̂'(x) = (s·k/2) · sech²(k(x - m)/Δ),  m the jump nearest to x,
 
     periodic with period Δ, peaking at the jumps, averaging exactly 1 over a bin.
-    ``k`` > 0 is the sharpness in units of the step (SPEC §4's kΔ). Beyond the
-    outer half-bins of a clipped quantizer the derivative is 0.
+    ``k`` > 0 is the sharpness in units of the step ([S24]'s kΔ,
+    docs/papers/disguise2024.md). Beyond the outer half-bins of a clipped quantizer the derivative is 0.
     """
 
     formula = "(s*k/2) * sech(k*(x - m)/step)^2,  s = 1/tanh(k/2), m = nearest jump"
@@ -520,7 +520,7 @@ class EWGS(Estimator):
     g_in = g_out · (1 + δ·sign(g_out)·(x - q(x))): the gradient is enlarged for
     elements whose quantization error points the way the update would move them.
     ``delta`` δ >= 0 (default 0.2; δ = 0 is the identity STE). x - q(x) is in the
-    units of x (SPEC §1).
+    units of x (docs/estimators.md).
     """
 
     formula = "g * (1 + delta * sign(g) * (x - q(x)))"

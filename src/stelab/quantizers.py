@@ -2,7 +2,7 @@
 
 A :class:`Quantizer` is an ``nn.Module`` holding one forward function ``q``
 (piecewise constant) and one :class:`~stelab.estimators.Estimator` for its
-backward pass. Forward functions (SPEC §1):
+backward pass. Forward functions (docs/estimators.md):
 
 =============  ==========================================================  =========
 name           q(x)                                                        levels
