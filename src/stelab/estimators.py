@@ -454,7 +454,8 @@ class DSQ(Estimator):
 
     periodic with period Δ, peaking at the jumps, averaging exactly 1 over a bin.
     ``k`` > 0 is the sharpness in units of the step ([S24]'s kΔ,
-    docs/papers/disguise2024.md). Beyond the outer half-bins of a clipped quantizer the derivative is 0.
+    docs/papers/disguise2024.md). Beyond the outer half-bins of a clipped quantizer the
+    derivative is 0.
     """
 
     formula = "(s*k/2) * sech(k*(x - m)/step)^2,  s = 1/tanh(k/2), m = nearest jump"
