@@ -54,7 +54,40 @@ def _sbn(d: dict) -> list[dict]:
         _row("exact enumeration vs states: 2-w-w-w-1 net, 200 points, value + gradient",
              "time ∝ states^p, 2^15-2^30: p (expected 2/3, the 2^w x 2^w tables)",
              d["exact_scaling_exponent"], "")
-    ] if "exact_scaling_exponent" in d else [])  # fmt: skip
+    ] if "exact_scaling_exponent" in d else []) + ([
+        _row("SBN estimator named vs prebuilt: one-sample dst on the 2-5-5-5-1 toy, 1 thread",
+             "by name / by object, median per call",
+             d["name_vs_object_median_seconds"]["name"]
+             / d["name_vs_object_median_seconds"]["object"], "x", "~1 (<= 1.05x)",
+             d["name_vs_object_median_seconds"]["name"]
+             / d["name_vs_object_median_seconds"]["object"] <= 1.05)
+    ] if "name_vs_object_median_seconds" in d else [])  # fmt: skip
+
+
+def _gradcheck(d: dict) -> list[dict]:
+    return [
+        _row(r["case"], f"CPU time, {r['threads']} thread", r["cpu_s"],
+             f"s (wall {r['wall_s']:.0f} s)",
+             None if r["goal_s"] is None else f"< {r['goal_s']:.0f} s",
+             None if r["goal_s"] is None else r["cpu_s"] < r["goal_s"])
+        for r in d["rows"]
+    ]  # fmt: skip
+
+
+def _threads(d: dict) -> list[dict]:
+    rows = []
+    for col, cases in d["results"].items():
+        for case, r in cases.items():
+            b = f"training step, {case} model ({d['macs'][case]:.3g} MACs x batch)"
+            rows.append(
+                _row(
+                    b,
+                    f"{col} machine (load {d['load'][col]:.1f}): 2 threads / 1",
+                    r["t2_ms"] / r["t1_ms"],
+                    f"x (1 thread: {r['t1_ms']:.1f} ms)",
+                )
+            )
+    return rows  # fmt: skip
 
 
 def _train(d: dict) -> list[dict]:
@@ -125,6 +158,8 @@ SCRIPTS = {
     "bench_train.py": (["--threads", "1"], _train),
     "bench_disguise.py": ([], _disguise),
     "bench_analysis.py": (["--threads", "1"], _native),
+    "bench_gradcheck.py": (["--threads", "1"], _gradcheck),
+    "bench_threads.py": ([], _threads),
 }
 
 
