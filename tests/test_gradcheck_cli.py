@@ -301,3 +301,19 @@ def test_factory_sbn_goes_to_the_sbn_report(main, usercode, capsys):
     text, err = capsys.readouterr()
     assert code == 0, err
     assert "layer 3" in text and "exact enumeration" in text and "det:ste" in text
+
+
+def test_sbn_gradcheck_reports_each_estimator_as_it_finishes(main, usercode, capsys):
+    """Not on a terminal (capsys): one progress line per estimator, in the order given,
+    before the tables (so a long run is never silent)."""
+    _, net, _, _ = usercode
+    code = main(
+        ["gradcheck", "--model", f"{net}:sbn_toy", "--estimators", "psa,dst", "--draws",
+         "20", "--sample-sizes", "1,2", "--no-timing"]
+    )  # fmt: skip
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    lines = text.splitlines()
+    progress = [i for i, ln in enumerate(lines) if ln.startswith(("  psa", "  dst"))]
+    assert [lines[i].split(":")[0].strip() for i in progress] == ["psa", "dst"]
+    assert max(progress) < next(i for i, ln in enumerate(lines) if "layer" in ln)

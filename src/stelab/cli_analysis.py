@@ -10,6 +10,9 @@ Heavy modules are imported inside the command so ``stelab --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -286,9 +289,10 @@ def _run_det(
     typer.echo(f"gradcheck: {desc}")
     t0 = time.perf_counter()
     try:
-        rep = deterministic_fidelity(
-            net, x, y, estimators or "ste,relu,clipped_relu", etas=etas, **opts
-        )
+        with _working("descent test and bias against the stochastic relaxation"):
+            rep = deterministic_fidelity(
+                net, x, y, estimators or "ste,relu,clipped_relu", etas=etas, **opts
+            )
     except RuntimeError as e:  # a model that does not accept the data
         msg = " ".join(str(e).split())[:300]
         raise ConfigError(f"--model does not run on this data: {msg}") from None
@@ -315,6 +319,19 @@ def _run_det(
         write_json(out / "results.json", {"problem": desc, **rep.to_dict()})
         typer.echo(f"wrote {out}/descent.png, descent_change.png, bias.png, results.json")
     typer.echo(f"({time.perf_counter() - t0:.1f} s)")
+
+
+@contextlib.contextmanager
+def _working(what: str) -> Iterator[None]:
+    """A spinner with the elapsed time on a terminal while ``what`` runs; nothing
+    otherwise (the command has printed what it is doing)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"{what} ..."):
+        yield
 
 
 def register(app: typer.Typer) -> None:
@@ -547,6 +564,8 @@ def _run_sbn(
         reference_samples=reference_samples,
         generator=seed,
         timing=timing,
+        # a bar on a terminal; otherwise one line per estimator as it finishes
+        progress=True if sys.stderr.isatty() else (lambda line: typer.echo(f"  {line}")),
     )
     for key in rep.layers:
         typer.echo("")
