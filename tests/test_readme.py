@@ -81,3 +81,45 @@ def test_readme_training_example_reaches_the_recommended_accuracy(tmp_path):
     acc = json.loads(line[4:])
     assert acc["clipped_relu"] >= MIN_CLIPPED_RELU_ACC, acc
     assert acc["clipped_relu"] >= acc["ste"], acc
+
+
+#: what README.md says ``mymod.py`` holds: a ``build()`` returning a quantized model
+MYMOD = """\
+from torch import nn
+
+import stelab
+
+
+def build():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    return stelab.quantize(net, activations={"fn": "act", "bits": 2, "alpha": 0.49})
+"""
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
+def test_your_own_model_shell_commands_run_as_written(tmp_path, monkeypatch):
+    """Every ``stelab ...`` line of the "Your own model" section's shell block, in a folder
+    with the repository's configs/ and a ``mymod.py`` as the README describes it."""
+    import shlex
+    import shutil
+
+    from stelab.cli import main
+
+    sec = _section(README.read_text(encoding="utf-8"), "Your own model")
+    (block,) = re.findall(r"^```bash[ \t]*\n(.*?)^```", sec, re.M | re.S)
+    commands = [ln.split("#")[0].strip() for ln in block.splitlines() if ln.strip()]
+    assert commands and all(c.startswith("stelab ") for c in commands), commands
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    (tmp_path / "mymod.py").write_text(MYMOD)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("STELAB_IMPORT", "")  # --import exports to it: restored afterwards
+    for c in commands:
+        assert main(shlex.split(c)[1:]) == 0, c
+    assert (tmp_path / "gc" / "descent.png").stat().st_size > 0
+    assert (tmp_path / "lenet5-digits.onnx").stat().st_size > 0
