@@ -182,8 +182,8 @@ def test_second_writer_fails_naming_folder_and_pid_and_the_run_stays_consistent(
         assert first.poll() is None  # the first run was not disturbed
     finally:
         first.send_signal(signal.SIGINT)  # Ctrl-C: keeps the last checkpoint, exit 130
-        first.communicate(timeout=300)
-    assert first.returncode == 130
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 130, (out[-2000:], err[-2000:])
     state = ckpt(run)
     stored = tomllib.loads((run / "config.toml").read_text())
     assert parse_config(stored) == parse_config(state["config"])
