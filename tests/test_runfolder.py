@@ -141,8 +141,11 @@ def test_overwrite_refuses_a_folder_stelab_did_not_mark(one_epoch, tmp_path):
 
 # --- 2. the lock -----------------------------------------------------------------------
 
+# a run that cannot finish while the test runs (a loaded CI machine did 1000 epochs in
+# 93 s, before the second writers had failed): Ctrl-C ends it
 CLI_CONFIG = (
-    "[data]\nlimit = 256\nbatch_size = 16\n[model]\nbits = 2\n[train]\nepochs = 1000\nthreads = 1\n"
+    "[data]\nlimit = 256\nbatch_size = 16\n[model]\nbits = 2\n"
+    "[train]\nepochs = 1000000\nthreads = 1\n"
 )
 
 
