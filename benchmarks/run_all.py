@@ -163,6 +163,10 @@ SCRIPTS = {
 }
 
 
+#: scripts without a --quick mode (already short)
+NO_QUICK = ("bench_disguise.py", "bench_gradcheck.py")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -185,7 +189,7 @@ def main() -> None:
                f"Python {platform.python_version()}, torch {torch.__version__}")  # fmt: skip
     for script in scripts:
         extra, adapt = SCRIPTS[script.name]
-        quick = ["--quick"] if args.quick and script.name != "bench_disguise.py" else []
+        quick = ["--quick"] if args.quick and script.name not in NO_QUICK else []
         cmd = [sys.executable, str(script.relative_to(ROOT)), *quick, *extra]
         shown = "python " + " ".join(cmd[1:])
         with tempfile.TemporaryDirectory() as tmp:
