@@ -149,10 +149,18 @@ CLI_CONFIG = (
 )
 
 
+# A shell runs background jobs (CI may be one) with SIGINT ignored and a child inherits
+# that, so Ctrl-C would never reach the run: the child puts Python's handler back first.
+_MAIN = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'stelab'; runpy.run_module('stelab.cli', run_name='__main__')"
+)
+
+
 def _cli(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "stelab.cli", "train", *args, "--no-progress"],
+        [sys.executable, "-c", _MAIN, "train", *args, "--no-progress"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -185,7 +193,11 @@ def test_second_writer_fails_naming_folder_and_pid_and_the_run_stays_consistent(
         assert first.poll() is None  # the first run was not disturbed
     finally:
         first.send_signal(signal.SIGINT)  # Ctrl-C: keeps the last checkpoint, exit 130
-        out, err = first.communicate(timeout=300)
+        try:
+            out, err = first.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            first.kill()  # never leave the run behind
+            raise
     assert first.returncode == 130, (out[-2000:], err[-2000:])
     state = ckpt(run)
     stored = tomllib.loads((run / "config.toml").read_text())
