@@ -9,19 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from stelab.errors import ConfigError
 from stelab.experiments import yin2019_instability as y19i
 from stelab.experiments import yin2019_table1 as t1
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 # --------------------------------------------------------------------------- verdict rules

@@ -23,13 +23,7 @@ TINY = {"epochs": 2, "milestones": (1,)}
 VERDICTS = {"reproduced", "partly", "not"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster, and two thrash on a shared CPU."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
 
 # --------------------------------------------------------------------------- α values
