@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from stelab.experiments import disguise2024
+from stelab.experiments.disguise2024 import trajectories as disguise2024
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -1,11 +1,13 @@
 """``stelab reproduce``: run each paper's reproduction parts and write one report.
 
-Every part is a module in :mod:`stelab.experiments` with
-``run(out_dir, *, quick, seed, progress) -> dict`` that writes its figures,
-``results.json`` and ``report.md`` into ``out_dir`` and returns at least
-``{"claims": [{"id", "text", "verdict", "evidence"}, ...]}``, or
-``{"claims": [], "skipped": reason}`` when it cannot run here (data missing, not in
-quick mode). Parts are resumable: a finished part leaves ``done.json`` (written
+Papers are packages of :mod:`stelab.experiments` listed in :data:`PAPER_PACKAGES`;
+each names its parts (:class:`stelab.experiments.spine.Paper`). A part is a module
+with ``run(out_dir, *, quick, seed, progress)`` that writes its figures,
+``results.json`` and ``report.md`` into ``out_dir`` and returns a
+:class:`~stelab.experiments.spine.PartResult` (``spine.skipped(...)`` when it cannot
+run here: data missing, not in quick mode). Parts added with :func:`register_part`
+may instead return a dict with at least ``{"claims": [...]}`` (or ``"skipped"``).
+Parts are resumable: a finished part leaves ``done.json`` (written
 last, atomically: mode, claims, and the files the report needs) and is reused on
 the next run with the same mode and seed, but only after checking that
 ``done.json`` has that shape and that every file it lists (its ``report.md`` and
@@ -31,30 +33,23 @@ from typing import Any
 
 from ..errors import ConfigError, unknown
 from ..io import atomic_write_text, write_json
+from .spine import Paper, PartResult
 from .verdicts import verdict_rows
 
-PAPERS: dict[str, dict[str, Any]] = {
-    "yin2019": {
-        "title": "[Y19] Yin et al., Understanding Straight-Through Estimator in Training "
-        "Activation Quantized Neural Nets (ICLR 2019)",
-        "parts": {
-            "synthetic": "yin2019_synthetic",
-            "table1": "yin2019_table1",
-            "instability": "yin2019_instability",  # after table1: reuses its cells
-            "table1-cifar10": "yin2019_table1_cifar",  # full mode with CIFAR-10 only
-        },
-    },
-    "psa2020": {
-        "title": "[S20] Shekhovtsov, Yanush, Flach, Path Sample-Analytic Gradient Estimators "
-        "for Stochastic Binary Networks (NeurIPS 2020)",
-        "parts": {"gradeval": "psa2020_gradeval", "training": "psa2020_training"},
-    },
-    "disguise2024": {
-        "title": "[S24] Schoenbauer et al., Custom Gradient Estimators are Straight-Through "
-        "Estimators in Disguise (2024)",
-        "parts": {"trajectories": "disguise2024"},
-    },
-}
+# One line per paper: a package of stelab.experiments whose ``__init__`` defines
+# ``PAPER = spine.Paper(...)`` (see docs/adding-a-paper.md).
+PAPER_PACKAGES: tuple[str, ...] = ("yin2019", "psa2020", "disguise2024")
+
+
+def _load_papers() -> dict[str, dict[str, Any]]:
+    papers: dict[str, dict[str, Any]] = {}
+    for pkg in PAPER_PACKAGES:
+        paper: Paper = importlib.import_module(f"stelab.experiments.{pkg}").PAPER
+        papers[paper.key] = {"title": paper.title, "parts": dict(paper.parts)}
+    return papers
+
+
+PAPERS: dict[str, dict[str, Any]] = _load_papers()
 
 
 def register_part(paper: str, part: str, module: str) -> None:
@@ -239,6 +234,8 @@ def reproduce(
             t0 = time.perf_counter()
             module = importlib.import_module(mod if "." in mod else f"stelab.experiments.{mod}")
             r = module.run(d, quick=quick, seed=seed, progress=verbose)
+            if isinstance(r, PartResult):
+                r = r.to_dict()
             if r.get("skipped"):
                 results[(paper, part)] = {"claims": [], "skipped": str(r["skipped"])}
                 show.end(name, f"{name}: skipped ({r['skipped']})")

@@ -46,10 +46,10 @@ from torch import nn
 from stelab.io import atomic_write_bytes
 from stelab.plots import save_figure as _save_figure
 
-from ..disguise import Equivalence, equivalent_ste, to_ste
-from ..nn import QuantConv2d, QuantLinear
-from ..quantizers import Quantizer
-from .verdicts import verdict_table
+from ...disguise import Equivalence, equivalent_ste, to_ste
+from ...nn import QuantConv2d, QuantLinear
+from ...quantizers import Quantizer
+from ..verdicts import verdict_table
 
 __all__ = ["Config", "run"]
 
@@ -809,7 +809,7 @@ def run(out_dir: Path, *, quick: bool = False, seed: int = 0, progress: bool = T
 
 
 def _run(out: Path, quick: bool, seed: int, progress: bool) -> dict:
-    from .. import data as _data
+    from ... import data as _data
 
     t0 = time.time()
     cfg = _config(quick)
