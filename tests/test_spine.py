@@ -79,3 +79,15 @@ def test_every_paper_package_is_registered_once() -> None:
     assert list(reproduce.PAPERS) == list(reproduce.PAPER_PACKAGES)
     for paper in reproduce.PAPERS.values():
         assert paper["parts"] and paper["title"]
+
+
+def test_register_paper_adds_a_paper_and_refuses_junk(monkeypatch) -> None:
+    from stelab.experiments.spine import Paper
+
+    monkeypatch.setattr(reproduce, "PAPERS", dict(reproduce.PAPERS))
+    reproduce.register_paper(Paper("mine", "My paper", {"a": "tests.fake_part"}))
+    assert reproduce.PAPERS["mine"] == {"title": "My paper", "parts": {"a": "tests.fake_part"}}
+    with pytest.raises(ConfigError, match="has no parts"):
+        reproduce.register_paper(Paper("empty", "E", {}))
+    with pytest.raises(ConfigError, match="must be a"):
+        reproduce.register_paper(42)  # type: ignore[arg-type]

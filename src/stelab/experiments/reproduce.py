@@ -52,6 +52,19 @@ def _load_papers() -> dict[str, dict[str, Any]]:
 PAPERS: dict[str, dict[str, Any]] = _load_papers()
 
 
+def register_paper(paper: Paper | str) -> None:
+    """Add a paper to ``stelab reproduce``: a :class:`~stelab.experiments.spine.Paper`, or
+    the dotted name of a package whose ``__init__`` defines ``PAPER`` (how a paper outside
+    stelab registers itself, e.g. from a module loaded with ``--import``)."""
+    if isinstance(paper, str):
+        paper = importlib.import_module(paper).PAPER
+    if not isinstance(paper, Paper):
+        raise ConfigError(f"paper must be a stelab.experiments.spine.Paper, got {paper!r}")
+    if not paper.parts:
+        raise ConfigError(f"paper {paper.key!r} has no parts")
+    PAPERS[paper.key] = {"title": paper.title, "parts": dict(paper.parts)}
+
+
 def register_part(paper: str, part: str, module: str) -> None:
     """Add a reproduction part: a module with ``run`` (a bare name is looked up in
     stelab.experiments, a dotted name imported as is)."""
