@@ -70,13 +70,15 @@ collectives.
 """
 
 from .checkpoint import check_state, load_checkpoint, load_model
-from .launch import train
+from .launch import fit, train
+from .loop import Evaluate, Step
 from .parts import (
     TrainingDiverged,
     TrainingInterrupted,
     build_model,
     build_optimizer,
     build_scheduler,
+    classifier_step,
     evaluate,
     load_data,
     lr_factor,
@@ -84,13 +86,17 @@ from .parts import (
 )
 
 __all__ = [
+    "Evaluate",
+    "Step",
     "TrainingDiverged",
     "TrainingInterrupted",
     "build_model",
+    "classifier_step",
     "build_optimizer",
     "build_scheduler",
     "check_state",
     "evaluate",
+    "fit",
     "load_checkpoint",
     "load_data",
     "load_model",
