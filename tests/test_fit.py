@@ -119,3 +119,34 @@ def test_train_package_has_no_import_loop_and_no_private_cross_imports():
     assert not reaches("checkpoint", "loop")
     cycles = [m for m in deps if reaches(m, m)]
     assert cycles == []
+
+
+def test_fit_param_groups_each_take_their_learning_rate(tmp_path):
+    """Groups as torch takes them: a group with lr 0 stays where it was; the other
+    moves; the schedule scales each group's own lr (closed form of lr_factor)."""
+    d = data.load("digits", seed=0, limit=128, progress=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Linear(16, 10)
+    )
+    frozen = {k: v.clone() for k, v in model[1].state_dict().items()}
+    moving = {k: v.clone() for k, v in model[2].state_dict().items()}
+    fit(
+        model,
+        d,
+        run_dir=tmp_path / "run",
+        epochs=2,
+        threads=1,
+        optimizer=OptimConfig(lr=0.1, momentum=0.0),
+        schedule=ScheduleConfig(name="multistep", milestones=(1,), gamma=0.5),
+        param_groups=[
+            {"params": model[1].parameters(), "lr": 0.0},
+            {"params": model[2].parameters()},
+        ],
+    )
+    assert_same_tensors(frozen, model[1].state_dict(), "frozen group")
+    assert all(not torch.equal(moving[k], v) for k, v in model[2].state_dict().items())
+    groups = ckpt(tmp_path / "run")["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.0, 0.05]  # after epoch 2: 0.1 * 0.5
+    with pytest.raises(StelabTypeError, match="param_groups must be a list of dicts"):
+        fit(model, d, epochs=1, param_groups=[model.parameters()])

@@ -233,6 +233,7 @@ def fit(
     deterministic: bool = False,
     accelerator: str = "cpu",
     generators: Mapping[str, torch.Generator] | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None,
     name: str = "",
     resume: bool = False,
@@ -269,6 +270,10 @@ def fit(
         generators: random generators the step draws from (e.g. an SBN's noise):
             checkpointed by name and restored on resume, like torch's, numpy's and
             Python's global RNGs, which the loop always keeps.
+        param_groups: the optimizer's parameter groups in torch's format (e.g.
+            ``[{"params": weights, "lr": 0.01}, {"params": rest}]``; a group without
+            ``"lr"`` takes ``optimizer.lr``; the schedule scales every group); None:
+            every parameter of ``model`` in one group.
         on_epoch: called with each epoch's metrics row (as in metrics.csv) after its
             checkpoint is written.
         resume, overwrite, progress: as for :func:`train`. ``batch_size`` ...
@@ -299,6 +304,14 @@ def fit(
             raise StelabTypeError(
                 f"generators must map names (str) to torch.Generator, got {k!r}: {type(g).__name__}"
             )
+    if param_groups is not None and (
+        not isinstance(param_groups, (list, tuple))
+        or not all(isinstance(g, Mapping) and "params" in g for g in param_groups)
+    ):
+        raise StelabTypeError(
+            "param_groups must be a list of dicts with 'params' (torch's parameter groups), "
+            f"got {param_groups!r:.80}"
+        )
     for what, obj, cls in (
         ("optimizer", optimizer, OptimConfig),
         ("schedule", schedule, ScheduleConfig),
@@ -325,7 +338,8 @@ def fit(
         ),
     )
     cfg = parse_config(config_to_dict(raw))  # the checks of load_config, naming the key
-    job = Job(model, data, step, evaluate, gens, on_epoch)
+    groups = None if param_groups is None else [dict(g) for g in param_groups]
+    job = Job(model, data, step, evaluate, gens, on_epoch, groups)
     if run_dir is None:
         import tempfile
 

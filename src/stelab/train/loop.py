@@ -69,6 +69,7 @@ class Job:
     evaluate: Evaluate | None = None
     generators: Mapping[str, torch.Generator] = field(default_factory=dict)
     on_epoch: Callable[[dict[str, Any]], Any] | None = None
+    param_groups: list[dict[str, Any]] | None = None  # torch's format; None: all parameters
 
 
 # --- the session --------------------------------------------------------------------
@@ -264,7 +265,10 @@ class Session:
         # fit (one process) hands the step the caller's own module, so methods other than
         # forward (an SBN's surrogate_loss) work on it; train(cfg) the Fabric/DDP wrapper
         self.step_model = self.model if self.job is None else self.raw_model
-        opt = build_optimizer(cfg.optim, self.model.parameters())
+        params: Any = self.model.parameters()
+        if self.job is not None and self.job.param_groups is not None:
+            params = [dict(g) for g in self.job.param_groups]
+        opt = build_optimizer(cfg.optim, params)
         self.sched = build_scheduler(cfg, opt)
         self.shuffle_gen = torch.Generator().manual_seed(t.seed)
         self.aug_gen = torch.Generator().manual_seed(_mix(t.seed, 2, self.rank))
