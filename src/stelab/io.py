@@ -53,7 +53,8 @@ def remove_stale_temp_files(folder: str | os.PathLike[str], targets: tuple[str, 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path`` (``"w"``: UTF-8 text, ``"wb"``: bytes);
-    when the block ends without an exception, fsync it and move it onto ``path``.
+    when the block ends without an exception, fsync it, move it onto ``path`` and
+    fsync the folder (the rename itself is then on disk too).
 
     Creates the parent folder. On an exception the temporary file is removed and
     ``path`` keeps its previous content (or stays absent).
@@ -75,6 +76,22 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[An
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync ``folder`` so that the rename in it survives a power loss (POSIX; a no-op
+    where folders cannot be opened, as on Windows, or the file system refuses)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 from .. import models
-from ..data import batches, load
+from ..data import load
 
 
 def train_digits(
@@ -33,14 +32,16 @@ def train_digits(
 ) -> dict[str, float]:
     """Train LeNet-5 (σ_α activations, ``bits`` bits, ``estimator`` backward) on digits.
 
-    SGD with momentum 0.9 and cosine decay; returns train loss and test accuracy.
+    SGD with momentum 0.9 and cosine decay (per epoch), through :func:`stelab.train.fit`
+    in a temporary run folder; returns the final train loss and the test accuracy.
     ``threads``: torch threads while training, as ``train.threads``
     (:func:`stelab.threads.resolve_threads`; "auto" gives 1 for this small model);
-    torch's setting is restored afterwards.
+    torch's setting is restored afterwards. ``on_epoch(epoch, train_loss)`` after each
+    epoch (0-based).
     """
-    from ..threads import resolve_threads, step_macs
+    from ..config import OptimConfig, ScheduleConfig
+    from ..train import fit
 
-    prev = torch.get_num_threads()
     torch.manual_seed(seed)
     data = load("digits", seed=seed, progress=False)
     model = models.build(
@@ -49,46 +50,25 @@ def train_digits(
         in_shape=data.input_shape,
         act={"bits": bits, "estimator": estimator},
     )
-    n = resolve_threads(threads, step_macs(model, data.input_shape) * batch_size)
-    try:
-        torch.set_num_threads(n)
-        return _fit(model, data, epochs, lr, batch_size, seed, on_epoch)
-    finally:
-        torch.set_num_threads(prev)
+    report = None
+    if on_epoch is not None:
 
+        def report(row: dict[str, Any]) -> None:
+            on_epoch(int(row["epoch"]) - 1, float(row["train_loss"]))
 
-def _fit(
-    model: nn.Module,
-    data: Any,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    on_epoch: Callable[[int, float], Any] | None,
-) -> dict[str, float]:
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-    n_steps = epochs * -(-len(data.train.y) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, n_steps)
-    loss_fn = nn.CrossEntropyLoss()
-    g = torch.Generator().manual_seed(seed)
-    loss_sum = 0.0
-    for epoch in range(epochs):
-        model.train()
-        loss_sum, n = 0.0, 0
-        for xb, yb in batches(data.train.x, data.train.y, batch_size, shuffle=True, generator=g):
-            loss = loss_fn(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.detach() * len(yb)
-            n += len(yb)
-        if on_epoch is not None:
-            on_epoch(epoch, float(loss_sum) / n)
-    model.eval()
-    with torch.no_grad():
-        acc = (model(data.test.x).argmax(1) == data.test.y).float().mean().item()
-    return {"train_loss": float(loss_sum) / n, "test_accuracy": acc}
+    m = fit(
+        model,
+        data,
+        epochs=epochs,
+        optimizer=OptimConfig(name="sgd", lr=lr, momentum=0.9),
+        schedule=ScheduleConfig(name="cosine"),
+        batch_size=batch_size,
+        seed=seed,
+        threads=threads,
+        save_best=False,
+        on_epoch=report,
+    )
+    return {"train_loss": float(m["final_train_loss"]), "test_accuracy": float(m["test_acc"])}
 
 
 def run(

@@ -1,7 +1,30 @@
 """Training on Lightning Fabric: checkpoints every epoch, bit-identical resume, DDP.
 
-``train(cfg, run_dir)`` trains the zoo model of a :class:`~stelab.config.TrainConfig`
-on its dataset and writes a run directory::
+Two entry points, one epoch loop (:class:`stelab.train.loop.Session`):
+
+* ``train(cfg, run_dir)`` trains the zoo model of a :class:`~stelab.config.TrainConfig`
+  on its dataset (what ``stelab train`` runs), in one process or N (DDP).
+* ``fit(model, data, step=..., optimizer=OptimConfig(...), schedule=ScheduleConfig(...),
+  run_dir=..., epochs=...)`` trains a model the caller built, on a
+  :class:`~stelab.data.Splits`, with a *training step*: ``step(model, (x, y))`` returns
+  the loss (or ``{"loss": ..., other batch means}``), as a Lightning
+  ``training_step`` does; the loop does ``zero_grad``, ``backward``, clipping, the
+  optimizer step and the per-epoch schedule. The default step,
+  :func:`classifier_step`, is the cross-entropy of ``train``; an SBN's estimator
+  surrogate loss is another::
+
+      noise = torch.Generator().manual_seed(1)
+      fit(sbn, data, run_dir="runs/sbn", epochs=20,
+          step=lambda m, b: m.surrogate_loss(*b, ce, estimator="psa", generator=noise),
+          evaluate=lambda m, split: {"loss": ..., "acc": ...},
+          generators={"noise": noise},           # checkpointed, restored on resume
+          optimizer=OptimConfig(name="adam", lr=1e-3),
+          schedule=ScheduleConfig(name="cosine"))
+
+  ``fit`` runs in one process; checkpoints, resume and the run folder are those of
+  ``train``, and the same model, data, optimizer and seed give the same weights.
+
+Both write a run directory::
 
     config.toml  env.json  metrics.csv  metrics.json  train.log
     checkpoints/last.pt  checkpoints/best.pt
@@ -35,22 +58,26 @@ What it does:
 * SGD (momentum, Nesterov), Adam, AdamW; constant, multi-step or cosine learning
   rate set once per epoch; weight decay; element-wise gradient clamp
   (``train.grad_clip``, docs/papers/psa2020.md uses 1e3) and norm clipping.
-* Seeds: ``train.seed`` seeds torch (model init), the shuffling generator and the
-  augmentation generator; ``train.deterministic`` turns on
+* Seeds: ``train.seed`` seeds torch (model init), numpy, Python's ``random``, the
+  shuffling generator and the augmentation generator; ``train.deterministic`` turns on
   ``torch.use_deterministic_algorithms``. On CPU two runs with one seed are equal
   bit for bit.
 * A checkpoint after every epoch, written atomically (temporary file +
-  ``os.replace``), holding model, optimizer, scheduler, epoch, the RNG states of
-  torch and of the shuffling/augmentation generators (of every process), the
-  resolved config and the metrics history. Only tensors and plain containers:
-  it loads with ``torch.load(..., weights_only=True)``.
+  ``os.replace``, file and folder fsynced), holding model, optimizer, scheduler,
+  epoch, step count, best-so-far, the RNG states of torch, numpy, Python and of
+  the shuffling/augmentation generators (of every process) and of ``fit``'s named
+  generators, the resolved config and the metrics history. Only tensors and plain
+  containers: it loads with ``torch.load(..., weights_only=True)``.
 * ``resume=True`` continues from the last checkpoint; on CPU the result equals an
-  uninterrupted run parameter for parameter. Ctrl-C keeps the last checkpoint and
-  says how to resume; a NaN/inf loss raises :class:`TrainingDiverged` and keeps
-  the last good checkpoint.
+  uninterrupted run in every field: weights, optimizer, schedule, step count, best
+  metric and best.pt, every RNG state, metrics.csv (tests/test_resume_guarantees.py).
+  Ctrl-C keeps the last checkpoint and says how to resume; a NaN/inf loss raises
+  :class:`TrainingDiverged` and keeps the last good checkpoint.
 * Validation every ``train.eval_every`` epochs, test at the end; metrics.csv per
-  epoch, metrics.json at the end, TensorBoard (``run_dir/tensorboard``) when
-  ``tensorboard`` or ``tensorboardX`` is importable; progress bars on a terminal.
+  epoch (a custom step's or evaluation's other metrics as extra columns
+  ``train_<name>``/``val_<name>``), metrics.json at the end, TensorBoard
+  (``run_dir/tensorboard``) when ``tensorboard`` or ``tensorboardX`` is importable;
+  progress bars on a terminal.
 * ``train.init_from``: copy the weights of a trained float model (a run directory
   or checkpoint) into the quantized one ([Y19]).
 * ``train.devices = N``: N data-parallel processes (DDP; gloo on CPU, NCCL on
@@ -70,13 +97,15 @@ collectives.
 """
 
 from .checkpoint import check_state, load_checkpoint, load_model
-from .launch import train
+from .launch import fit, train
+from .loop import Evaluate, Step
 from .parts import (
     TrainingDiverged,
     TrainingInterrupted,
     build_model,
     build_optimizer,
     build_scheduler,
+    classifier_step,
     evaluate,
     load_data,
     lr_factor,
@@ -84,13 +113,17 @@ from .parts import (
 )
 
 __all__ = [
+    "Evaluate",
+    "Step",
     "TrainingDiverged",
     "TrainingInterrupted",
     "build_model",
+    "classifier_step",
     "build_optimizer",
     "build_scheduler",
     "check_state",
     "evaluate",
+    "fit",
     "load_checkpoint",
     "load_data",
     "load_model",

@@ -7,10 +7,13 @@ A checkpoint is a dict::
     global_step optimizer steps so far
     model       the model's state_dict (unwrapped: no DDP "module." prefix)
     model_args  {"num_classes": int, "in_shape": [C, H, W]} to rebuild the model
+                (absent for :func:`stelab.train.fit` runs, whose model the caller builds)
     optimizer   optimizer.state_dict()
     scheduler   the LR scheduler's state_dict()
     rng         {"torch": [per-rank CPU states], "cuda": [...], "shuffle": state,
-                 "augment": [per-rank states]} (uint8 tensors)
+                 "augment": [per-rank states], "numpy": [per-rank], "python": [per-rank],
+                 "streams": {name: state} (the generators given to fit)}; the numpy and
+                 Python states packed into float64 tensors (:func:`numpy_rng_state`)
     config      the resolved config (plain dict, see stelab.config.config_to_dict)
     history     one dict per finished epoch (the rows of metrics.csv)
     best        {"val_acc": float | None, "epoch": int | None}
@@ -33,7 +36,17 @@ from . import files
 
 FORMAT = "stelab.checkpoint/1"
 
-__all__ = ["FORMAT", "checkpoint_path", "load_checkpoint", "load_model", "check_state"]
+__all__ = [
+    "FORMAT",
+    "check_state",
+    "checkpoint_path",
+    "load_checkpoint",
+    "load_model",
+    "numpy_rng_state",
+    "python_rng_state",
+    "set_numpy_rng_state",
+    "set_python_rng_state",
+]
 
 
 def checkpoint_path(source: str | Path) -> Path:
@@ -125,7 +138,7 @@ def load_model(source: str | Path, model: nn.Module | None = None) -> nn.Module:
 def model_from_checkpoint(ckpt: Mapping[str, Any], source: str = "") -> nn.Module:
     """A fresh model built from a stelab checkpoint's config and model_args."""
     from ..config import parse_config
-    from .loop import build_model
+    from .parts import build_model
 
     if "config" not in ckpt or "model_args" not in ckpt:
         raise ConfigError(
@@ -134,3 +147,44 @@ def model_from_checkpoint(ckpt: Mapping[str, Any], source: str = "") -> nn.Modul
     cfg = parse_config(ckpt["config"])
     args = ckpt["model_args"]
     return build_model(cfg.model, int(args["num_classes"]), tuple(args["in_shape"]))
+
+
+# --- numpy's and Python's global RNG states as tensors (weights_only loads no arrays) --
+
+
+def numpy_rng_state() -> torch.Tensor:
+    """numpy's global MT19937 state as a float64 tensor ``[pos, has_gauss, gauss, *key]``
+    (every entry exact: the key words are < 2**32)."""
+    import numpy as np
+
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    head = torch.tensor([float(pos), float(has_gauss), float(gauss)], dtype=torch.float64)
+    return torch.cat([head, torch.from_numpy(key.astype(np.float64))])
+
+
+def set_numpy_rng_state(state: torch.Tensor) -> None:
+    """Inverse of :func:`numpy_rng_state`."""
+    import numpy as np
+
+    v = state.to(torch.float64).tolist()
+    key = np.array(v[3:], dtype=np.uint32)
+    np.random.set_state(("MT19937", key, int(v[0]), int(v[1]), float(v[2])))
+
+
+def python_rng_state() -> torch.Tensor:
+    """:mod:`random`'s state as a float64 tensor ``[version, has_gauss, gauss, *words]``
+    (no NaN for "no cached gaussian", so equal states compare equal)."""
+    import random
+
+    version, words, gauss_next = random.getstate()
+    head = [float(version), float(gauss_next is not None), float(gauss_next or 0.0)]
+    return torch.tensor(head + [float(w) for w in words], dtype=torch.float64)
+
+
+def set_python_rng_state(state: torch.Tensor) -> None:
+    """Inverse of :func:`python_rng_state`."""
+    import random
+
+    v = state.to(torch.float64).tolist()
+    gauss_next = v[2] if v[1] else None
+    random.setstate((int(v[0]), tuple(int(w) for w in v[3:]), gauss_next))

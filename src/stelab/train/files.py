@@ -519,12 +519,16 @@ def _cell(v: Any) -> str:
 
 
 def write_metrics_csv(run_dir: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    """metrics.csv from the per-epoch history (rewritten whole, atomically)."""
+    """metrics.csv from the per-epoch history (rewritten whole, atomically): the
+    :data:`CSV_COLUMNS`, then any other metric a custom training step or evaluation
+    logged (``train_<name>``, ``val_<name>``), in the order they first appear."""
+    extra = [k for k in dict.fromkeys(k for r in history for k in r) if k not in CSV_COLUMNS]
+    columns = (*CSV_COLUMNS, *extra)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow(columns)
     for row in history:
-        w.writerow([_cell(row.get(c)) for c in CSV_COLUMNS])
+        w.writerow([_cell(row.get(c)) for c in columns])
     write_text(run_dir / METRICS_CSV, buf.getvalue())
 
 

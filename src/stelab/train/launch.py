@@ -5,18 +5,28 @@ processes started by ``torchrun`` / ``fabric run``.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..config import LoopConfig, TrainConfig, config_to_dict
+from ..config import (
+    DataConfig,
+    LoopConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    config_to_dict,
+    parse_config,
+)
 from ..errors import ConfigError, DataError, StelabError, StelabTypeError
 from . import files
-from .loop import _Session
-from .parts import TrainingDiverged, TrainingInterrupted, _quiet_lightning
+from .loop import Evaluate, Job, Session, Step
+from .parts import TrainingDiverged, TrainingInterrupted, classifier_step, quiet_lightning
 
-__all__ = ["train"]
+__all__ = ["fit", "train"]
 
 
 def _external_launcher() -> bool:
@@ -53,7 +63,7 @@ def _fabric(t: LoopConfig, external: bool) -> Any:
     else:
         kw["strategy"] = _spawn_strategy(t.accelerator)
     try:
-        with _quiet_lightning():
+        with quiet_lightning():
             return Fabric(**kw)
     except (ValueError, RuntimeError, TypeError, MisconfigurationException) as e:
         raise ConfigError(
@@ -102,9 +112,9 @@ def _worker(
 
         cfg = parse_config(cfg)
     if not capture:
-        return _Session(fabric, cfg, plan, progress).run()
+        return Session(fabric, cfg, plan, progress).run()
     try:
-        return ("ok", _Session(fabric, cfg, plan, progress).run())
+        return ("ok", Session(fabric, cfg, plan, progress).run())
     except TrainingInterrupted as e:
         return ("interrupted", "TrainingInterrupted", str(e))
     except StelabError as e:
@@ -199,3 +209,150 @@ def _train_external(
     if err is not None:
         raise _ERRORS.get(err[0], StelabError)(err[1])
     return _worker(fabric, cfg, plan, progress, False)
+
+
+def fit(
+    model: nn.Module,
+    data: Any,
+    *,
+    epochs: int,
+    run_dir: str | os.PathLike[str] | None = None,
+    step: Step = classifier_step,
+    evaluate: Evaluate | None = None,
+    optimizer: OptimConfig | None = None,
+    schedule: ScheduleConfig | None = None,
+    batch_size: int = 64,
+    eval_batch_size: int = 1000,
+    augment: str = "none",
+    seed: int = 0,
+    threads: int | str = "auto",
+    grad_clip: float | None = None,
+    grad_clip_norm: float | None = None,
+    eval_every: int = 1,
+    save_best: bool = True,
+    deterministic: bool = False,
+    accelerator: str = "cpu",
+    generators: Mapping[str, torch.Generator] | None = None,
+    param_groups: list[dict[str, Any]] | None = None,
+    on_epoch: Callable[[dict[str, Any]], Any] | None = None,
+    name: str = "",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train a model you built with your own training step; the same loop, checkpoints,
+    resume and run folder as :func:`train`, in one process.
+
+    Args:
+        model: the module to train (trained in place; on resume its weights are replaced
+            by the checkpoint's).
+        data: a :class:`stelab.data.Splits`; its ``train`` split is shuffled and batched
+            (``batch_size`` rows, the shuffling generator seeded by ``seed``), ``val``
+            is evaluated every ``eval_every`` epochs and ``test`` at the end (either may
+            be empty).
+        epochs: epochs in all (a resumed run continues up to this many).
+        run_dir: the run folder (layout as :func:`train`); None: a temporary folder,
+            removed at the end (no resume).
+        step: ``step(model, (x, y))`` returns the loss, a scalar tensor, or a dict with
+            ``"loss"`` and other scalar batch means (logged per epoch as
+            ``train_<name>``). The trainer does ``zero_grad``, ``backward``, clipping and
+            the optimizer step. Default :func:`classifier_step` (cross-entropy;
+            ``train_acc``).
+        evaluate: ``evaluate(model, split)`` (model in eval mode, under ``no_grad``)
+            returns a dict of floats: ``"loss"`` and ``"acc"`` become
+            ``val_loss``/``val_acc`` (``acc`` chooses best.pt), other keys ``val_<name>``.
+            Default: cross-entropy and accuracy for :func:`classifier_step`, no
+            validation for other steps.
+        optimizer, schedule: :class:`~stelab.config.OptimConfig` (SGD/Adam/AdamW, lr,
+            momentum, weight decay, betas, ...) and
+            :class:`~stelab.config.ScheduleConfig` (per epoch); defaults as ``[optim]``
+            and ``[schedule]``.
+        generators: random generators the step draws from (e.g. an SBN's noise):
+            checkpointed by name and restored on resume, like torch's, numpy's and
+            Python's global RNGs, which the loop always keeps.
+        param_groups: the optimizer's parameter groups in torch's format (e.g.
+            ``[{"params": weights, "lr": 0.01}, {"params": rest}]``; a group without
+            ``"lr"`` takes ``optimizer.lr``; the schedule scales every group); None:
+            every parameter of ``model`` in one group.
+        on_epoch: called with each epoch's metrics row (as in metrics.csv) after its
+            checkpoint is written.
+        resume, overwrite, progress: as for :func:`train`. ``batch_size`` ...
+            ``accelerator``: the keys of ``[data]`` and ``[train]`` of the same names.
+
+    Returns:
+        The final metrics (as :func:`train`; ``metrics.json``).
+
+    The run's config.toml holds ``[optim]``, ``[schedule]``, ``[train]`` and the batch
+    keys of ``[data]`` as given here; its ``[model]`` and ``[data]`` names are the
+    defaults and do not describe ``model`` and ``data`` (the checkpoint holds no
+    ``model_args``: load it with ``load_model(run_dir, model)``).
+    """
+    from ..data import Splits
+
+    if not isinstance(model, nn.Module):
+        raise StelabTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(data, Splits):
+        raise StelabTypeError(
+            f"data must be a stelab.data.Splits (train/val/test), got {type(data).__name__}"
+        )
+    for what, fn in (("step", step), ("evaluate", evaluate), ("on_epoch", on_epoch)):
+        if fn is not None and not callable(fn):
+            raise StelabTypeError(f"{what} must be callable, got {type(fn).__name__}")
+    gens = dict(generators or {})
+    for k, g in gens.items():
+        if not isinstance(k, str) or not isinstance(g, torch.Generator):
+            raise StelabTypeError(
+                f"generators must map names (str) to torch.Generator, got {k!r}: {type(g).__name__}"
+            )
+    if param_groups is not None and (
+        not isinstance(param_groups, (list, tuple))
+        or not all(isinstance(g, Mapping) and "params" in g for g in param_groups)
+    ):
+        raise StelabTypeError(
+            "param_groups must be a list of dicts with 'params' (torch's parameter groups), "
+            f"got {param_groups!r:.80}"
+        )
+    for what, obj, cls in (
+        ("optimizer", optimizer, OptimConfig),
+        ("schedule", schedule, ScheduleConfig),
+    ):
+        if obj is not None and not isinstance(obj, cls):
+            raise StelabTypeError(
+                f"{what} must be a stelab.config.{cls.__name__}, got {type(obj).__name__}"
+            )
+    raw = TrainConfig(
+        name=name,
+        data=DataConfig(batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment),
+        optim=optimizer or OptimConfig(),
+        schedule=schedule or ScheduleConfig(),
+        train=LoopConfig(
+            epochs=epochs,
+            seed=seed,
+            deterministic=deterministic,
+            accelerator=accelerator,
+            threads=threads,
+            grad_clip=grad_clip,
+            grad_clip_norm=grad_clip_norm,
+            eval_every=eval_every,
+            save_best=save_best,
+        ),
+    )
+    cfg = parse_config(config_to_dict(raw))  # the checks of load_config, naming the key
+    groups = None if param_groups is None else [dict(g) for g in param_groups]
+    job = Job(model, data, step, evaluate, gens, on_epoch, groups)
+    if run_dir is None:
+        import tempfile
+
+        if resume:
+            raise ConfigError("resume=True needs the run_dir of the run to continue")
+        with tempfile.TemporaryDirectory(prefix="stelab-fit-") as tmp:
+            return _fit(cfg, job, Path(tmp) / "run", False, False, progress)
+    return _fit(cfg, job, Path(run_dir), resume, overwrite, progress)
+
+
+def _fit(
+    cfg: TrainConfig, job: Job, run_dir: Path, resume: bool, overwrite: bool, progress: bool
+) -> dict[str, Any]:
+    plan = files.plan_run(run_dir, cfg, resume=resume, overwrite=overwrite)
+    fabric = _fabric(cfg.train, external=False)
+    return fabric.launch(lambda f: Session(f, cfg, plan, progress, job).run())

@@ -9,6 +9,8 @@ import contextlib
 import copy
 import sys
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +19,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig, config_to_dict
-from ..errors import ConfigError, StelabError
+from ..errors import ConfigError, StelabError, StelabTypeError
 from ..io import atomic_open
 from . import files
-from .checkpoint import FORMAT, check_state, load_checkpoint, model_from_checkpoint
+from .checkpoint import (
+    FORMAT,
+    check_state,
+    load_checkpoint,
+    model_from_checkpoint,
+    numpy_rng_state,
+    python_rng_state,
+    set_numpy_rng_state,
+    set_python_rng_state,
+)
 from .parts import (
     TrainingDiverged,
     TrainingInterrupted,
-    _determinism,
-    _logging,
-    _quiet_lightning,
-    _threads,
     build_model,
     build_optimizer,
     build_scheduler,
+    classifier_step,
+    determinism,
     load_data,
     log,
     num_steps,
+    quiet_lightning,
+    run_logging,
     shard_batches,
+    torch_threads,
 )
+
+#: ``step(model, (x, y))``: the loss (a scalar tensor), or a dict with ``"loss"`` and
+#: other scalars (batch means, logged per epoch as ``train_<name>``)
+Step = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], Any]
+#: ``evaluate(model, split)``: a dict of floats, ``"loss"`` and ``"acc"`` among them
+#: (``val_loss``/``val_acc``; ``acc`` picks best.pt), other keys logged as ``val_<name>``
+Evaluate = Callable[[nn.Module, Any], Mapping[str, Any]]
+
+
+@dataclass
+class Job:
+    """What a session trains when it is not the zoo model of its config
+    (:func:`stelab.train.fit`): the model, the data, the step, the evaluation, the
+    random generators to checkpoint, and a per-epoch callback."""
+
+    model: nn.Module
+    data: Any  # a stelab.data.Splits
+    step: Step = classifier_step
+    evaluate: Evaluate | None = None
+    generators: Mapping[str, torch.Generator] = field(default_factory=dict)
+    on_epoch: Callable[[dict[str, Any]], Any] | None = None
+    param_groups: list[dict[str, Any]] | None = None  # torch's format; None: all parameters
+
 
 # --- the session --------------------------------------------------------------------
 
@@ -47,10 +82,34 @@ def _mix(seed: int, stream: int, rank: int) -> int:
     )
 
 
-def _step(s: _Session, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step; returns the (detached) mean loss and the number correct."""
-    out = s.model(xb)
-    loss = F.cross_entropy(out.float(), yb)
+def _loss_and_metrics(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The loss and the other metrics of what a training step returned."""
+    if isinstance(out, Mapping):
+        if "loss" not in out:
+            raise StelabTypeError(
+                f"the training step returned a dict without 'loss' (keys: {sorted(out)}); "
+                "return the loss tensor, or a dict with 'loss' and other scalars"
+            )
+        loss, metrics = out["loss"], {k: v for k, v in out.items() if k != "loss"}
+    else:
+        loss, metrics = out, {}
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
+        what = (
+            f"a tensor of shape {tuple(loss.shape)} (requires_grad={loss.requires_grad})"
+            if isinstance(loss, torch.Tensor)
+            else type(loss).__name__
+        )
+        raise StelabTypeError(
+            f"the training step must return a scalar loss tensor that requires grad, got {what}"
+        )
+    return loss.reshape(()), metrics
+
+
+def _step(
+    s: Session, batch: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimizer step; returns the (detached) loss and the step's other metrics."""
+    loss, metrics = _loss_and_metrics(s.step(s.step_model, batch))
     s.opt.zero_grad(set_to_none=True)
     s.fabric.backward(loss)
     t = s.cfg.train
@@ -59,10 +118,10 @@ def _step(s: _Session, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor
     if t.grad_clip_norm is not None:
         s.fabric.clip_gradients(s.model, s.opt, max_norm=t.grad_clip_norm, error_if_nonfinite=False)
     s.opt.step()
-    return loss.detach(), (out.detach().argmax(1) == yb).sum()
+    return loss.detach(), metrics
 
 
-class _Session:
+class Session:
     """One process's part of a run (built inside the launched process)."""
 
     def __init__(
@@ -71,8 +130,11 @@ class _Session:
         cfg: TrainConfig,
         plan: files.Plan,
         progress: bool,
+        job: Job | None = None,
     ):
-        self.fabric, self.cfg, self.plan = fabric, cfg, plan
+        self.fabric, self.cfg, self.plan, self.job = fabric, cfg, plan, job
+        self.step: Step = classifier_step if job is None else job.step
+        self.generators = {} if job is None else dict(job.generators)
         self.run_dir = Path(plan.run_dir)
         self.resume_from, self.progress = plan.resume_from, progress
         self.rank, self.world = fabric.global_rank, fabric.world_size
@@ -92,10 +154,10 @@ class _Session:
         take over the run folder (:func:`files.commit`, which locks it), then train."""
         t = self.cfg.train
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_determinism(t.deterministic))
-            stack.enter_context(_threads(t.threads))
-            stack.enter_context(_quiet_lightning())
-            self.runlog = stack.enter_context(_logging(self.main, self.progress and self.main))
+            stack.enter_context(determinism(t.deterministic))
+            stack.enter_context(torch_threads(t.threads))
+            stack.enter_context(quiet_lightning())
+            self.runlog = stack.enter_context(run_logging(self.main, self.progress and self.main))
             self._setup()
             self._commit(stack)
             return self._run()
@@ -157,11 +219,14 @@ class _Session:
     def _setup(self) -> None:
         f, cfg, t = self.fabric, self.cfg, self.cfg.train
         f.seed_everything(t.seed, verbose=False)
-        with f.rank_zero_first():
-            try:
-                self.data = load_data(cfg, progress=self.progress and self.main)
-            except StelabError as e:
-                raise type(e)(f"[data] (data.name = {cfg.data.name!r}): {e}") from None
+        if self.job is not None:
+            self.data = self.job.data
+        else:
+            with f.rank_zero_first():
+                try:
+                    self.data = load_data(cfg, progress=self.progress and self.main)
+                except StelabError as e:
+                    raise type(e)(f"[data] (data.name = {cfg.data.name!r}): {e}") from None
         d = self.data
         n = len(d.train)
         if n == 0 or (self.world > 1 and n < cfg.data.batch_size):
@@ -169,7 +234,9 @@ class _Session:
                 f"the training split has {n} rows; it needs at least data.batch_size = "
                 f"{cfg.data.batch_size} with {self.world} processes (and at least 1 row)"
             )
-        self.model_args = {"num_classes": int(d.num_classes), "in_shape": list(d.input_shape)}
+        self.model_args = None
+        if self.job is None:
+            self.model_args = {"num_classes": int(d.num_classes), "in_shape": list(d.input_shape)}
         ckpt = load_checkpoint(self.resume_from) if self.resume_from else None
         if ckpt is not None and ckpt.get("format") != FORMAT:
             raise ConfigError(f"{self.resume_from!r} is not a stelab checkpoint; cannot resume")
@@ -179,11 +246,14 @@ class _Session:
                 init = self._init_source(t.init_from)
             except StelabError as e:
                 raise type(e)(f"train.init_from = {t.init_from!r}: {e}") from None
-        try:
-            model = build_model(cfg.model, d.num_classes, d.input_shape, init_from=init)
-        except StelabError as e:
-            raise type(e)(f"[model] (model.name = {cfg.model.name!r}): {e}") from None
-        self._check_single_row_batches(model, n)
+        if self.job is not None:
+            model = self.job.model
+        else:
+            try:
+                model = build_model(cfg.model, d.num_classes, d.input_shape, init_from=init)
+            except StelabError as e:
+                raise type(e)(f"[model] (model.name = {cfg.model.name!r}): {e}") from None
+            self._check_single_row_batches(model, n)
         if ckpt is not None:
             check_state(model, ckpt["model"], str(self.resume_from))
             model.load_state_dict(ckpt["model"])
@@ -192,7 +262,13 @@ class _Session:
             torch.manual_seed(_mix(t.seed, 1, self.rank))
         self.raw_model = model
         self.model = f.setup_module(model)
-        opt = build_optimizer(cfg.optim, self.model.parameters())
+        # fit (one process) hands the step the caller's own module, so methods other than
+        # forward (an SBN's surrogate_loss) work on it; train(cfg) the Fabric/DDP wrapper
+        self.step_model = self.model if self.job is None else self.raw_model
+        params: Any = self.model.parameters()
+        if self.job is not None and self.job.param_groups is not None:
+            params = [dict(g) for g in self.job.param_groups]
+        opt = build_optimizer(cfg.optim, params)
         self.sched = build_scheduler(cfg, opt)
         self.shuffle_gen = torch.Generator().manual_seed(t.seed)
         self.aug_gen = torch.Generator().manual_seed(_mix(t.seed, 2, self.rank))
@@ -276,9 +352,21 @@ class _Session:
         saved_world = int(ckpt.get("world_size", 1))
         if "shuffle" in rng:
             self.shuffle_gen.set_state(rng["shuffle"])
+        for name, gen in self.generators.items():
+            if name not in rng.get("streams", {}):
+                raise ConfigError(
+                    f"the checkpoint {self.resume_from!r} has no state of the generator "
+                    f"{name!r} (it has: {sorted(rng.get('streams', {}))}); resume with the "
+                    "generators of the run that wrote it"
+                )
+            gen.set_state(rng["streams"][name])
         if saved_world == self.world:
             if rng.get("torch"):
                 torch.set_rng_state(rng["torch"][self.rank])
+            if rng.get("numpy"):
+                set_numpy_rng_state(rng["numpy"][self.rank])
+            if rng.get("python"):
+                set_python_rng_state(rng["python"][self.rank])
             if rng.get("augment"):
                 self.aug_gen.set_state(rng["augment"][self.rank])
             if rng.get("cuda") and torch.cuda.is_available():
@@ -366,16 +454,18 @@ class _Session:
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", unit="batch", leave=False)
         check_every = 1 if f.device.type == "cpu" else 25
         dev = f.device
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        sums: dict[str, torch.Tensor] = {}  # row-weighted sums of the step's batch means
         seen = 0
         try:
-            for i, (xb, yb) in enumerate(batches):
-                loss, c = _step(self, xb, yb)
+            for i, batch in enumerate(batches):
+                loss, metrics = _step(self, batch)
                 self.global_step += 1
-                loss_sum += loss.double() * len(yb)
-                correct += c
-                seen += len(yb)
+                rows = len(batch[1])
+                for k, v in {"loss": loss, **metrics}.items():
+                    v = torch.as_tensor(v, device=dev).detach().double().reshape(())
+                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=dev))
+                    sums[k] += v * rows
+                seen += rows
                 if (i + 1) % check_every == 0 or i + 1 == steps:
                     self._check_finite(loss, epoch, i + 1, steps, lr)
                 if bar is not None:
@@ -387,25 +477,29 @@ class _Session:
                 bar.close()
         train_seconds = time.perf_counter() - t0
         train_cpu_seconds = time.process_time() - c0
-        tot = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=dev)])
+        names = list(sums)
+        tot = torch.stack([*sums.values(), torch.tensor(float(seen), device=dev)])
         if self.world > 1:
             tot = f.all_reduce(tot, reduce_op="sum")
             self._sync_buffers()
-        train_loss, train_acc = float(tot[0] / tot[2]), float(tot[1] / tot[2])
-        val_loss = val_acc = None
+        train = {f"train_{k}": float(tot[i] / tot[-1]) for i, k in enumerate(names)}
+        val: dict[str, Any] = {}
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-            val_loss, val_acc = self._evaluate(self.data.val)
+            val = self._validate(self.data.val)
+        val_loss, val_acc = val.get("loss"), val.get("acc")
         self.sched.step()
         row = {
             "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_acc": train_acc,
+            "train_loss": train.pop("train_loss"),
+            "train_acc": train.pop("train_acc", None),
             "val_loss": val_loss,
             "val_acc": val_acc,
             "lr": lr,
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
             "train_cpu_seconds": train_cpu_seconds,
+            **train,
+            **{f"val_{k}": v for k, v in val.items() if k not in ("loss", "acc")},
         }
         self.history.append(row)
         self.epoch = epoch + 1
@@ -415,14 +509,18 @@ class _Session:
         if improved:
             self.best = {"val_acc": val_acc, "epoch": epoch + 1}
         self._save(best=improved and t.save_best)
+        if self.job is not None and self.job.on_epoch is not None:
+            self.job.on_epoch(dict(row))
         if self.main:
-            vtxt = "" if val_acc is None else f", val loss {val_loss:.4f}, val acc {val_acc:.4f}"
+            atxt = "" if row["train_acc"] is None else f", train acc {row['train_acc']:.4f}"
+            vtxt = "" if val_loss is None else f", val loss {val_loss:.4f}"
+            vtxt += "" if val_acc is None else f", val acc {val_acc:.4f}"
             log.info(
-                "epoch %d/%d: train loss %.4f, train acc %.4f%s, lr %.3g, %.1f s",
+                "epoch %d/%d: train loss %.4f%s%s, lr %.3g, %.1f s",
                 epoch + 1,
                 t.epochs,
-                train_loss,
-                train_acc,
+                row["train_loss"],
+                atxt,
                 vtxt,
                 lr,
                 row["seconds"],
@@ -459,6 +557,32 @@ class _Session:
 
         for b in self.raw_model.buffers():
             dist.broadcast(b, src=0)
+
+    @torch.no_grad()
+    def _validate(self, split: Any) -> dict[str, Any]:
+        """The metrics of ``split``: ``{"loss", "acc"}`` of the classifier (every process
+        a share), or what the job's ``evaluate`` returns; ``{}`` for an empty split, and
+        for a custom step without ``evaluate``."""
+        if len(split) == 0:
+            return {}
+        if self.job is None or (self.job.evaluate is None and self.job.step is classifier_step):
+            loss, acc = self._evaluate(split)
+            return {"loss": loss, "acc": acc}
+        if self.job.evaluate is None:
+            return {}
+        module = self.raw_model
+        was = module.training
+        module.eval()
+        try:
+            out = self.job.evaluate(module, split)
+        finally:
+            module.train(was)
+        if not isinstance(out, Mapping):
+            raise StelabTypeError(
+                f"evaluate must return a dict of floats (e.g. {{'loss': ..., 'acc': ...}}), "
+                f"got {type(out).__name__}"
+            )
+        return {str(k): None if v is None else float(v) for k, v in out.items()}
 
     @torch.no_grad()
     def _evaluate(self, split: Any) -> tuple[float | None, float | None]:
@@ -509,10 +633,14 @@ class _Session:
             "torch": self._gather(torch.get_rng_state()),
             "shuffle": self.shuffle_gen.get_state(),
             "augment": self._gather(self.aug_gen.get_state()),
+            "numpy": self._gather(numpy_rng_state()),
+            "python": self._gather(python_rng_state()),
         }
+        if self.generators:
+            rng["streams"] = {k: g.get_state() for k, g in self.generators.items()}
         if self.fabric.device.type == "cuda":
             rng["cuda"] = self._gather(torch.cuda.get_rng_state(self.fabric.device))
-        return {
+        state = {
             "format": FORMAT,
             "epoch": self.epoch,
             "global_step": self.global_step,
@@ -528,6 +656,9 @@ class _Session:
             "world_size": self.world,
             "threads": self.threads,
         }
+        if self.model_args is None:
+            del state["model_args"]
+        return state
 
     def _save(self, best: bool) -> None:
         state = self._state()  # collective under DDP: every process takes part
@@ -566,7 +697,8 @@ class _Session:
 
     def _finish(self) -> dict[str, Any]:
         cfg = self.cfg
-        test_loss, test_acc = self._evaluate(self.data.test)
+        test = self._validate(self.data.test)
+        test_loss, test_acc = test.get("loss"), test.get("acc")
         in_sync = self._ranks_in_sync()
         last_val = next((r for r in reversed(self.history) if r.get("val_acc") is not None), {})
         final = self.history[-1] if self.history else {}
@@ -612,10 +744,14 @@ class _Session:
             if self.epoch > 0
             else "no epoch had finished, so there is no checkpoint yet"
         )
+        how = (
+            f"stelab train {self.run_dir} --resume (Python: train(cfg, run_dir, resume=True))"
+            if self.job is None
+            else f"fit(..., run_dir={str(self.run_dir)!r}, resume=True)"
+        )
         msg = (
             f"training interrupted in epoch {epoch + 1}/{self.cfg.train.epochs}; {kept}. "
-            f"Resume with: stelab train {self.run_dir} --resume "
-            "(Python: train(cfg, run_dir, resume=True))"
+            f"Resume with: {how}"
         )
         if self.main:
             log.warning(msg)

@@ -29,6 +29,11 @@ __all__ = [
     "TrainingInterrupted",
     "build_model",
     "build_optimizer",
+    "classifier_step",
+    "determinism",
+    "quiet_lightning",
+    "run_logging",
+    "torch_threads",
     "build_scheduler",
     "evaluate",
     "load_data",
@@ -57,6 +62,16 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 # --- building blocks ----------------------------------------------------------------
+
+
+def classifier_step(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, Any]:
+    """The default training step of :func:`stelab.train.fit` and of :func:`train`:
+    cross-entropy of ``model(x)`` against the labels ``y``; also the batch accuracy
+    (``train_acc`` in metrics.csv)."""
+    x, y = batch
+    out = model(x)
+    loss = F.cross_entropy(out.float(), y)
+    return {"loss": loss, "acc": (out.detach().argmax(1) == y).double().mean()}
 
 
 def build_model(
@@ -231,7 +246,9 @@ def num_steps(n: int, batch_size: int, world: int) -> int:
 
 
 @contextlib.contextmanager
-def _determinism(on: bool) -> Iterator[None]:
+def determinism(on: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms`` (and cuDNN's deterministic mode) while
+    ``on``; the previous settings are restored on exit."""
     if not on:
         yield
         return
@@ -252,7 +269,7 @@ def _determinism(on: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _threads(n: int | str | None) -> Iterator[None]:
+def torch_threads(n: int | str | None) -> Iterator[None]:
     """Restore torch's thread count on exit; set ``n`` now when it is an integer (``"auto"``
     is resolved once the model exists: :func:`stelab.threads.resolve_threads`)."""
     prev = torch.get_num_threads()
@@ -265,7 +282,8 @@ def _threads(n: int | str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_lightning() -> Iterator[None]:
+def quiet_lightning() -> Iterator[None]:
+    """Lightning Fabric's info messages off (warnings stay) for the block."""
     loggers = [logging.getLogger(n) for n in ("lightning.fabric", "lightning_fabric")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
@@ -342,7 +360,7 @@ class _RunLog(logging.Handler):
 
 
 @contextlib.contextmanager
-def _logging(file: bool, console: bool) -> Iterator[_RunLog | None]:
+def run_logging(file: bool, console: bool) -> Iterator[_RunLog | None]:
     """Log ``stelab.train`` to the console and (``file``) to a :class:`_RunLog` whose
     file the caller opens once the run folder exists."""
     handlers: list[logging.Handler] = []

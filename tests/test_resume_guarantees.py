@@ -1,0 +1,250 @@
+"""Resume guarantees (#17): a run stopped and resumed equals one that never stopped in
+EVERY field it carries, not only in its weights; checkpoints that do not fit are
+refused; writes are durable.
+
+Each test compares against an independent truth: the uninterrupted run of the same
+config (bit for bit on CPU), or a hand-made checkpoint whose defect is known. Every
+field of ``last.pt`` and ``best.pt`` is compared except the wall-clock ones
+(``elapsed_s``, the ``*seconds`` of the history), and so are metrics.csv and
+metrics.json (again without times).
+
+The training with a custom step (an SBN's PSA surrogate loss through
+:func:`stelab.train.fit`) draws from torch's, numpy's and Python's global RNGs and from
+a named generator, so a resume that forgets any of them trains differently; its
+``evaluate`` reports an accuracy that falls every epoch (1 / number of evaluations,
+kept in a model buffer), so the best epoch is the first and a resume that forgets the
+best-so-far writes a different best.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from train_helpers import assert_same_tensors, ckpt, quick_cfg
+
+import stelab.train.loop as loop
+from stelab.config import OptimConfig, ScheduleConfig
+from stelab.data import Split, Splits
+from stelab.errors import ConfigError
+from stelab.sbn import SBN, SBNLinear
+from stelab.train import TrainingInterrupted, check_state, fit, load_checkpoint, train
+from stelab.train.files import read_metrics_csv
+
+TIME_KEYS = ("elapsed_s",)
+
+
+def _without_times(obj):
+    if isinstance(obj, dict):
+        return {
+            k: _without_times(v)
+            for k, v in obj.items()
+            if k not in TIME_KEYS and not str(k).endswith("seconds") and k != "wall_time_s"
+        }
+    if isinstance(obj, list):
+        return [_without_times(v) for v in obj]
+    return obj
+
+
+def assert_same_run(ref, run) -> None:
+    """Every resumable field of ``run`` equals the uninterrupted ``ref``."""
+    for name in ("last.pt", "best.pt"):
+        a, b = _without_times(ckpt(ref, name)), _without_times(ckpt(run, name))
+        assert set(a) == set(b), name
+        for key in a:  # one assertion per field, so a failure names it
+            assert_same_tensors(a[key], b[key], f"{name}:{key}")
+    assert _without_times(read_metrics_csv(ref / "metrics.csv")) == _without_times(
+        read_metrics_csv(run / "metrics.csv")
+    )
+    ma = json.loads((ref / "metrics.json").read_text())
+    mb = json.loads((run / "metrics.json").read_text())
+    assert _without_times(ma) == _without_times(mb)
+
+
+# --- the default classifier step (train(cfg)) -----------------------------------------
+
+# lr 0.3, seed 1: validation accuracy peaks in epoch 2 of 4 (measured: 0.094, 0.117,
+# 0.111, 0.089), so the best epoch lies before the interruption and the two epochs
+# after it must not replace best.pt; the multistep schedule halves the lr after epoch 2
+CLASSIFIER = ("optim.lr=0.3", "train.seed=1")
+STEPS = 4  # 256 rows / batch 64
+
+
+def test_classifier_resume_after_ctrl_c_restores_every_field(tmp_path, monkeypatch):
+    ref, run = tmp_path / "a" / "run", tmp_path / "b" / "run"  # one name: metrics.json has it
+    cfg = quick_cfg(*CLASSIFIER, "train.epochs=4")
+    train(cfg, ref, progress=False)
+    calls, real_step = {"n": 0}, loop._step
+
+    def interrupting_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 2 * STEPS + 2:  # the second step of epoch 3
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(loop, "_step", interrupting_step)
+    with pytest.raises(TrainingInterrupted, match="epoch 3/4"):
+        train(cfg, run, progress=False)
+    assert ckpt(run)["epoch"] == 2
+    monkeypatch.setattr(loop, "_step", real_step)
+    train(cfg, run, resume=True, progress=False)
+    c = ckpt(ref)
+    assert c["best"]["epoch"] == 2 and c["global_step"] == 4 * STEPS  # the premise above
+    assert [r["lr"] for r in c["history"]] == [0.3, 0.3, 0.15, 0.15]
+    assert set(c["rng"]) >= {"torch", "shuffle", "augment", "numpy", "python"}
+    assert_same_run(ref, run)
+
+
+# --- a custom step: an SBN trained with PSA through fit ------------------------------
+
+
+def _ce(eta, y):
+    return F.cross_entropy(eta, y, reduction="none")
+
+
+def _sbn_problem():
+    torch.manual_seed(0)
+    model = SBN(SBNLinear(6, 8), SBNLinear(8, 8), output=torch.nn.Linear(8, 3))
+    model.register_buffer("evals", torch.zeros((), dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(112, 6, generator=g)
+    y = torch.randint(0, 3, (112,), generator=g)
+    data = Splits(
+        name="random",
+        train=Split(x[:80], y[:80]),
+        val=Split(x[80:96], y[80:96]),
+        test=Split(x[96:], y[96:]),
+        num_classes=3,
+        input_shape=(6,),
+        source="generated: standard normal inputs, uniform labels",
+    )
+    return model, data
+
+
+class _Step:
+    """PSA surrogate loss on inputs jittered by torch's, numpy's and Python's RNGs,
+    the SBN's noise from the named generator ``noise``; stops with Ctrl-C at call
+    ``stop_at`` (counted from 1), if given."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.noise = torch.Generator().manual_seed(2)
+        self.calls, self.stop_at = 0, stop_at
+
+    def __call__(self, model, batch):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        x, y = batch
+        x = x + 0.05 * torch.randn_like(x)
+        x = x * (1.0 + 0.05 * float(np.random.rand())) + 0.05 * random.random()
+        loss = model.surrogate_loss(x, y, _ce, estimator="psa", samples=2, generator=self.noise)
+        return {"loss": loss, "jitter": torch.tensor(float(x.abs().mean()))}
+
+
+@torch.no_grad()
+def _evaluate(model, split):
+    model.evals += 1
+    loss = model.surrogate_loss(split.x, split.y, _ce, estimator="psa", generator=0)
+    return {"loss": float(loss), "acc": 1.0 / float(model.evals)}
+
+
+def _fit_sbn(run_dir, step, **kw):
+    model, data = _sbn_problem()
+    return fit(
+        model,
+        data,
+        run_dir=run_dir,
+        step=step,
+        evaluate=_evaluate,
+        generators={"noise": step.noise},
+        optimizer=OptimConfig(name="adam", lr=0.01, weight_decay=1e-4),
+        schedule=ScheduleConfig(name="multistep", milestones=(2,), gamma=0.5),
+        epochs=4,
+        batch_size=16,
+        seed=3,
+        threads=1,
+        **kw,
+    )
+
+
+def test_sbn_custom_step_resume_after_ctrl_c_restores_every_field(tmp_path):
+    ref, run = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    metrics = _fit_sbn(ref, _Step())
+    steps = 80 // 16
+    with pytest.raises(TrainingInterrupted, match=r"epoch 3/4.*fit\(.*resume=True\)"):
+        _fit_sbn(run, _Step(stop_at=2 * steps + 2))  # the second step of epoch 3
+    assert ckpt(run)["epoch"] == 2
+    _fit_sbn(run, _Step(), resume=True)
+    c = ckpt(ref)
+    # the premises: best epoch 1, every generator kept, the custom metric logged
+    assert c["best"] == {"val_acc": 1.0, "epoch": 1} and ckpt(ref, "best.pt")["epoch"] == 1
+    assert set(c["rng"]["streams"]) == {"noise"} and "model_args" not in c
+    assert c["global_step"] == 4 * steps and c["epoch"] == 4
+    assert [r["lr"] for r in c["history"]] == [0.01, 0.01, 0.005, 0.005]
+    rows = read_metrics_csv(ref / "metrics.csv")
+    assert [r["train_jitter"] is not None for r in rows] == [True] * 4
+    assert rows[-1]["train_acc"] is None and metrics["test_acc"] == 1.0 / 5  # 4 val + 1 test
+    assert_same_run(ref, run)
+
+
+def test_fit_resume_needs_the_same_generators(tmp_path):
+    run = tmp_path / "run"
+    model, data = _sbn_problem()
+    fit(model, data, run_dir=run, epochs=1, threads=1, batch_size=40)
+    model, data = _sbn_problem()
+    with pytest.raises(ConfigError, match="no state of the generator 'noise'"):
+        fit(
+            model,
+            data,
+            run_dir=run,
+            epochs=2,
+            threads=1,
+            batch_size=40,
+            generators={"noise": torch.Generator()},
+            resume=True,
+        )
+
+
+# --- checkpoints that do not fit ------------------------------------------------------
+
+
+def test_same_keys_other_shapes_are_refused_naming_key_and_shapes():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["1.weight"] = torch.zeros(2, 5)  # same keys, one shape differs
+    with pytest.raises(ConfigError) as e:
+        check_state(model, state, "ck.pt")
+    msg = str(e.value)
+    assert "shape mismatch" in msg and "1.weight (2, 5) vs (2, 3)" in msg and "'ck.pt'" in msg
+    assert "missing" not in msg and "unexpected" not in msg
+    check_state(model, model.state_dict())  # the model's own state passes
+
+
+def test_resume_from_a_checkpoint_with_other_shapes_is_refused(tmp_path):
+    run = tmp_path / "run"
+    model, data = _sbn_problem()
+    fit(model, data, run_dir=run, epochs=1, threads=1, batch_size=40)
+    c = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    c["model"]["output.bias"] = torch.zeros(4)  # keys unchanged
+    torch.save(c, run / "checkpoints" / "last.pt")
+    model, data = _sbn_problem()
+    with pytest.raises(ConfigError, match=r"shape mismatch.*output\.bias \(4,\) vs \(3,\)"):
+        fit(model, data, run_dir=run, epochs=2, threads=1, batch_size=40, resume=True)
+
+
+def test_a_dict_with_a_non_tensor_value_is_not_a_bare_state_dict(tmp_path):
+    mixed = tmp_path / "mixed.pt"
+    torch.save({"weight": torch.ones(2), "epoch": 3}, mixed)
+    with pytest.raises(ConfigError, match=r"neither a stelab checkpoint nor a state_dict"):
+        load_checkpoint(mixed)
+    bare = tmp_path / "bare.pt"
+    torch.save({"weight": torch.ones(2), "bias": torch.zeros(1)}, bare)
+    assert set(load_checkpoint(bare)) == {"model"}
+    empty = tmp_path / "empty.pt"
+    torch.save({}, empty)
+    with pytest.raises(ConfigError, match="neither"):
+        load_checkpoint(empty)
