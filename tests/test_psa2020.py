@@ -12,8 +12,7 @@ import torch
 
 from stelab.data import Split, Splits
 from stelab.errors import ConfigError
-from stelab.experiments import psa2020_gradeval as gradeval
-from stelab.experiments import psa2020_training as training
+from stelab.experiments.psa2020 import gradeval, training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -44,16 +44,16 @@ from typing import Any
 
 import torch
 
-from ..analysis import (
+from ...analysis import (
     PAPER_ESTIMATORS,
     PAPER_SAMPLE_SIZES,
     FidelityReport,
     gradient_fidelity,
     layer_label,
 )
-from ..errors import StelabTypeError, check_int
-from ..io import atomic_write_bytes, atomic_write_text, write_json
-from .verdicts import verdict_table
+from ...errors import StelabTypeError, check_int
+from ...io import atomic_write_bytes, atomic_write_text, write_json
+from ..verdicts import verdict_table
 
 NAME = "psa2020-gradeval"
 CHECKPOINTS = (1, 100, 200, 500, 1000, 1500, 2000)
@@ -102,13 +102,13 @@ def _config(quick: bool) -> dict[str, Any]:
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
-    from .. import data
+    from ... import data
 
     return tuple(data.load("psa-toy", dtype=torch.float64).train)  # type: ignore[return-value]
 
 
 def _model(seed: int) -> Any:
-    from ..sbn import sbn_mlp
+    from ...sbn import sbn_mlp
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -147,8 +147,8 @@ def train_toy(
     Returns ``{"curve": [[epoch, exact expected loss, exact expected accuracy]], "seconds",
     "reused", "epochs_done"}``.
     """
-    from ..data import batches
-    from ..sbn import exact_expected_loss, logistic_loss, surrogate_loss
+    from ...data import batches
+    from ...sbn import exact_expected_loss, logistic_loss, surrogate_loss
 
     meta_path = out_dir / "checkpoints" / "train.json"
     key = {**TRAIN, "seed": seed, "curve_every": curve_every, "curve": "loss, accuracy"}
@@ -210,7 +210,7 @@ def _analyse(
     out_dir: Path, epoch: int, draws: int, cfg: dict[str, Any], seed: int, progress: bool
 ) -> FidelityReport:
     """Fidelity of every paper estimator at one checkpoint (cached as JSON in out_dir/cache)."""
-    from ..sbn import logistic_loss
+    from ...sbn import logistic_loss
 
     sizes = [m for m in PAPER_SAMPLE_SIZES if m <= draws]
     key = {
@@ -432,7 +432,7 @@ def _claim_d(reps: dict[int, FidelityReport]) -> dict[str, Any]:
 
 
 def _fig_training(curve: list[list[float]], marks: list[int], path: Path, dpi: int) -> None:
-    from ..analysis.plots import panels, save
+    from ...analysis.plots import panels, save
 
     ep = [c[0] for c in curve]
     fig, (ax,) = panels(1, legend=False)
@@ -451,7 +451,7 @@ def _fig_training(curve: list[list[float]], marks: list[int], path: Path, dpi: i
 
 
 def _fig_through(summary: dict[int, FidelityReport], path: Path, dpi: int) -> None:
-    from ..analysis.plots import estimator_style, panels, save
+    from ...analysis.plots import estimator_style, panels, save
 
     epochs = sorted(summary)
     rep0 = summary[epochs[0]]
@@ -533,7 +533,7 @@ STE_SPECS = (
 def _ste_reports(out_dir: Path, epochs: list[int], seed: int) -> dict[int, FidelityReport]:
     """ "How biased is my STE?": each sign+STE net (same weights, no noise) against the exact
     gradient of the SBN's expected loss, at the given checkpoints (deterministic: cheap)."""
-    from ..sbn import logistic_loss
+    from ...sbn import logistic_loss
 
     x, y = _data()
     out = {}
@@ -789,7 +789,7 @@ def run(out_dir: Path, *, quick: bool = False, seed: int = 0, progress: bool = T
         torch.set_num_threads(threads)
     claims = [_claim_a(reps), _claim_b(reps), _claim_c(reps), _claim_d(reps)]
 
-    from ..analysis.plots import plot_budget, plot_cosine, plot_rmse
+    from ...analysis.plots import plot_budget, plot_cosine, plot_rmse
 
     dpi = cfg["dpi"]
     figs = {"training": "gradeval_training.png"}

@@ -47,9 +47,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, StelabTypeError, check_int, check_positive, unknown
-from ..io import atomic_write_bytes, atomic_write_text, write_json
-from .verdicts import verdict_table
+from ...errors import ConfigError, StelabTypeError, check_int, check_positive, unknown
+from ...io import atomic_write_bytes, atomic_write_text, write_json
+from ..verdicts import verdict_table
 
 NAME = "psa2020-training"
 ESTIMATORS = ("psa", "dst", "concrete:tau=0.1", "reinforce")
@@ -158,7 +158,7 @@ class SBNTrainConfig:
         check_int("seed", self.seed, 0, 2**63 - 1)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        from ..analysis import parse_estimator
+        from ...analysis import parse_estimator
 
         parse_estimator(self.estimator)  # a bad name fails here, with the closest match
 
@@ -189,7 +189,7 @@ PRESETS: dict[str, SBNTrainConfig] = {
 #: the paper's CIFAR-10 configuration for all four estimators, on a GPU (``device="auto"``)
 CIFAR10_COMMAND = (
     "python -c \"import stelab.data as d; d.download('cifar10')\"\n"
-    'python -c "from stelab.experiments.psa2020_training import run; '
+    'python -c "from stelab.experiments.psa2020.training import run; '
     "run('stelab-out/psa2020-cifar10', preset='cifar10')\""
 )
 #: forward multiply-accumulates of ``sbn_conv8`` with channels (96, 192), padding 0, on a
@@ -285,11 +285,11 @@ def train_sbn(
         "steps", "seconds", "diverged", "params", "model"}`` where ``val``/``test`` are
         :func:`evaluate_sbn` dicts and ``model`` the trained SBN.
     """
-    from .. import data as _data
-    from ..analysis import parse_estimator
-    from ..config import OptimConfig, ScheduleConfig
-    from ..sbn import data_init, sbn_conv8, surrogate_loss
-    from ..train.parts import build_optimizer, lr_factor
+    from ... import data as _data
+    from ...analysis import parse_estimator
+    from ...config import OptimConfig, ScheduleConfig
+    from ...sbn import data_init, sbn_conv8, surrogate_loss
+    from ...train.parts import build_optimizer, lr_factor
 
     if not isinstance(cfg, SBNTrainConfig):
         raise StelabTypeError(f"cfg must be an SBNTrainConfig, got {type(cfg).__name__}")
@@ -467,7 +467,7 @@ def _search(
 ) -> tuple[float, list[dict[str, Any]]]:
     """The learning rate of ``spec`` with the best validation averaged accuracy after a
     short run (``search_epochs`` on ``search_rows`` training rows)."""
-    from ..data import Split, Splits
+    from ...data import Split, Splits
 
     sub = Splits(
         data.name,
@@ -503,7 +503,7 @@ def _search(
 
 
 def _fig(results: dict[str, dict[str, Any]], path: Path, dpi: int) -> None:
-    from ..analysis.plots import estimator_style, panels, save
+    from ...analysis.plots import estimator_style, panels, save
 
     style = estimator_style([_label(s) for s in results])
     fig, (ax, ax2) = panels(2, legend=False, title=False)
@@ -554,7 +554,7 @@ def _plain_formatter() -> Any:
 
 
 def _label(spec: str) -> str:
-    from ..analysis import parse_estimator
+    from ...analysis import parse_estimator
 
     return parse_estimator(spec).label
 
@@ -729,7 +729,7 @@ def run(
     Returns:
         ``{"name", "claims", "figures", "results", "report", "seconds"}``.
     """
-    from .. import data as _data
+    from ... import data as _data
 
     t0 = time.perf_counter()
     if not isinstance(out_dir, (str, Path)):
