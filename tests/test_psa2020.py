@@ -93,6 +93,13 @@ def test_gradeval_training_follows_the_protocol(tmp_path):
     assert s0["hidden.0.weight"].dtype == torch.float64
     assert not torch.equal(s0["hidden.0.weight"], s1["hidden.0.weight"])
     assert gradeval.TRAIN["lr"] == 0.03 and gradeval.TRAIN["batch_size"] == 10
+    assert tr["reused"] is False
+    again = gradeval.train_toy(tmp_path, epochs=2, checkpoints=[1, 2], seed=0, curve_every=1)
+    assert again["reused"] is True and again["curve"] == tr["curve"]
+    (tmp_path / "checkpoints" / "epoch_0002.pt").unlink()  # a lost checkpoint: train again
+    again = gradeval.train_toy(tmp_path, epochs=2, checkpoints=[1, 2], seed=0, curve_every=1)
+    assert again["reused"] is False and again["curve"] == tr["curve"]
+    assert (tmp_path / "checkpoints" / "epoch_0002.pt").is_file()
 
 
 def test_samples_to_reach_interpolates_and_extrapolates():
