@@ -25,8 +25,8 @@ import torch
 from stelab import data
 from stelab.data.files import RemoteFile, Resource
 from stelab.errors import ConfigError
-from stelab.experiments import psa2020_training as psa
 from stelab.experiments import yin2019_table1_cifar as y19c
+from stelab.experiments.psa2020 import training as psa
 
 PER_BATCH, N_TEST, VAL = 8, 10, 10  # 40 training records, 30 after the validation carve-out
 
@@ -184,7 +184,7 @@ def test_psa2020_cifar10_preset_runs_end_to_end(cifar_root: Path, tmp_path: Path
     assert "on cifar10 (30 training rows" in report
     assert "## Running the paper's CIFAR-10 configuration" in report
     assert psa.CIFAR10_COMMAND in report
-    assert r["claims"] and (out / "training_curves.png").is_file()
+    assert r.claims and (out / "training_curves.png").is_file()
     with pytest.raises(ConfigError, match="chanels"):
         psa.run(out, progress=False, preset="cifar10", overrides={"chanels": (4, 8)})
     with pytest.raises(ConfigError, match="preset"):

@@ -8,7 +8,7 @@ PAPER = Paper(
     title="[S20] Shekhovtsov, Yanush, Flach, Path Sample-Analytic Gradient Estimators "
     "for Stochastic Binary Networks (NeurIPS 2020)",
     parts={
-        "gradeval": "stelab.experiments.psa2020_gradeval",
-        "training": "stelab.experiments.psa2020_training",
+        "gradeval": "stelab.experiments.psa2020.gradeval",
+        "training": "stelab.experiments.psa2020.training",
     },
 )

@@ -1,0 +1,196 @@
+"""[S20] verdict rules, pinned at and around every threshold (no training, no sampling).
+
+Each rule is a pure function of plain numbers (psa2020.gradeval_claims,
+psa2020.training_claims); loosening or flipping a threshold fails one of these rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stelab.experiments.psa2020 import gradeval_claims as gc
+from stelab.experiments.psa2020 import training_claims as tc
+
+LO, HI = 1 - 1e-9, 1 + 1e-9  # just below / just above a threshold
+
+
+def test_thresholds_are_the_documented_ones():
+    assert gc.PARTLY_SHARE == 0.5
+    assert gc.SMALL_M == (1, 10)
+    assert (gc.PLATEAU_Z, gc.PLATEAU_BIAS_SHARE, gc.PLATEAU_NOISE_RATIO) == (5.0, 0.7, 3.0)
+    assert gc.CATCH_UP_RANGE == (1e2, 1e4) and gc.CATCH_UP_LOOSE == (1e1, 1e5)
+    assert gc.NOISY_FACTOR == 10.0
+    assert tc.NEAR_BEST == 0.01 and tc.BEATS_AT_LEAST == 2
+
+
+@pytest.mark.parametrize(
+    ("ok", "cases", "verdict"),
+    [
+        (12, 12, "reproduced"),
+        (11, 12, "partly"),
+        (6, 12, "partly"),  # exactly half
+        (5, 12, "not"),
+        (3, 5, "partly"),  # 3 >= 2.5
+        (2, 5, "not"),
+        (1, 1, "reproduced"),
+        (0, 1, "not"),
+        (0, 0, "not"),  # no case, no evidence
+    ],
+)
+def test_verdict_share(ok, cases, verdict):
+    assert gc.verdict_share(ok, cases) == verdict
+
+
+@pytest.mark.parametrize(
+    ("psa", "others", "lowest"),
+    [
+        (0.5 * LO, {"dst": 0.5, "arm": 0.7}, True),
+        (0.5, {"dst": 0.5, "arm": 0.7}, False),  # a tie is not "lowest"
+        (0.5 * HI, {"dst": 0.5, "arm": 0.7}, False),
+        (0.6, {"dst": 0.7, "arm": 0.5}, False),  # against the best other, not the first
+        (0.6, {"dst": 0.7, "reinforce_loo": math.nan}, True),  # off-grid values ignored
+        (math.nan, {"dst": 0.7}, False),
+    ],
+)
+def test_psa_is_lowest(psa, others, lowest):
+    assert gc.psa_is_lowest(psa, others) is lowest
+
+
+# a clear plateau: z 10, bias = RMSE, RMSE 10x the noise-only value sqrt(1 / 100)
+PLATEAU = {"bias_z": 10.0, "bias": 1.0, "rmse": 1.0, "rel_variance": 1.0, "m": 100}
+# RMSE exactly 3x the noise-only value sqrt(4 / 4) = 1
+AT_NOISE = {"bias_z": 10.0, "bias": 3.0, "rmse": 3.0, "rel_variance": 4.0, "m": 4}
+
+
+@pytest.mark.parametrize(
+    ("change", "plateau"),
+    [
+        ({}, True),
+        ({"bias_z": 5.0}, False),  # z must exceed 5
+        ({"bias_z": 5.0 * HI}, True),
+        ({"bias_z": 5.0 * LO}, False),
+        ({"bias": 0.7}, True),  # bias >= 70% of the RMSE
+        ({"bias": 0.7 * LO}, False),
+        ({"bias": 0.7 * HI}, True),
+        ({**AT_NOISE}, True),
+        ({**AT_NOISE, "rmse": 3.0 * LO}, False),
+        ({**AT_NOISE, "rmse": 3.0 * HI}, True),
+    ],
+)
+def test_is_plateau(change, plateau):
+    assert gc.is_plateau(**{**PLATEAU, **change}) is plateau
+
+
+@pytest.mark.parametrize(
+    ("arm", "reinforce", "verdict"),
+    [
+        (1e3, 1e3, "reproduced"),
+        (1e2, 1e4, "reproduced"),  # the range is inclusive
+        (1e4, 1e2, "reproduced"),
+        (1e2 * LO, 1e3, "partly"),  # one median in range
+        (1e3, 1e4 * HI, "partly"),
+        (1e2 * LO, 1e4 * HI, "partly"),  # neither in range, both in [10, 1e5]
+        (1e1, 1e5, "partly"),
+        (1e1 * LO, 1e4 * HI, "not"),
+        (1e2 * LO, 1e5 * HI, "not"),
+        (1.0, 1e6, "not"),
+        (math.nan, math.nan, "not"),
+    ],
+)
+def test_verdict_catch_up(arm, reinforce, verdict):
+    assert gc.verdict_catch_up(arm, reinforce) == verdict
+
+
+@pytest.mark.parametrize(
+    ("c01", "psa", "c1", "noisy"),
+    [
+        (10.0, 1.0, 5.0, True),  # exactly 10x PSA's
+        (10.0 * LO, 1.0, 5.0, False),
+        (10.0 * HI, 1.0, 5.0, True),
+        (10.0, 1.0, 10.0, False),  # must be strictly above Concrete(1)'s
+        (10.0, 1.0, 10.0 * LO, True),
+        (100.0, 1.0, 200.0, False),
+    ],
+)
+def test_is_very_noisy(c01, psa, c1, noisy):
+    assert gc.is_very_noisy(c01, psa, c1) is noisy
+
+
+@pytest.mark.parametrize(
+    ("target", "m", "extrapolated"),
+    [
+        (5.0, 1.0, False),  # already at M = 1
+        (4.0, 1.0, False),
+        (2.0, 10.0, False),  # on a grid point
+        (math.sqrt(2.0), 10**1.5, False),  # log-log halfway between 10 and 100
+        (1.0, 100.0, False),
+        (0.5, 400.0, True),  # M^-1/2 beyond the grid
+    ],
+)
+def test_samples_to_reach_curve(target, m, extrapolated):
+    got, ext = gc.samples_to_reach_curve([1, 10, 100, 1000], [4.0, 2.0, 1.0, math.nan], target)
+    assert got == pytest.approx(m, rel=1e-12) and ext is extrapolated
+
+
+def _acc(psa, dst, concrete, reinforce):
+    return {"psa": psa, "dst": dst, "concrete:tau=0.1": concrete, "reinforce": reinforce}
+
+
+@pytest.mark.parametrize(
+    ("acc", "verdict"),
+    [
+        (_acc(0.9, 0.9, 0.5, 0.5), "reproduced"),  # a tie with the best counts
+        (_acc(0.9 * LO, 0.9, 0.5, 0.5), "partly"),  # within a point, and above two
+        # within one point of the best and above only one baseline
+        (_acc(0.95 - 0.01, 0.9, 0.95, 0.95), "partly"),
+        (_acc((0.95 - 0.01) * LO, 0.9, 0.95, 0.95), "not"),
+        # far from the best but above two baselines
+        (_acc(0.5, 0.2, 0.3, 0.9), "partly"),
+        (_acc(0.5, 0.2, 0.5, 0.9), "not"),  # "above" is strict
+        (_acc(0.1, 0.2, 0.3, 0.9), "not"),
+        (_acc(math.nan, 0.2, 0.3, 0.4), "not"),  # PSA diverged
+        (_acc(0.5, math.nan, 0.4, math.nan), "reproduced"),  # diverged baselines drop out
+        (_acc(0.5, math.nan, math.nan, math.nan), "not"),  # nothing to compare with
+        ({"dst": 0.5, "reinforce": 0.4}, "not"),  # no PSA run
+    ],
+)
+def test_verdict_training(acc, verdict):
+    assert tc.verdict_training(acc) == verdict
+
+
+def _row(lr, acc, diverged=False):
+    return {"lr": lr, "val_acc_avg": acc, "diverged": diverged}
+
+
+@pytest.mark.parametrize(
+    ("rows", "lr"),
+    [
+        ([_row(0.3, 0.5), _row(0.1, 0.6), _row(0.03, 0.4)], 0.1),
+        ([_row(0.3, 0.9, diverged=True), _row(0.1, 0.6)], 0.1),  # a diverged run never wins
+        ([_row(0.3, math.nan), _row(0.1, 0.2)], 0.1),
+        ([_row(0.3, 0.6), _row(0.1, 0.6)], 0.3),  # the first of equals
+        ([_row(0.3, math.nan), _row(0.01, 0.5, diverged=True)], 0.01),  # none: the smallest
+    ],
+)
+def test_choose_lr(rows, lr):
+    assert tc.choose_lr(rows) == lr
+
+
+def test_claim_e_reports_the_rule_and_the_numbers():
+    def run(acc, diverged=False):
+        return {"test": {"acc_avg": acc, "acc1": acc - 0.1}, "diverged": diverged}
+
+    results = {
+        "psa": run(0.9),
+        "dst": run(0.8),
+        "concrete:tau=0.1": run(0.7),
+        "reinforce": run(math.nan, True),
+    }
+    c = tc.claim_e(results)
+    assert c.id == "e" and c.verdict == "reproduced"
+    assert c.checks["acc_avg"]["psa"] == 0.9
+    assert "psa 90.0% (1 sample 80.0%)" in c.evidence and "diverged: reinforce" in c.evidence
+    results["psa"] = run(0.5)
+    assert tc.claim_e(results).verdict == "not"
