@@ -26,7 +26,7 @@ from stelab import data
 from stelab.data.files import RemoteFile, Resource
 from stelab.errors import ConfigError
 from stelab.experiments import psa2020_training as psa
-from stelab.experiments import yin2019_table1_cifar as y19c
+from stelab.experiments.yin2019 import table1_cifar as y19c
 
 PER_BATCH, N_TEST, VAL = 8, 10, 10  # 40 training records, 30 after the validation carve-out
 

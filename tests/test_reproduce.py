@@ -59,9 +59,9 @@ def test_unknown_paper_and_unwritable_output(tmp_path, fake_registry):
 def test_cifar_part_is_skipped_with_its_reason_and_tried_again(
     tmp_path, fake_registry, monkeypatch
 ):
-    from stelab.experiments import yin2019_table1_cifar as cifar
+    from stelab.experiments.yin2019 import table1_cifar as cifar
 
-    fake_registry["yin2019"]["parts"]["table1-cifar10"] = "yin2019_table1_cifar"
+    fake_registry["yin2019"]["parts"]["table1-cifar10"] = "stelab.experiments.yin2019.table1_cifar"
     # no CIFAR-10 anywhere: an empty data folder and cache, no system copy
     monkeypatch.setenv("STELAB_DATA", str(tmp_path / "no-data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-cache"))
@@ -82,7 +82,7 @@ def test_cifar_part_is_skipped_with_its_reason_and_tried_again(
 
 
 def test_cifar_part_runs_both_nets_when_cifar10_is_present(tmp_path, monkeypatch):
-    from stelab.experiments import yin2019_table1_cifar as cifar
+    from stelab.experiments.yin2019 import table1_cifar as cifar
 
     monkeypatch.setattr(cifar.t1, "pick_data", lambda net, **kw: ("cifar10", "found"))
     seen = []

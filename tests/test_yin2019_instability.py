@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from stelab.errors import ConfigError
-from stelab.experiments import yin2019_instability as y19i
-from stelab.experiments import yin2019_table1 as t1
+from stelab.experiments.yin2019 import instability as y19i
+from stelab.experiments.yin2019 import table1 as t1
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from stelab.errors import ConfigError
-from stelab.experiments import yin2019_synthetic as y19
+from stelab.experiments.yin2019 import synthetic as y19
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import stelab.train
 from stelab.errors import ConfigError
-from stelab.experiments import yin2019_instability as y19i
-from stelab.experiments import yin2019_table1 as y19
+from stelab.experiments.yin2019 import instability as y19i
+from stelab.experiments.yin2019 import table1 as y19
 from stelab.quantizers import halfnormal_alpha
 from stelab.train import build_model, build_optimizer
 

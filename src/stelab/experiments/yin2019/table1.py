@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import (
+from ...config import (
     SEED_MAX,
     TrainConfig,
     config_to_dict,
@@ -54,10 +54,10 @@ from ..config import (
     load_config,
     parse_config,
 )
-from ..errors import ConfigError, DataError, StelabTypeError, check_int, unknown
-from ..halfnormal import halfnormal_alpha, halfnormal_mse, lloyd_alpha
-from ..io import atomic_write_text, write_json
-from ..train.files import read_metrics_csv
+from ...errors import ConfigError, DataError, StelabTypeError, check_int, unknown
+from ...halfnormal import halfnormal_alpha, halfnormal_mse, lloyd_alpha
+from ...io import atomic_write_text, write_json
+from ...train.files import read_metrics_csv
 
 __all__ = [
     "ESTIMATORS",
@@ -226,7 +226,7 @@ def pick_data(net: str, *, data_dir: str | None = None) -> tuple[str, str]:
     LeNet-5: MNIST when its files are found (no download), else Fashion-MNIST; VGG-11
     and ResNet-20: CIFAR-10 (a DataError says how to get it when it is missing).
     """
-    from .. import data as _data
+    from ... import data as _data
 
     if net not in NETS:
         raise unknown("net", net, NETS)
@@ -387,7 +387,7 @@ def ensure_run(
     None, and later calls do not retry). A run directory of a different experiment
     is a ConfigError naming the differing keys.
     """
-    from ..train import TrainingDiverged, train
+    from ...train import TrainingDiverged, train
 
     run_dir = Path(run_dir)
     stored = _stored_config(run_dir)
@@ -620,7 +620,7 @@ def plot_curves(p: Protocol, table: dict[str, Any], path: Path, dpi: int = 110) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plots import save_figure
+    from ...plots import save_figure
 
     fhist = table["float"]["history"]
     fig, axes = plt.subplots(
@@ -970,14 +970,14 @@ def write_docs(
 ) -> Path:
     """Copy a finished run's report into the docs: ``docs_dir/<stem>.md`` and the curves
     as ``docs_dir/<stem>_curves.png`` (both written atomically). Returns the .md path."""
-    from ..io import atomic_write_bytes
+    from ...io import atomic_write_bytes
 
     out_dir, docs_dir = Path(out_dir), Path(docs_dir)
     report, png = out_dir / "report.md", out_dir / "table1_curves.png"
     if not (report.is_file() and png.is_file()):
         raise ConfigError(
             f"out_dir={str(out_dir)!r} has no finished report (report.md and table1_curves.png); "
-            "run yin2019_table1.run(out_dir) to the end first"
+            "run stelab.experiments.yin2019.table1.run(out_dir) to the end first"
         )
     atomic_write_bytes(docs_dir / f"{stem}_curves.png", png.read_bytes())
     text = report.read_text(encoding="utf-8").replace("(table1_curves.png)", f"({stem}_curves.png)")
@@ -990,10 +990,10 @@ def write_docs(
     text += (
         "\n## How this was produced\n\n"
         "```\n"
-        'python -c "from stelab.experiments.yin2019_table1 import run; '
+        'python -c "from stelab.experiments.yin2019.table1 import run; '
         f'run({args}, threads=1)"\n'
         "```\n\n"
         "The run is resumable (rerunning reuses finished cells and resumes an interrupted one). "
-        "Regenerate this page with `yin2019_table1.write_docs(out_dir, 'docs')`.\n"
+        "Regenerate this page with `yin2019.table1.write_docs(out_dir, 'docs')`.\n"
     )
     return atomic_write_text(docs_dir / f"{stem}.md", text)

@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, unknown
-from ..io import atomic_write_text
-from . import yin2019_table1 as t1
+from ...errors import DataError, unknown
+from ...io import atomic_write_text
+from . import table1 as t1
 
 NAME = "yin2019-table1-cifar10"
 NETS = ("vgg11", "resnet20")
@@ -107,7 +107,7 @@ def run(
 ) -> dict:
     """Run [Y19] Table 1 for VGG-11 and ResNet-20 on CIFAR-10 into ``out_dir/<net>``.
 
-    ``overrides``: :class:`~stelab.experiments.yin2019_table1.Protocol` fields for both
+    ``overrides``: :class:`~stelab.experiments.yin2019.table1.Protocol` fields for both
     nets (``epochs``, ``limit``, ``data_dir``, ...; tests run a tiny table);
     ``net_overrides``: more fields per net (``{"vgg11": {"width": 0.125}}``).
     Returns ``{"claims", "notes", ...}``, or ``{"claims": [], "skipped": reason}`` in

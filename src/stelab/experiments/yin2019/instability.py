@@ -29,7 +29,7 @@ paper-scaled one 1e-4).
 The source cells are taken from a sibling ``table1`` folder (``out_dir/../table1``,
 the layout of ``stelab reproduce``) when it holds the finished cell of the same
 protocol and seed; otherwise the float model and the source cell are trained here
-(with :mod:`stelab.experiments.yin2019_table1`'s code). Every continuation is one
+(with :mod:`stelab.experiments.yin2019.table1`'s code). Every continuation is one
 resumable run directory under ``out_dir/runs*/``, so rerunning :func:`run` with the
 same arguments resumes an interrupted run.
 
@@ -50,10 +50,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import SEED_MAX, TrainConfig, config_to_dict, load_config, parse_config
-from ..errors import ConfigError, StelabTypeError, check_int, unknown
-from ..io import atomic_write_text, write_json
-from . import yin2019_table1 as t1
+from ...config import SEED_MAX, TrainConfig, config_to_dict, load_config, parse_config
+from ...errors import ConfigError, StelabTypeError, check_int, unknown
+from ...io import atomic_write_text, write_json
+from . import table1 as t1
 
 __all__ = [
     "CONTINUE",
@@ -209,7 +209,7 @@ _DATA_CACHE: dict[str, Any] = {}
 
 def _evaluate_run(run_dir: Path, cfg: TrainConfig) -> dict[str, float]:
     """Eval-mode loss and accuracy of a run's final model on the train and val splits."""
-    from ..train import evaluate, load_data, load_model
+    from ...train import evaluate, load_data, load_model
 
     key = repr(cfg.data)
     if key not in _DATA_CACHE:
@@ -290,7 +290,7 @@ def run(
         sources: the solutions to start from, among ``clipped_relu`` and ``relu``
             (default: both for ResNet-20, the paper's two cases; clipped ReLU for LeNet-5).
         threads: torch threads per run (quick default 1).
-        overrides: more :class:`~stelab.experiments.yin2019_table1.Protocol` fields (and
+        overrides: more :class:`~stelab.experiments.yin2019.table1.Protocol` fields (and
             ``data`` for ResNet-20).
 
     Returns:
@@ -588,7 +588,7 @@ def _plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..plots import save_figure
+    from ...plots import save_figure
 
     ncol = 2 * len(widths)
     fig, axes = plt.subplots(
@@ -727,7 +727,7 @@ def write_docs(
     """Copy a finished run's report and figures into ``docs_dir`` (atomically), with a
     section on how it was produced (``shown_out_dir``: the output folder named in that
     command, default ``out_dir``). Returns the report's path."""
-    from ..io import atomic_write_bytes
+    from ...io import atomic_write_bytes
 
     out_dir, docs_dir = Path(out_dir), Path(docs_dir)
     report = out_dir / "report.md"
@@ -738,7 +738,7 @@ def write_docs(
     if res is None or not report.is_file():
         raise ConfigError(
             f"out_dir={str(out_dir)!r} has no finished report (report.md and results.json); "
-            "run yin2019_instability.run(out_dir) to the end first"
+            "run stelab.experiments.yin2019.instability.run(out_dir) to the end first"
         )
     srcs = sorted({k.rsplit("-a", 1)[0] for k in res["sources"]})
     for s in srcs:
@@ -751,12 +751,12 @@ def write_docs(
     text = report.read_text(encoding="utf-8") + (
         "\n## How this was produced\n\n"
         "```\n"
-        'OMP_NUM_THREADS=1 python -c "from stelab.experiments.yin2019_instability import run; '
+        'OMP_NUM_THREADS=1 python -c "from stelab.experiments.yin2019.instability import run; '
         f'run({args}, threads=1)"\n'
         "```\n\n"
         "Every source cell and continuation is a resumable run directory under "
         f"`{shown}/runs*/`: rerunning the command reuses finished runs and resumes "
         "an interrupted one. Regenerate this page with "
-        "`yin2019_instability.write_docs(out_dir, 'docs/yin2019_instability')`.\n"
+        "`yin2019.instability.write_docs(out_dir, 'docs/yin2019_instability')`.\n"
     )
     return atomic_write_text(docs_dir / "report.md", text)
