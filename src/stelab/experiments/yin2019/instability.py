@@ -34,10 +34,12 @@ resumable run directory under ``out_dir/runs*/``, so rerunning :func:`run` with 
 same arguments resumes an interrupted run.
 
 Public API: :func:`run`, :func:`protocol_for`, :func:`continuation_config`,
-:func:`default_lrs`, :func:`final_lr`, :func:`effect` and :func:`verdict_for` (the verdict
-rules), :func:`write_docs` (a finished report into ``docs/``), ``LR_SCALE``
-(the paper-scaled learning-rate factor), ``RESNET20`` (the subset per mode), ``CONTROL``
-and ``CONTINUE`` (which STEs continue from which source, per net).
+:func:`default_lrs`, :func:`final_lr`, ``LR_SCALE`` (the paper-scaled learning-rate
+factor), ``RESNET20`` (the subset per mode); from :mod:`.instability_claims` (re-exported):
+:func:`effect` and :func:`verdict_for` (the verdict rules), ``CONTROL`` and ``CONTINUE``
+(which STEs continue from which source, per net); in :mod:`.instability_report`: the
+figures, report.md and :func:`~.instability_report.write_docs` (a finished report into
+``docs/``).
 """
 
 from __future__ import annotations
@@ -52,12 +54,24 @@ from typing import Any
 
 from ...config import SEED_MAX, TrainConfig, config_to_dict, load_config, parse_config
 from ...errors import ConfigError, StelabTypeError, check_int, unknown
-from ...io import atomic_write_text, write_json
+from ..spine import PartResult, write_part
 from . import table1 as t1
+from .instability_claims import (
+    ACC_DROP,
+    CONTINUE,
+    CONTROL,
+    LOSS_RATIO,
+    claims_for,
+    effect,
+    effect_vs_control,
+    verdict_for,
+)
 
 __all__ = [
+    "ACC_DROP",
     "CONTINUE",
     "CONTROL",
+    "LOSS_RATIO",
     "LR_SCALE",
     "NAME",
     "NETS",
@@ -69,20 +83,11 @@ __all__ = [
     "protocol_for",
     "run",
     "verdict_for",
-    "write_docs",
 ]
 
 NAME = "yin2019-instability"
 #: the paper's lr (1e-5) over ResNet-20's final Table-2 lr (1e-2 · 0.1²)
 LR_SCALE = 0.1
-#: the estimator each source solution was found with continues as the control
-CONTROL = {"clipped_relu": "clipped_relu", "relu": "relu"}
-#: what continues from each source, per net: the paper's cases (identity, and the control);
-#: LeNet-5 also continues the clipped-ReLU solution with ReLU
-CONTINUE: dict[str, dict[str, tuple[str, ...]]] = {
-    "resnet20": {"clipped_relu": ("ste", "clipped_relu"), "relu": ("ste", "relu")},
-    "lenet5": {"clipped_relu": ("ste", "relu", "clipped_relu"), "relu": ("ste", "relu")},
-}
 NETS = tuple(CONTINUE)
 
 #: The ResNet-20 protocol at a CPU size, per mode: [Y19] Table 2's optimiser (SGD,
@@ -114,12 +119,6 @@ RESNET20: dict[str, dict[str, Any]] = {
         "epochs_after": 3,
     },
 }
-
-# the effect "shows" at a learning rate when, after the continuation, the estimator's
-# validation accuracy is this many points below the control's ...
-_ACC_DROP = 1.0
-# ... and its training loss is this many times the control's
-_LOSS_RATIO = 1.5
 
 
 def final_lr(p: t1.Protocol) -> float:
@@ -197,7 +196,7 @@ def _source_dir(
         return None
     try:
         stored = load_config(d / "config.toml")
-        t1._check_same(d, stored, cfg)
+        t1.check_same(d, stored, cfg)
     except ConfigError:
         return None
     m = json.loads(mfile.read_text(encoding="utf-8"))
@@ -222,36 +221,6 @@ def _evaluate_run(run_dir: Path, cfg: TrainConfig) -> dict[str, float]:
     return {"train_loss": tl, "train_acc": ta, "val_loss": vl, "val_acc": va}
 
 
-def effect(end: Mapping[str, float], control_end: Mapping[str, float]) -> dict[str, Any]:
-    """How far a continuation left the solution, compared with the control at the same lr.
-
-    With a = the continuation's end numbers and c = the control's (eval-mode):
-    ``drop = 100·(c.val_acc − a.val_acc)`` points, ``ratio = a.train_loss / c.train_loss``
-    (the denominator floored at 1e-12); the effect *shows* iff ``drop > 1`` and
-    ``ratio > 1.5`` (both strict).
-    """
-    drop = 100 * (float(control_end["val_acc"]) - float(end["val_acc"]))
-    ratio = float(end["train_loss"]) / max(float(control_end["train_loss"]), 1e-12)
-    return {
-        "acc_below_control_pts": drop,
-        "loss_over_control": ratio,
-        "shows": bool(drop > _ACC_DROP and ratio > _LOSS_RATIO),
-    }
-
-
-def verdict_for(shows_at: Sequence[str], paper_lr: str) -> str:
-    """The claim's verdict from the learning rates (as ``f"{lr:g}"``) where the effect
-    shows: ``reproduced`` if ``paper_lr`` (the paper-scaled rate) is among them,
-    ``partly`` if only other rates are, ``not`` if none is."""
-    if paper_lr in shows_at:
-        return "reproduced"
-    return "partly" if len(shows_at) else "not"
-
-
-def _effect(run: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
-    return effect(run["end"], control["end"])
-
-
 def _case(source: str, bits: int) -> str:
     return f"{source}-a{bits}"
 
@@ -269,7 +238,7 @@ def run(
     sources: Sequence[str] | None = None,
     threads: int | None = None,
     overrides: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> PartResult:
     """Continue the clipped-ReLU (and ReLU) solutions with the identity STE (and the
     controls) at small constant learning rates; write one figure per source,
     results.json and report.md into ``out_dir``.
@@ -294,11 +263,14 @@ def run(
             ``data`` for ResNet-20).
 
     Returns:
-        ``{"name", "claims", "figures", "results", "report", "seconds", "notes"}``.
+        the :class:`~stelab.experiments.spine.PartResult` (``extra["notes"]``: the setting
+        and where the effect showed).
 
     Cost in full mode on one CPU thread, ResNet-20 (``RESNET20["full"]``): 3 source runs
     and 8 continuations of 6 epochs on 1200 rows, about 30 minutes.
     """
+    from .instability_report import plot_source, report_md
+
     t0 = time.perf_counter()
     if not isinstance(out_dir, (str, Path)):
         raise StelabTypeError(f"out_dir must be a path, got {out_dir!r}")
@@ -400,23 +372,18 @@ def run(
                 for est, r in runs.items():
                     if est == CONTROL[s]:
                         continue
-                    if r["end"] is None:  # diverged: as far from the solution as it gets
-                        r["effect"] = {
-                            "acc_below_control_pts": math.inf,
-                            "loss_over_control": math.inf,
-                            "shows": True,
-                        }
-                    else:
-                        r["effect"] = None if ctrl["end"] is None else _effect(r, ctrl)
+                    r["effect"] = effect_vs_control(r["end"], ctrl["end"])
                 per_lr[f"{lr:g}"] = runs
             results[case] = per_lr
 
     base = f"{default_lrs(p, quick)[0]:g}"
-    claims = _claims(results, starts, srcs, widths, p, n_ep, base, last_rows)
+    claims = claims_for(results, starts, srcs, widths, p, n_ep, base, last_rows)
     figs = {}
     for s in srcs:
         figs[s] = f"instability_from_{s}.png"
-        _plot(results, last_rows, s, widths, rates, p, out_dir / figs[s], dpi=80 if quick else 110)
+        plot_source(
+            results, last_rows, s, widths, rates, p, out_dir / figs[s], dpi=80 if quick else 110
+        )
     res = {
         "name": NAME,
         "paper": "Yin et al., ICLR 2019, arXiv:1903.05662, §4 (instability of identity/ReLU STE)",
@@ -436,25 +403,25 @@ def run(
         "start": starts,
         "source_last_epoch": last_rows,
         "continuations": results,
-        "thresholds": {"acc_drop_pts": _ACC_DROP, "loss_ratio": _LOSS_RATIO},
+        "thresholds": {"acc_drop_pts": ACC_DROP, "loss_ratio": LOSS_RATIO},
         "wall_time_s": _wall_time(source_dirs, results),
         "seconds_this_call": time.perf_counter() - t0,
     }
-    report = _report_md(res, claims, figs, p)
-    res["claims"] = claims
-    write_json(out_dir / "results.json", res)
-    atomic_write_text(out_dir / "report.md", report)
-    shown = [c["id"] for c in claims if c["verdict"] != "not"]
-    return {
-        "name": NAME,
-        "claims": claims,
-        "figures": [str(out_dir / f) for f in figs.values()],
-        "results": str(out_dir / "results.json"),
-        "report": str(out_dir / "report.md"),
-        "seconds": time.perf_counter() - t0,
-        "notes": f"{res['net_label']} on {res['data_label']}, bits {list(widths)}, lrs "
-        f"{', '.join(f'{r:g}' for r in rates)}; effect at some lr: {', '.join(shown) or 'none'}",
-    }
+    shown = [c.id for c in claims if c.verdict != "not"]
+    return write_part(
+        out_dir,
+        name=NAME,
+        claims=claims,
+        results=res,
+        report=report_md(res, claims, figs, p),
+        figures=list(figs.values()),
+        started=t0,
+        extra={
+            "notes": f"{res['net_label']} on {res['data_label']}, bits {list(widths)}, lrs "
+            f"{', '.join(f'{r:g}' for r in rates)}; effect at some lr: "
+            f"{', '.join(shown) or 'none'}"
+        },
+    )
 
 
 def _wall_time(source_dirs: Mapping[str, Path], results: Mapping[str, Any]) -> float:
@@ -475,288 +442,3 @@ def _wall_time(source_dirs: Mapping[str, Path], results: Mapping[str, Any]) -> f
             continue
         total += float(m.get("wall_time_s") or 0.0)
     return total
-
-
-def _line(est: str, lr: str, r: dict[str, Any], start: dict[str, float]) -> str:
-    if r["end"] is None:
-        return f"lr {lr}: {t1.LABELS[est]} diverged"
-    e = r["end"]
-    return (
-        f"lr {lr}: val acc {100 * start['val_acc']:.2f} -> {100 * e['val_acc']:.2f}%, train loss "
-        f"{start['train_loss']:.3g} -> {e['train_loss']:.3g}"
-    )
-
-
-def _train_mode(r: dict[str, Any], c: dict[str, Any], src_last: dict[str, Any] | None) -> str:
-    """The trainer's own last-epoch training loss (train-mode batch norm) of a
-    continuation and its control, beside the source's: shows how much of an eval-mode
-    change comes from the batch-norm running statistics."""
-
-    def last(rec: dict[str, Any]) -> str:
-        h = rec.get("history") or []
-        v = h[-1].get("train_loss") if h else None
-        return "–" if v is None else f"{float(v):.3g}"
-
-    if not r.get("history") or src_last is None or src_last.get("train_loss") is None:
-        return ""
-    return (
-        f" [train-mode loss of the last epoch: {float(src_last['train_loss']):.3g} at the "
-        f"source -> {last(r)}, control {last(c)}]"
-    )
-
-
-def _claims(
-    results: dict[str, Any],
-    starts: dict[str, Any],
-    srcs: tuple[str, ...],
-    widths: tuple[int, ...],
-    p: t1.Protocol,
-    n_ep: int,
-    base: str,
-    last_rows: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
-    """One claim per (source, continuing STE, bit width)."""
-    claims = []
-    for s in srcs:
-        for est in CONTINUE[p.net][s]:
-            if est == CONTROL[s]:
-                continue
-            for b in widths:
-                case = _case(s, b)
-                per_lr = results[case]
-                shows = [
-                    lr
-                    for lr, runs in per_lr.items()
-                    if (runs[est].get("effect") or {}).get("shows")
-                ]
-                verdict = verdict_for(shows, base)
-                ev = []
-                for lr, runs in per_lr.items():
-                    r, c = runs[est], runs[CONTROL[s]]
-                    eff = r.get("effect") or {}
-                    ctrl = (
-                        "diverged" if c["end"] is None
-                        else f"{100 * c['end']['val_acc']:.2f}%, {c['end']['train_loss']:.3g}"
-                    )  # fmt: skip
-                    cmp = (
-                        f"; {eff['acc_below_control_pts']:.2f} pts below it, loss "
-                        f"×{eff['loss_over_control']:.2f}"
-                        if eff
-                        else ""
-                    )
-                    ev.append(
-                        _line(est, lr, r, starts[case])
-                        + f" (control {ctrl}{cmp})"
-                        + _train_mode(r, c, last_rows[case] if last_rows else None)
-                    )
-                where = (
-                    f"shows at lr {', '.join(shows)}"
-                    if shows
-                    else "shows at none of the learning rates"
-                )
-                claims.append(
-                    {
-                        "id": f"{est}-leaves-{s}-a{b}",
-                        "text": f"started at the {b}-bit {t1.LABELS[s]} solution "
-                        f"({t1.NET_LABELS[p.net]}), training with the {t1.LABELS[est]} STE at a "
-                        f"tiny learning rate moves away from it (training loss up, accuracy "
-                        f"down) within {n_ep} epochs, while the {t1.LABELS[CONTROL[s]]} STE "
-                        "stays",
-                        "verdict": verdict,
-                        "evidence": f"the effect (> {_ACC_DROP:g} pts below the control's "
-                        f"validation accuracy and > {_LOSS_RATIO:g}× its training loss) "
-                        f"{where} (tried {', '.join(per_lr)}; paper-scaled {base}): "
-                        + "; ".join(ev),
-                    }
-                )
-    return claims
-
-
-def _plot(
-    results: dict[str, Any],
-    starts: dict[str, Any],
-    source: str,
-    widths: tuple[int, ...],
-    rates: tuple[float, ...],
-    p: t1.Protocol,
-    path: Path,
-    dpi: int,
-) -> Path:
-    """One row per learning rate; per bit width a training-loss and an accuracy panel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ...plots import save_figure
-
-    ncol = 2 * len(widths)
-    fig, axes = plt.subplots(
-        len(rates), ncol, figsize=(5.2 * ncol, 3.0 * len(rates)), squeeze=False
-    )
-    panels = (("train_loss", "training loss", 1.0), ("val_acc", "val. accuracy (%)", 100.0))
-    for i, lr_f in enumerate(rates):
-        lr = f"{lr_f:g}"
-        for k, b in enumerate(widths):
-            case = _case(source, b)
-            runs = results[case][lr]
-            start = starts[case]  # the source's last epoch (as the trainer logged it)
-            for j, (key, label, scale) in enumerate(panels):
-                ax = axes[i][2 * k + j]
-                for est, r in runs.items():
-                    pts = [(0, start.get(key))] + [(w["epoch"], w.get(key)) for w in r["history"]]
-                    xs = [x for x, v in pts if v is not None]
-                    ys = [scale * float(v) for _, v in pts if v is not None]
-                    ctrl = est == CONTROL[source]
-                    ax.plot(
-                        xs, ys, color=t1.COLORS[est], lw=1.6, ls="--" if ctrl else "-",
-                        marker="o", ms=3, label=t1.LABELS[est] + (" (control)" if ctrl else ""),
-                    )  # fmt: skip
-                ax.set_title(f"{b}-bit, lr {lr}: {label}", fontsize=10)
-                ax.grid(alpha=0.3)
-                if key == "train_loss":
-                    ax.set_yscale("log")
-                if i == len(rates) - 1:
-                    ax.set_xlabel("continuation epoch")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(
-        f"[Y19] instability, {t1.NET_LABELS[p.net]} on {t1.DATA_LABELS.get(p.data, p.data)}"
-        + (f" ({p.limit} rows)" if p.limit else "")
-        + ": "
-        f"continuing the {t1.LABELS[source]} solution with other STEs at constant learning "
-        "rates\n(epoch 0: the source's last training epoch; dashed: the control)",
-        y=1.0,
-        fontsize=11,
-    )
-    fig.tight_layout()
-    out = save_figure(fig, path, dpi=dpi)
-    plt.close(fig)
-    return out
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600} h {s % 3600 // 60:02d} min" if s >= 3600 else f"{s // 60} min {s % 60} s"
-
-
-def _report_md(
-    res: dict[str, Any], claims: list[dict[str, Any]], figs: dict[str, str], p: t1.Protocol
-) -> str:
-    mode = "quick" if res["quick"] else "full"
-    net = t1.NET_LABELS[p.net]
-    data = res["data_label"] + (f", a seeded subset of {p.limit} training rows" if p.limit else "")
-    fl_ep = p.float_epochs if p.float_epochs is not None else p.epochs
-    L = [
-        f"# [Y19] instability of the identity and ReLU STEs: {net} ({mode})",
-        "",
-        f"{net} with {' and '.join(map(str, res['bits']))}-bit activations on **{data}** "
-        f"({res['rows']['train']} training, {res['rows']['val']} validation rows). "
-        f"Protocol of the source cells: float (ReLU) pre-training {fl_ep} epochs, then each "
-        f"quantized cell {p.epochs} epochs from it; SGD, momentum {p.momentum}, batch "
-        f"{p.batch_size}, lr {p.lr:g} ×{p.gamma:g} after epochs "
-        f"{', '.join(str(m) for m in p.milestones if m < p.epochs)} (final lr "
-        f"{final_lr(p):g}), weight decay {p.weight_decay:g}, augmentation {p.augment}. Sources: "
-        + "; ".join(f"{c} cell, {v['from']}" for c, v in res["sources"].items())
-        + f". Each continuation trains {res['epochs']} epochs at a constant learning rate "
-        f"(fresh momentum buffer) from the source's weights and batch-norm statistics. "
-        "Learning rates tried: "
-        + ", ".join(f"{x:g}" for x in res["lrs"])
-        + f"; the paper-scaled value is {res['paper_scaled_lr']:g} ({LR_SCALE:g}× the final lr, "
-        "as the paper's 1e-5 is for ResNet-20's 1e-2 × 0.1²).",
-        "",
-        "The curves show the trainer's per-epoch training loss (mean of the mini-batch "
-        "losses, train-mode batch norm) and validation accuracy; epoch 0 is the source's "
-        "last training epoch. The start → end numbers below are eval-mode losses on the "
-        "whole training split and validation accuracies. The verdicts compare the "
-        "end-of-continuation models, both evaluated in eval mode, with the control (the "
-        "source's own STE at the same lr, which shows the drift SGD noise alone causes): "
-        f"the effect shows when the continuation ends more than {_ACC_DROP:g} point(s) of "
-        f"validation accuracy below the control and with more than {_LOSS_RATIO:g}× its "
-        "training loss; reproduced if it shows at the paper-scaled lr, partly if only at "
-        "larger ones, not if at none.",
-        "",
-    ]
-    for s, f in figs.items():
-        L += [f"![continuations from the {t1.LABELS[s]} solution]({f})", ""]
-    L += ["## Claims", ""]
-    for c in claims:
-        L.append(f"- **{c['verdict']}**: {c['text']}. {c['evidence']}.")
-    L += ["", f"Wall time: {_hms(res.get('wall_time_s') or 0.0)} (every run summed).", ""]
-    if p.net == "resnet20":
-        steps = -(-p.limit // p.batch_size) if p.limit else None
-        L += [
-            "## Departures from the paper",
-            "",
-            "The paper: ResNet-20 on CIFAR-10 (50000 rows, 391 SGD steps per epoch), 200-epoch "
-            "Table-2 schedule, the 4-bit clipped-ReLU cell at 91.24% falls to about 47-50% "
-            "within 20 epochs of the identity STE at lr 1e-5. Here, to fit a CPU budget: "
-            f"{res['data_label']} instead of CIFAR-10"
-            + (
-                " (28×28 grey images used as they are; the network is fully convolutional "
-                "with a global average pool, so it takes them without padding to 32×32)"
-                if p.data in ("fashion-mnist", "mnist")
-                else ""
-            )
-            + (f"; {p.limit} training rows" if p.limit else "")
-            + f"; the schedule compressed to {fl_ep} + {p.epochs} epochs; "
-            f"{res['epochs']} continuation epochs instead of 20"
-            + (f" ({steps * res['epochs']} SGD steps against 20 × 391 = 7820)" if steps else "")
-            + ". So the paper's lr × steps is reached only at about "
-            + (f"{7820 / (steps * res['epochs']):.0f}×" if steps else "a larger multiple of")
-            + f" its lr (the largest rate tried is {max(res['lrs']) / res['paper_scaled_lr']:.0f}× "
-            "it). The source solutions are far from converged compared with the paper's "
-            "(training loss about 0.04 there); a verdict here is about this size, not a "
-            "refutation.",
-        ]
-    else:
-        L += [
-            "The paper's setting is a 4-bit ResNet-20 on CIFAR-10 (91.24% → about 47-50% in 20 "
-            "epochs at lr 1e-5). LeNet-5 is far shallower, and on digits it fits the training "
-            "set almost exactly, so the coarse gradients at the source are tiny; where the "
-            "effect does not show here, that is a statement about this scale, not a refutation.",
-        ]
-    return "\n".join(L) + "\n"
-
-
-def write_docs(
-    out_dir: Path,
-    docs_dir: Path = Path("docs/yin2019_instability"),
-    *,
-    shown_out_dir: str | None = None,
-) -> Path:
-    """Copy a finished run's report and figures into ``docs_dir`` (atomically), with a
-    section on how it was produced (``shown_out_dir``: the output folder named in that
-    command, default ``out_dir``). Returns the report's path."""
-    from ...io import atomic_write_bytes
-
-    out_dir, docs_dir = Path(out_dir), Path(docs_dir)
-    report = out_dir / "report.md"
-    try:
-        res = json.loads((out_dir / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        res = None
-    if res is None or not report.is_file():
-        raise ConfigError(
-            f"out_dir={str(out_dir)!r} has no finished report (report.md and results.json); "
-            "run stelab.experiments.yin2019.instability.run(out_dir) to the end first"
-        )
-    srcs = sorted({k.rsplit("-a", 1)[0] for k in res["sources"]})
-    for s in srcs:
-        png = out_dir / f"instability_from_{s}.png"
-        atomic_write_bytes(docs_dir / png.name, png.read_bytes())
-    shown = str(out_dir) if shown_out_dir is None else str(shown_out_dir)
-    args = f"'{shown}'" + (", quick=True" if res.get("quick") else "")
-    args += f", seed={res['seed']}" if res.get("seed") else ""
-    args += f", net='{res['net']}'" if res.get("net", "resnet20") != "resnet20" else ""
-    text = report.read_text(encoding="utf-8") + (
-        "\n## How this was produced\n\n"
-        "```\n"
-        'OMP_NUM_THREADS=1 python -c "from stelab.experiments.yin2019.instability import run; '
-        f'run({args}, threads=1)"\n'
-        "```\n\n"
-        "Every source cell and continuation is a resumable run directory under "
-        f"`{shown}/runs*/`: rerunning the command reuses finished runs and resumes "
-        "an interrupted one. Regenerate this page with "
-        "`yin2019.instability.write_docs(out_dir, 'docs/yin2019_instability')`.\n"
-    )
-    return atomic_write_text(docs_dir / "report.md", text)
