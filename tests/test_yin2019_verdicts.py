@@ -30,7 +30,7 @@ def test_thresholds_are_the_documented_ones() -> None:
     assert (sc.SLOPE_MAX, sc.BLOWUP_FACTOR, sc.B_PARTLY_MIN) == (-0.8, 1e3, 3)
     assert sc.P_DECREASE_MIN == 0.95
     assert tc.ABS_TOL_PTS == 0.5
-    assert (ic.ACC_DROP, ic.LOSS_RATIO) == (1.0, 1.5)
+    assert (ic.ACC_DROP, ic.LOSS_RATIO, ic.LOSS_FLOOR) == (1.0, 1.5, 1e-12)
 
 
 # --------------------------------------------------------------------------- synthetic (a)
@@ -341,6 +341,11 @@ def test_effect_just_around_both_thresholds() -> None:
     assert ic.effect({"val_acc": 0.5 - drop * UP, "train_loss": ic.LOSS_RATIO * UP}, ctrl)["shows"]
     for acc, loss in [(0.5 - drop * DOWN, ic.LOSS_RATIO * UP), (0.5 - drop * UP, ic.LOSS_RATIO)]:
         assert not ic.effect({"val_acc": acc, "train_loss": loss}, ctrl)["shows"]
+
+
+def test_effect_floors_the_controls_loss() -> None:
+    e = ic.effect({"val_acc": 0.0, "train_loss": 1.0}, {"val_acc": 0.5, "train_loss": 0.0})
+    assert e["loss_over_control"] == 1.0 / ic.LOSS_FLOOR and e["shows"]
 
 
 def _results(shows_at: dict[str, bool]) -> dict:

@@ -24,6 +24,7 @@ __all__ = [
     "ACC_DROP",
     "CONTINUE",
     "CONTROL",
+    "LOSS_FLOOR",
     "LOSS_RATIO",
     "claims_for",
     "effect",
@@ -36,6 +37,8 @@ __all__ = [
 ACC_DROP = 1.0
 #: ... and its training loss more than this many times the control's
 LOSS_RATIO = 1.5
+#: the control's training loss is floored at this in the ratio (a control at loss 0)
+LOSS_FLOOR = 1e-12
 
 #: the estimator each source solution was found with continues as the control
 CONTROL = {"clipped_relu": "clipped_relu", "relu": "relu"}
@@ -52,11 +55,11 @@ def effect(end: Mapping[str, float], control_end: Mapping[str, float]) -> dict[s
 
     With a = the continuation's end numbers and c = the control's (eval-mode):
     ``drop = 100·(c.val_acc − a.val_acc)`` points, ``ratio = a.train_loss / c.train_loss``
-    (the denominator floored at 1e-12); the effect *shows* iff ``drop > 1`` and
-    ``ratio > 1.5`` (both strict).
+    (the denominator floored at ``LOSS_FLOOR``); the effect *shows* iff
+    ``drop > ACC_DROP`` and ``ratio > LOSS_RATIO`` (both strict).
     """
     drop = 100 * (float(control_end["val_acc"]) - float(end["val_acc"]))
-    ratio = float(end["train_loss"]) / max(float(control_end["train_loss"]), 1e-12)
+    ratio = float(end["train_loss"]) / max(float(control_end["train_loss"]), LOSS_FLOOR)
     return {
         "acc_below_control_pts": drop,
         "loss_over_control": ratio,

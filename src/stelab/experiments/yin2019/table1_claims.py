@@ -115,7 +115,8 @@ def within_published(ours: float, published: float) -> bool:
 
 
 def claims_for(p: Protocol, table: Mapping[str, Any]) -> list[Claim]:
-    """The Table-1 claims with verdicts from the cells of ``table`` (see :func:`run_table`)."""
+    """The Table-1 claims with verdicts from the cells of ``table``
+    (:func:`.table1.run_table`)."""
     cells = table["cells"]
     num = {k: cell_numbers(v) for k, v in cells.items()}
     net = NET_LABELS[p.net]
