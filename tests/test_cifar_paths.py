@@ -25,8 +25,8 @@ import torch
 from stelab import data
 from stelab.data.files import RemoteFile, Resource
 from stelab.errors import ConfigError
-from stelab.experiments import yin2019_table1_cifar as y19c
 from stelab.experiments.psa2020 import training as psa
+from stelab.experiments.yin2019 import table1_cifar as y19c
 
 PER_BATCH, N_TEST, VAL = 8, 10, 10  # 40 training records, 30 after the validation carve-out
 
@@ -110,7 +110,7 @@ def test_yin2019_cifar_rows_run_end_to_end(cifar_root: Path, tmp_path: Path) -> 
         },  # fmt: skip
         net_overrides={"vgg11": {"width": 0.125}, "resnet20": {"width": 4}},
     )
-    assert "skipped" not in r
+    assert r.skipped is None
     report = (out / "report.md").read_text()
     for net, label in (("vgg11", "VGG-11"), ("resnet20", "ResNet-20")):
         assert f"# [Y19] Table 1: the three STEs on {label} (full)" in report
@@ -129,7 +129,10 @@ def test_yin2019_cifar_rows_run_end_to_end(cifar_root: Path, tmp_path: Path) -> 
             log = (d / "train.log").read_text()
             assert f"({5 * PER_BATCH - VAL} train / {VAL} val / {N_TEST} test)" in log
         assert len(y19c.t1.read_history(dirs[-1])) == 1
-    ids = {c["id"] for c in r["claims"]}
+    ids = {c.id for c in r.claims}
+    assert json.loads((out / "results.json").read_text())["claims"] == [
+        c.to_dict() for c in r.claims
+    ]
     # CIFAR-10 without a row limit: the absolute comparison with the paper is made too
     assert ids == {f"{n} {c}" for n in ("vgg11", "resnet20") for c in ("ste-order", "absolute")}
     # the section on running it for real: the exact command and the estimated GPU time
@@ -144,11 +147,11 @@ def test_yin2019_cifar_part_is_skipped_without_cifar(tmp_path, monkeypatch) -> N
     monkeypatch.setenv("STELAB_DATA", str(tmp_path / "empty"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     r = y19c.run(tmp_path / "out", progress=False)
-    if "skipped" not in r:  # CIFAR-10 found in a system directory of this machine
+    if r.skipped is None:  # CIFAR-10 found in a system directory of this machine
         pytest.fail("CIFAR-10 unexpectedly found; the skip path was not exercised")
-    assert r["claims"] == [] and "CIFAR-10 is not available" in r["skipped"]
-    assert "d.download('cifar10')" in r["skipped"]
-    assert y19c.run(tmp_path / "out", quick=True)["skipped"].startswith("quick mode")
+    assert r.claims == [] and "CIFAR-10 is not available" in r.skipped
+    assert "d.download('cifar10')" in r.skipped
+    assert y19c.run(tmp_path / "out", quick=True).skipped.startswith("quick mode")
 
 
 def test_gpu_estimate_matches_the_stated_arithmetic() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from stelab.experiments import reproduce as rp
+from stelab.experiments.spine import Claim, PartResult
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fake_part  # noqa: E402
@@ -59,9 +60,9 @@ def test_unknown_paper_and_unwritable_output(tmp_path, fake_registry):
 def test_cifar_part_is_skipped_with_its_reason_and_tried_again(
     tmp_path, fake_registry, monkeypatch
 ):
-    from stelab.experiments import yin2019_table1_cifar as cifar
+    from stelab.experiments.yin2019 import table1_cifar as cifar
 
-    fake_registry["yin2019"]["parts"]["table1-cifar10"] = "yin2019_table1_cifar"
+    fake_registry["yin2019"]["parts"]["table1-cifar10"] = "stelab.experiments.yin2019.table1_cifar"
     # no CIFAR-10 anywhere: an empty data folder and cache, no system copy
     monkeypatch.setenv("STELAB_DATA", str(tmp_path / "no-data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "no-cache"))
@@ -82,7 +83,7 @@ def test_cifar_part_is_skipped_with_its_reason_and_tried_again(
 
 
 def test_cifar_part_runs_both_nets_when_cifar10_is_present(tmp_path, monkeypatch):
-    from stelab.experiments import yin2019_table1_cifar as cifar
+    from stelab.experiments.yin2019 import table1_cifar as cifar
 
     monkeypatch.setattr(cifar.t1, "pick_data", lambda net, **kw: ("cifar10", "found"))
     seen = []
@@ -91,13 +92,13 @@ def test_cifar_part_runs_both_nets_when_cifar10_is_present(tmp_path, monkeypatch
         seen.append((net, quick, seed))
         out_dir.mkdir(parents=True)
         (out_dir / "report.md").write_text(f"# {net}\n\n![curves](table1_curves.png)\n")
-        claim = {"id": "ste-order", "text": "t", "verdict": "partly", "evidence": net}
-        return {"claims": [claim], "report": str(out_dir / "report.md")}
+        claim = Claim(id="ste-order", text="t", verdict="partly", evidence=net)
+        return PartResult(name=net, claims=[claim], out_dir=out_dir)
 
     monkeypatch.setattr(cifar.t1, "run", fake_run)
     r = cifar.run(tmp_path, quick=False, seed=5, progress=False)
     assert seen == [("vgg11", False, 5), ("resnet20", False, 5)]
-    assert [c["id"] for c in r["claims"]] == ["vgg11 ste-order", "resnet20 ste-order"]
+    assert [c.id for c in r.claims] == ["vgg11 ste-order", "resnet20 ste-order"]
     md = (tmp_path / "report.md").read_text()
     assert "](vgg11/table1_curves.png)" in md and "](resnet20/table1_curves.png)" in md
 

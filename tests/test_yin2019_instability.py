@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from stelab.errors import ConfigError
-from stelab.experiments import yin2019_instability as y19i
-from stelab.experiments import yin2019_table1 as t1
+from stelab.experiments.yin2019 import instability as y19i
+from stelab.experiments.yin2019 import instability_report as y19ir
+from stelab.experiments.yin2019 import table1 as t1
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest
 
@@ -117,19 +118,20 @@ def test_resnet20_quick_path_end_to_end(tmp_path: Path) -> None:
     assert eff == y19i.effect(per["ste"]["end"], per["clipped_relu"]["end"])
     # lr 1e-3 is the base here (lr 0.01 without drops: final lr 0.01, ×0.1)
     assert res["paper_scaled_lr"] == pytest.approx(1e-3)
-    [claim] = r["claims"]
-    assert claim["id"] == "ste-leaves-clipped_relu-a4"
-    assert claim["verdict"] == ("reproduced" if eff["shows"] else "not")
+    [claim] = r.claims
+    assert claim.id == "ste-leaves-clipped_relu-a4"
+    assert claim.verdict == ("reproduced" if eff["shows"] else "not")
+    assert res["claims"] == [claim.to_dict()]
     report = (out / "report.md").read_text()
     assert "ResNet-20 (quick)" in report and "## Departures from the paper" in report
     assert "(instability_from_clipped_relu.png)" in report
     assert (out / "instability_from_clipped_relu.png").read_bytes()[:4] == b"\x89PNG"
     assert res["wall_time_s"] > 0
-    md = y19i.write_docs(out, tmp_path / "docs")
+    md = y19ir.write_docs(out, tmp_path / "docs")
     assert (tmp_path / "docs" / "instability_from_clipped_relu.png").is_file()
     body = md.read_text()
     assert body.startswith(report) and "## How this was produced" in body and "quick=True" in body
     with pytest.raises(ConfigError, match="out_dir"):
-        y19i.write_docs(tmp_path / "nothing", tmp_path / "docs2")
+        y19ir.write_docs(tmp_path / "nothing", tmp_path / "docs2")
     with pytest.raises(ConfigError, match="source"):
         y19i.run(out, sources=("identity",), **kw)

@@ -17,13 +17,15 @@ it): 1.2-2.3 h for VGG-11 and about 0.9 h for ResNet-20 (:func:`gpu_estimate_hou
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, unknown
-from ..io import atomic_write_text
-from . import yin2019_table1 as t1
+from ...errors import DataError, unknown
+from ..spine import Claim, PartResult, skipped, write_part
+from . import table1 as t1
 
 NAME = "yin2019-table1-cifar10"
 NETS = ("vgg11", "resnet20")
@@ -104,20 +106,21 @@ def run(
     threads: int | None = None,
     overrides: Mapping[str, Any] | None = None,
     net_overrides: Mapping[str, Mapping[str, Any]] | None = None,
-) -> dict:
+) -> PartResult:
     """Run [Y19] Table 1 for VGG-11 and ResNet-20 on CIFAR-10 into ``out_dir/<net>``.
 
-    ``overrides``: :class:`~stelab.experiments.yin2019_table1.Protocol` fields for both
+    ``overrides``: :class:`~stelab.experiments.yin2019.table1.Protocol` fields for both
     nets (``epochs``, ``limit``, ``data_dir``, ...; tests run a tiny table);
     ``net_overrides``: more fields per net (``{"vgg11": {"width": 0.125}}``).
-    Returns ``{"claims", "notes", ...}``, or ``{"claims": [], "skipped": reason}`` in
+    Returns the :class:`~stelab.experiments.spine.PartResult` (each claim's id prefixed
+    with its net; ``results.json`` names each net's own results), or a skipped one in
     quick mode (bundled data only) or when CIFAR-10 is not found.
     """
+    t0 = time.perf_counter()
     if quick:
-        return {
-            "claims": [],
-            "skipped": "quick mode uses only bundled data; VGG-11 and ResNet-20 need CIFAR-10",
-        }
+        return skipped(
+            NAME, "quick mode uses only bundled data; VGG-11 and ResNet-20 need CIFAR-10"
+        )
     ov = dict(overrides or {})
     per_net = dict(net_overrides or {})
     for k in per_net:
@@ -126,9 +129,10 @@ def run(
     try:
         t1.pick_data("vgg11", data_dir=ov.get("data_dir"))
     except DataError as e:
-        return {"claims": [], "skipped": f"CIFAR-10 is not available: {e}"}
+        return skipped(NAME, f"CIFAR-10 is not available: {e}")
     out_dir = Path(out_dir)
-    claims: list[dict[str, Any]] = []
+    claims: list[Claim] = []
+    results: dict[str, str] = {}
     sections = []
     figures = []
     for net in NETS:
@@ -141,17 +145,21 @@ def run(
             threads=threads,
             overrides={**ov, **dict(per_net.get(net) or {})},
         )
-        claims += [{**c, "id": f"{net} {c['id']}"} for c in r["claims"]]
-        figures += list(r.get("figures") or [])
-        text = Path(r["report"]).read_text(encoding="utf-8")
+        claims += [dataclasses.replace(c, id=f"{net} {c.id}") for c in r.claims]
+        figures += list(r.figures)
+        sub = Path(r.out_dir if r.out_dir is not None else out_dir / net)
+        results[net] = str(sub / "results.json")
+        text = (sub / "report.md").read_text(encoding="utf-8")
         # point the sub-report's images at its folder
         sections.append(text.replace("](table1_curves.png)", f"]({net}/table1_curves.png)"))
     sections.append(_how_to_run())
-    atomic_write_text(out_dir / "report.md", "\n\n".join(sections))
-    return {
-        "name": NAME,
-        "claims": claims,
-        "figures": figures,
-        "report": str(out_dir / "report.md"),
-        "notes": "",
-    }
+    return write_part(
+        out_dir,
+        name=NAME,
+        claims=claims,
+        results={"name": NAME, "quick": False, "seed": seed, "nets": results},
+        report="\n\n".join(sections),
+        figures=figures,
+        started=t0,
+        extra={"notes": ""},
+    )

@@ -1,0 +1,378 @@
+"""[Y19] verdict rules, each pinned at and just around its thresholds.
+
+Every rule is a pure function of plain numbers (``yin2019.synthetic_claims``,
+``table1_claims``, ``instability_claims``). "Just around" a threshold t is t·(1 ∓ 1e-9)
+where floating point resolves it, else the neighbouring float (``math.nextafter``);
+the values "at" a threshold are built so that the compared quantity equals the constant
+exactly (differences taken from 0, products of exact powers of two).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stelab.errors import ConfigError
+from stelab.experiments.yin2019 import instability_claims as ic
+from stelab.experiments.yin2019 import synthetic_claims as sc
+from stelab.experiments.yin2019 import table1_claims as tc
+from stelab.experiments.yin2019.table1 import Protocol
+
+UP, DOWN = 1 + 1e-9, 1 - 1e-9
+
+
+def test_thresholds_are_the_documented_ones() -> None:
+    # docs/papers/yin2019.md §5 states these numbers; a change must change the docs too
+    assert (sc.TOL_THETA, sc.TOL_LOSS, sc.TOL_SETTLE) == (1e-2, 1e-4, 1e-9)
+    assert (sc.W_COLLAPSE, sc.TOL_MONO, sc.TOL_COS) == (0.05, 1e-12, -1e-6)
+    assert (sc.NORM_RTOL, sc.ZERO_NORM, sc.LEAVE_MARGIN) == (1e-10, 1e-12, 1e-3)
+    assert (sc.SLOPE_MAX, sc.BLOWUP_FACTOR, sc.B_PARTLY_MIN) == (-0.8, 1e3, 3)
+    assert sc.P_DECREASE_MIN == 0.95
+    assert tc.ABS_TOL_PTS == 0.5
+    assert (ic.ACC_DROP, ic.LOSS_RATIO, ic.LOSS_FLOOR) == (1.0, 1.5, 1e-12)
+
+
+# --------------------------------------------------------------------------- synthetic (a)
+
+
+@pytest.mark.parametrize(
+    ("theta", "loss", "rise", "f_sp", "expected"),
+    [
+        (0.0, 0.0, sc.TOL_SETTLE * UP, 0.0, "oscillating"),  # rise just above: oscillating
+        (0.0, 0.0, sc.TOL_SETTLE, 0.0, "global"),  # rise at the threshold: settled
+        (sc.TOL_THETA * DOWN, sc.TOL_LOSS * DOWN, 0.0, 1.0, "global"),
+        (sc.TOL_THETA, sc.TOL_LOSS * DOWN, 0.0, 1.0, "other"),  # theta at the bound
+        (sc.TOL_THETA * DOWN, sc.TOL_LOSS, 0.0, 1.0, "other"),  # loss at the bound
+        (math.nextafter(math.pi - sc.TOL_THETA, 4.0), 0.0, 0.0, 0.0, "spurious"),
+        (math.pi - sc.TOL_THETA, 0.0, 0.0, 0.0, "other"),  # theta at pi - tol: not > it
+        (math.pi, sc.TOL_LOSS * DOWN, 0.0, 0.0, "spurious"),  # |f - f_sp| just inside
+        (math.pi, sc.TOL_LOSS, 0.0, 0.0, "other"),  # |f - f_sp| at the bound
+        (1.0, 0.3, 0.0, 0.2, "other"),  # still moving
+    ],
+)
+def test_outcome(theta: float, loss: float, rise: float, f_sp: float, expected: str) -> None:
+    assert sc.outcome(theta, loss, rise, f_sp) == expected
+
+
+@pytest.mark.parametrize(
+    ("rule", "tol", "below", "at", "above"),
+    [
+        (sc.monotone, sc.TOL_MONO, True, True, False),  # increase <= 1e-12
+        (sc.collapsed, sc.W_COLLAPSE, True, False, False),  # min |w| < 0.05
+        (sc.vanishes, sc.ZERO_NORM, True, False, False),  # |E g| < 1e-12
+    ],
+)
+def test_one_sided_rules_at_their_threshold(rule, tol, below, at, above) -> None:
+    assert (rule(tol * DOWN), rule(tol), rule(tol * UP)) == (below, at, above)
+
+
+def test_cos_nonneg_at_its_negative_threshold() -> None:
+    assert sc.cos_nonneg(sc.TOL_COS * DOWN)  # -1e-6·(1-1e-9) > -1e-6
+    assert sc.cos_nonneg(sc.TOL_COS)
+    assert not sc.cos_nonneg(sc.TOL_COS * UP)  # more negative
+
+
+@pytest.mark.parametrize(
+    ("flags", "verdict"),
+    [
+        ((1, 1, 1, 1, 1), "reproduced"),
+        ((0, 1, 1, 1, 1), "partly"),  # f rose only where |w| collapsed
+        ((1, 1, 1, 1, 0), "partly"),  # a basin run missed the global minimum
+        ((0, 1, 1, 1, 0), "partly"),
+        ((0, 0, 1, 1, 1), "not"),  # f rose with |w| away from 0
+        ((1, 1, 0, 1, 1), "not"),  # negative correlation somewhere
+        ((1, 1, 1, 0, 1), "not"),  # a run not at a critical point
+    ],
+)
+def test_verdict_a(flags: tuple[int, ...], verdict: str) -> None:
+    mono, regular, cos, crit, basin = map(bool, flags)
+    got = sc.verdict_a(
+        monotone=mono,
+        monotone_while_w_away=regular,
+        cos_nonneg=cos,
+        at_critical_point=crit,
+        basin_all_global=basin,
+    )
+    assert got == verdict
+
+
+# --------------------------------------------------------------------------- synthetic (b)
+
+
+def test_norm_matches_formula_at_its_tolerance() -> None:
+    f = sc.NORM_RTOL  # formula < 1: the tolerance is absolute, NORM_RTOL
+    at = 2 * sc.NORM_RTOL
+    assert at - f == sc.NORM_RTOL  # exactly at the tolerance
+    assert sc.norm_matches_formula(at, f)
+    assert sc.norm_matches_formula(math.nextafter(at, 0.0), f)
+    assert not sc.norm_matches_formula(math.nextafter(at, 1.0), f)
+    # above 1 the tolerance is relative: 3·(1 + 1e-10·(1 ∓ 1e-3))
+    assert sc.norm_matches_formula(3.0 * (1 + sc.NORM_RTOL * (1 - 1e-3)), 3.0)
+    assert not sc.norm_matches_formula(3.0 * (1 + sc.NORM_RTOL * (1 + 1e-3)), 3.0)
+    assert not sc.norm_matches_formula(0.0, 0.0)  # the formula must be > 0
+
+
+@pytest.mark.parametrize(
+    ("tail", "theta", "settled"),
+    [
+        (sc.TOL_LOSS * DOWN, math.pi, True),
+        (sc.TOL_LOSS, math.pi, False),  # |mean - f_sp| at the bound
+        (-sc.TOL_LOSS * DOWN, math.pi, True),  # from below too
+        (0.0, math.nextafter(math.pi - sc.TOL_THETA, 4.0), True),
+        (0.0, math.pi - sc.TOL_THETA, False),  # theta at pi - tol
+    ],
+)
+def test_settles(tail: float, theta: float, settled: bool) -> None:
+    assert sc.settles(tail, theta, 0.0) is settled
+
+
+@pytest.mark.parametrize(
+    ("tail", "max_loss", "left"),
+    [
+        (sc.LEAVE_MARGIN * UP, 2.0, True),
+        (sc.LEAVE_MARGIN, 2.0, False),  # mean exactly LEAVE_MARGIN above f_sp
+        (sc.LEAVE_MARGIN * UP, 1.0, False),  # the loss never rose above its start
+    ],
+)
+def test_leaves(tail: float, max_loss: float, left: bool) -> None:
+    assert sc.leaves(tail, max_loss, 1.0, 0.0) is left
+
+
+@pytest.mark.parametrize(
+    ("slope", "near", "blows_up"),
+    [
+        (sc.SLOPE_MAX * UP, sc.BLOWUP_FACTOR * UP, True),  # slope just below -0.8
+        (sc.SLOPE_MAX, sc.BLOWUP_FACTOR * UP, False),  # slope at the bound
+        (sc.SLOPE_MAX * DOWN, sc.BLOWUP_FACTOR * UP, False),  # just above it
+        (sc.SLOPE_MAX * UP, sc.BLOWUP_FACTOR, False),  # growth exactly 1000×
+        (sc.SLOPE_MAX * UP, sc.BLOWUP_FACTOR * DOWN, False),
+    ],
+)
+def test_ratio_blows_up(slope: float, near: float, blows_up: bool) -> None:
+    assert sc.ratio_blows_up(slope, near, 1.0) is blows_up
+
+
+@pytest.mark.parametrize(
+    ("n_true", "verdict"), [(5, "reproduced"), (4, "partly"), (3, "partly"), (2, "not"), (0, "not")]
+)
+def test_verdict_b_counts_its_five_checks(n_true: int, verdict: str) -> None:
+    assert sc.verdict_b([True] * n_true + [False] * (5 - n_true)) == verdict
+    assert sc.verdict_b([False] * (5 - n_true) + [True] * n_true) == verdict  # order-free
+
+
+def test_verdict_b_needs_five_checks() -> None:
+    with pytest.raises(ValueError, match="5"):
+        sc.verdict_b([True] * 4)
+
+
+# --------------------------------------------------------------------------- synthetic (c)
+
+
+@pytest.mark.parametrize(
+    ("p_small", "p_large", "grows"),
+    [
+        (0.5, sc.P_DECREASE_MIN, True),  # at the bound: >= 0.95
+        (0.5, sc.P_DECREASE_MIN * DOWN, False),
+        (0.5, sc.P_DECREASE_MIN * UP, True),
+        (1.0, 1.0, False),  # no growth
+        (0.99, 0.98, False),
+    ],
+)
+def test_p_decrease_grows(p_small: float, p_large: float, grows: bool) -> None:
+    assert sc.p_decrease_grows(p_small, p_large) is grows
+
+
+def test_coarser_for_small_batch_is_strict() -> None:
+    assert sc.coarser_for_small_batch(1e-3 * UP, 1e-3)
+    assert not sc.coarser_for_small_batch(1e-3, 1e-3)
+    assert not sc.coarser_for_small_batch(1e-3 * DOWN, 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("n_true", "n", "verdict"),
+    [
+        (9, 9, "reproduced"),
+        (8, 9, "partly"),
+        (5, 9, "partly"),  # 5 >= 4.5
+        (4, 9, "not"),
+        (2, 4, "partly"),  # exactly half counts
+        (1, 4, "not"),
+        (0, 9, "not"),
+    ],
+)
+def test_verdict_c_wins_at_least_half(n_true: int, n: int, verdict: str) -> None:
+    assert sc.verdict_c([True] * n_true + [False] * (n - n_true)) == verdict
+
+
+def test_small_lr_index_is_the_largest_lr_at_most_1e_2() -> None:
+    assert sc.small_lr_index([1e-5, 1e-3, 1e-2, 1e-1]) == 2
+    assert sc.small_lr_index([1e-5, 1e-2 * DOWN, 1e-2 * UP]) == 1
+
+
+# --------------------------------------------------------------------------- table1
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ((0.1, 90.0), (0.2, 80.0), (True, True)),
+        ((0.2, 90.0), (0.2, 80.0), (False, True)),  # equal loss is not lower
+        ((0.1, 80.0), (0.2, 80.0), (True, False)),  # equal accuracy is not higher
+        ((0.3, 70.0), (0.2, 80.0), (False, False)),
+        (None, (0.2, 80.0), (False, False)),  # a diverged cell loses
+        ((9.0, 10.0), None, (True, True)),  # ... to anything
+        (None, None, (False, False)),
+    ],
+)
+def test_better(a, b, expected) -> None:
+    assert tc.better(a, b) == expected
+
+
+@pytest.mark.parametrize(
+    ("hits", "total", "verdict"),
+    [(8, 8, "reproduced"), (7, 8, "partly"), (1, 8, "partly"), (0, 8, "not"), (1, 1, "reproduced")],
+)
+def test_verdict_count(hits: int, total: int, verdict: str) -> None:
+    assert tc.verdict_count(hits, total) == verdict
+
+
+@pytest.mark.parametrize(
+    ("hits", "total", "name"), [(0, 0, "total"), (3, 2, "hits"), (-1, 2, "hits")]
+)
+def test_verdict_count_rejects_impossible_counts(hits: int, total: int, name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        tc.verdict_count(hits, total)
+
+
+def test_within_published_is_strict_at_half_a_point() -> None:
+    assert 99.0 - 98.5 == tc.ABS_TOL_PTS  # exactly at the tolerance
+    assert not tc.within_published(99.0, 98.5)
+    assert not tc.within_published(98.0, 98.5)  # from below too
+    assert tc.within_published(98.5 + tc.ABS_TOL_PTS * DOWN, 98.5)
+    assert not tc.within_published(98.5 + tc.ABS_TOL_PTS * UP, 98.5)
+
+
+def _cell(loss: float | None, acc: float | None = None, val: float = 0.5) -> dict:
+    if loss is None:
+        return {"metrics": None}
+    return {"metrics": {"final_train_loss": loss, "test_acc": acc, "final_val_acc": val}}
+
+
+def test_cell_numbers_use_the_test_accuracy_then_the_validation_one() -> None:
+    assert tc.cell_numbers(_cell(0.1, 0.9, 0.5)) == (0.1, 90.0)
+    assert tc.cell_numbers(_cell(0.1, None, 0.5)) == (0.1, 50.0)
+    assert tc.cell_numbers(_cell(None)) is None and tc.cell_numbers(None) is None
+
+
+def _table(cells: dict[str, tuple[float, float] | None]) -> dict:
+    return {"cells": {k: _cell(*v) if v else _cell(None) for k, v in cells.items()}}
+
+
+GOOD = {  # ReLU / clipped ReLU beat identity, 4 bits beat 2 bits: every comparison holds
+    "a2-ste": (0.5, 0.80),
+    "a2-relu": (0.3, 0.85),
+    "a2-clipped_relu": (0.2, 0.86),
+    "a4-ste": (0.4, 0.82),
+    "a4-relu": (0.2, 0.87),
+    "a4-clipped_relu": (0.1, 0.88),
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "ste_order", "bits_order"),
+    [
+        ({}, "reproduced", "reproduced"),
+        ({"a2-ste": (0.25, 0.80)}, "partly", "partly"),  # identity's 2-bit loss beats ReLU's
+        ({"a4-ste": None}, "reproduced", "partly"),  # a diverged cell loses every comparison
+        (
+            {"a2-ste": (0.01, 0.99), "a4-ste": (0.01, 0.99)},
+            "not",
+            "partly",
+        ),  # identity beats both everywhere: no hit
+    ],
+)
+def test_claims_for_counts_comparisons(change: dict, ste_order: str, bits_order: str) -> None:
+    p = Protocol(net="lenet5", data="digits")
+    claims = {c.id: c for c in tc.claims_for(p, _table({**GOOD, **change}))}
+    assert set(claims) == {"ste-order", "bits-order"}  # LeNet-5 on digits: no more
+    assert (claims["ste-order"].verdict, claims["bits-order"].verdict) == (ste_order, bits_order)
+
+
+def test_claims_for_absolute_only_on_the_papers_data() -> None:
+    p = Protocol(net="lenet5", data="mnist")
+    pub = {k: tc.PUBLISHED[("lenet5", int(k[1]), k[3:])][1] for k in GOOD}
+    cells = {k: (0.1, (pub[k] + tc.ABS_TOL_PTS * DOWN) / 100) for k in GOOD}
+    claims = {c.id: c for c in tc.claims_for(p, _table(cells))}
+    assert claims["absolute"].verdict == "reproduced"
+    cells["a2-ste"] = (0.1, (pub["a2-ste"] + 1.0) / 100)
+    claims = {c.id: c for c in tc.claims_for(p, _table(cells))}
+    assert claims["absolute"].verdict == "partly"
+    limited = Protocol(net="lenet5", data="mnist", limit=100)
+    assert "absolute" not in {c.id for c in tc.claims_for(limited, _table(cells))}
+
+
+def test_claims_for_crelu_vs_relu_on_deep_nets() -> None:
+    p = Protocol(net="vgg11", data="digits")
+    ids = [c.id for c in tc.claims_for(p, _table(GOOD))]
+    assert ids == ["ste-order", "bits-order", "crelu-vs-relu"]
+    flipped = {**GOOD, "a2-clipped_relu": (0.4, 0.84), "a4-clipped_relu": (0.3, 0.86)}
+    claims = {c.id: c for c in tc.claims_for(p, _table(flipped))}
+    assert claims["crelu-vs-relu"].verdict == "not"
+
+
+# --------------------------------------------------------------------------- instability
+
+
+def test_effect_vs_control_of_a_diverged_run() -> None:
+    end, ctrl = {"val_acc": 0.5, "train_loss": 1.0}, {"val_acc": 0.9, "train_loss": 0.1}
+    assert ic.effect_vs_control(None, ctrl) == {
+        "acc_below_control_pts": math.inf,
+        "loss_over_control": math.inf,
+        "shows": True,
+    }
+    assert ic.effect_vs_control(end, None) is None  # nothing to compare with
+    assert ic.effect_vs_control(end, ctrl) == ic.effect(end, ctrl)
+
+
+def test_effect_just_around_both_thresholds() -> None:
+    ctrl = {"val_acc": 0.5, "train_loss": 1.0}
+    drop = ic.ACC_DROP / 100
+    assert ic.effect({"val_acc": 0.5 - drop * UP, "train_loss": ic.LOSS_RATIO * UP}, ctrl)["shows"]
+    for acc, loss in [(0.5 - drop * DOWN, ic.LOSS_RATIO * UP), (0.5 - drop * UP, ic.LOSS_RATIO)]:
+        assert not ic.effect({"val_acc": acc, "train_loss": loss}, ctrl)["shows"]
+
+
+def test_effect_floors_the_controls_loss() -> None:
+    e = ic.effect({"val_acc": 0.0, "train_loss": 1.0}, {"val_acc": 0.5, "train_loss": 0.0})
+    assert e["loss_over_control"] == 1.0 / ic.LOSS_FLOOR and e["shows"]
+
+
+def _results(shows_at: dict[str, bool]) -> dict:
+    end = {"val_acc": 0.8, "train_loss": 0.3}
+    runs = {}
+    for lr, shows in shows_at.items():
+        eff = {"acc_below_control_pts": 2.0, "loss_over_control": 2.0, "shows": shows}
+        runs[lr] = {
+            "ste": {"end": end, "history": [], "effect": eff},
+            "clipped_relu": {"end": end, "history": []},
+        }
+    return {"clipped_relu-a4": runs}
+
+
+@pytest.mark.parametrize(
+    ("shows_at", "verdict"),
+    [
+        ({"1e-05": True, "0.001": True}, "reproduced"),
+        ({"1e-05": True, "0.001": False}, "reproduced"),
+        ({"1e-05": False, "0.001": True}, "partly"),  # only a larger lr counts for partly
+        ({"1e-05": False, "0.001": False}, "not"),  # no hit
+    ],
+)
+def test_instability_claim_counts_the_paper_scaled_lr(shows_at: dict, verdict: str) -> None:
+    p = Protocol(net="resnet20", data="digits", bits=(4,))
+    start = {"clipped_relu-a4": {"val_acc": 0.9, "train_loss": 0.1}}
+    [claim] = ic.claims_for(_results(shows_at), start, ("clipped_relu",), (4,), p, 3, "1e-05")
+    assert claim.id == "ste-leaves-clipped_relu-a4" and claim.verdict == verdict
+    shown = [lr for lr, s in shows_at.items() if s]
+    assert (f"shows at lr {', '.join(shown)}" if shown else "shows at none") in claim.evidence
