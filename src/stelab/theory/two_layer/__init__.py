@@ -39,7 +39,41 @@ Conventions at the non-differentiable points (choice, documented and tested):
   gradients are written in forms that are regular at theta in {0, pi}).
 """
 
-from stelab.theory.two_layer import formulas
-from stelab.theory.two_layer.formulas import *  # noqa: F403
+from stelab.theory.two_layer.dynamics import (
+    CriticalPoint,
+    CriticalPoints,
+    Trajectory,
+    coarse_gradient_descent,
+    critical_points,
+)
+from stelab.theory.two_layer.formulas import (
+    clipped_relu_pq,
+    coarse_descent_ratio,
+    expected_coarse_grad,
+    population_grad,
+    population_loss,
+    xi,
+)
+from stelab.theory.two_layer.model import LIBRARY_ESTIMATOR, STES, theta, w_at_angle
+from stelab.theory.two_layer.sampling import batch_loss, coarse_grad_on_batch, sample_coarse_grad
 
-__all__ = list(formulas.__all__)
+__all__ = [
+    "LIBRARY_ESTIMATOR",
+    "STES",
+    "CriticalPoint",
+    "CriticalPoints",
+    "Trajectory",
+    "batch_loss",
+    "clipped_relu_pq",
+    "coarse_descent_ratio",
+    "coarse_grad_on_batch",
+    "coarse_gradient_descent",
+    "critical_points",
+    "expected_coarse_grad",
+    "population_grad",
+    "population_loss",
+    "sample_coarse_grad",
+    "theta",
+    "w_at_angle",
+    "xi",
+]
