@@ -21,7 +21,9 @@ Estimator specs (:func:`parse_estimator`) name SBN estimators (``psa``,
 (``det:ste``, ``det:clipped``): "how biased is my STE?" as a number.
 
 Modules: :mod:`.specs` (specs, :class:`SignSTE`, costs), :mod:`.draws` (per-draw
-gradients), :mod:`.fidelity` (metrics, reference, report), :mod:`.plots` (figures).
+gradients), :mod:`.fidelity` (metrics, reference), :mod:`.fidelity_stats` (streaming
+statistics), :mod:`.fidelity_report` (the report, its tables and JSON), :mod:`.plots`
+(figures).
 ``stelab gradcheck`` is the command-line front end.
 
 Deterministic quantized networks (any ``nn.Module`` with stelab quantizers):

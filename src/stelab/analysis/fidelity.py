@@ -44,7 +44,6 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -56,6 +55,8 @@ from ..sbn.estimators import LossFn
 from ..sbn.exact import DEFAULT_MAX_STATES, _check_enumerable
 from ..sbn.noise import as_generator
 from .draws import DrawEngine, flatten_layers, layer_keys, layer_label, layer_params, time_per_draw
+from .fidelity_report import EstimatorFidelity, FidelityReport, LayerFidelity, Reference
+from .fidelity_stats import GroupMeans, Moments, bias_stats, layer_result
 from .specs import EstimatorSpec, forward_equivalents, parse_estimators
 
 __all__ = [
@@ -73,37 +74,8 @@ __all__ = [
 #: M in {1..9, 10..90, 100..900, 1000..9000} (docs/papers/psa2020.md)
 PAPER_SAMPLE_SIZES: tuple[int, ...] = tuple(d * 10**e for e in range(4) for d in range(1, 10))
 
-_QUANTILES = (0.15, 0.85)
-
 
 # --------------------------------------------------------------------------- reference
-
-
-@dataclass
-class Reference:
-    """The reference gradient per layer key (flattened weight, bias) and how it was made.
-
-    ``kind`` is ``"exact"`` (enumeration, ``se`` None) or ``"mc"`` (``estimator``
-    averaged over ``samples`` draws, ``se`` its per-parameter standard errors).
-    """
-
-    kind: str
-    value: float
-    grads: dict[str, Tensor]
-    se: dict[str, Tensor] | None = None
-    samples: int | None = None
-    estimator: str | None = None
-    seconds: float = 0.0
-    floors: dict[str, float] | None = None  # set when rebuilt from a dict (no tensors)
-
-    def noise_floor(self, key: str) -> float:
-        """``sqrt(sum se^2) / ||g||`` of layer ``key``: errors below it are not resolved."""
-        if self.floors is not None:
-            return self.floors.get(key, 0.0)
-        if self.se is None:
-            return 0.0
-        g = float(self.grads[key].norm())
-        return float(self.se[key].norm()) / g if g > 0 else math.inf
 
 
 def enumerable(model: SBN, max_states: int = DEFAULT_MAX_STATES) -> tuple[bool, str]:
@@ -164,347 +136,6 @@ def reference_gradient(
         mc.estimator,
         time.perf_counter() - t0,
     )
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class LayerFidelity:
-    """The metrics of one estimator on one layer (see the module docstring)."""
-
-    layer: str
-    label: str
-    params: int
-    ref_norm: float
-    sample_sizes: list[int]
-    groups: list[int]
-    rmse: list[float]
-    rmse_se: list[float]
-    cos_mean: list[float]
-    cos_lo: list[float]
-    cos_hi: list[float]
-    bias: float
-    bias_raw: float
-    bias_floor: float
-    bias_z: float
-    variance: float
-    rel_variance: float
-    snr: float
-
-    def at(self, m: int) -> int:
-        """Index of sample size ``m`` in :attr:`sample_sizes` (ValueError if absent)."""
-        try:
-            return self.sample_sizes.index(int(m))
-        except ValueError:
-            raise ConfigError(
-                f"sample size M={m} was not evaluated; evaluated: {self.sample_sizes}"
-            ) from None
-
-
-@dataclass
-class EstimatorFidelity:
-    """One estimator's metrics per layer plus its cost."""
-
-    label: str
-    name: str
-    kind: str  # "stochastic", "deterministic" or "coupled"
-    engine: str
-    draws: int
-    seconds_per_draw: float | None
-    forward_equivalents: float | None
-    wall_seconds: float
-    layers: dict[str, LayerFidelity] = field(default_factory=dict)
-    note: str = ""
-
-
-@dataclass
-class FidelityReport:
-    """Everything :func:`gradient_fidelity` measured; ``to_dict()`` is JSON-ready."""
-
-    layers: list[str]
-    reference: Reference
-    estimators: dict[str, EstimatorFidelity]
-    draws: int
-    sample_sizes: list[int]
-    examples: int
-
-    def layer_labels(self) -> dict[str, str]:
-        """``{"hidden.0": "layer 1", ..., "output": "output"}``."""
-        return {k: layer_label(k) for k in self.layers}
-
-    def rmse(self, label: str, layer: str, m: int) -> float:
-        """Relative RMSE of estimator ``label`` on ``layer`` with M = ``m`` samples."""
-        lf = self.estimators[label].layers[layer]
-        return lf.rmse[lf.at(m)]
-
-    def error_at_budget(self, label: str, layer: str, seconds: float) -> float:
-        """Compute-adjusted error: RMSE at ``M = seconds / seconds_per_draw`` (log-log
-        interpolation over the evaluated M; NaN outside their range)."""
-        ef = self.estimators[label]
-        lf = ef.layers[layer]
-        if ef.kind == "deterministic":
-            return (
-                lf.rmse[0] if ef.seconds_per_draw and seconds >= ef.seconds_per_draw else math.nan
-            )
-        if not ef.seconds_per_draw:
-            return math.nan
-        return _loglog(lf.sample_sizes, lf.rmse, seconds / ef.seconds_per_draw)
-
-    def to_dict(self) -> dict[str, Any]:
-        ref = self.reference
-        return {
-            "layers": {k: layer_label(k) for k in self.layers},
-            "draws": self.draws,
-            "sample_sizes": self.sample_sizes,
-            "examples": self.examples,
-            "reference": {
-                "kind": ref.kind,
-                "value": ref.value,
-                "samples": ref.samples,
-                "estimator": ref.estimator,
-                "seconds": ref.seconds,
-                "norm": {k: float(v.norm()) for k, v in ref.grads.items()},
-                "noise_floor": {k: ref.noise_floor(k) for k in self.layers},
-            },
-            "estimators": {lab: asdict(ef) for lab, ef in self.estimators.items()},
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FidelityReport:
-        """Rebuild a report from :meth:`to_dict` output (e.g. a results.json) for tables and
-        plots; the reference's tensors are not stored, only its norms and noise floors."""
-        r = d["reference"]
-        floors = {k: (v if v is not None else math.inf) for k, v in r["noise_floor"].items()}
-        ref = Reference(
-            r["kind"],
-            r["value"],
-            {},
-            None,
-            r.get("samples"),
-            r.get("estimator"),
-            r.get("seconds", 0.0),
-            floors,
-        )
-        ests = {}
-        for lab, e in d["estimators"].items():
-            layers = {}
-            for k, lf in e["layers"].items():
-                lf = {kk: (math.nan if vv is None else vv) for kk, vv in lf.items()}
-                for kk in ("rmse", "rmse_se", "cos_mean", "cos_lo", "cos_hi"):
-                    lf[kk] = [
-                        math.nan if v is None else v for v in d["estimators"][lab]["layers"][k][kk]
-                    ]
-                if e["kind"] == "deterministic":  # JSON has no inf: restore it
-                    if math.isnan(lf["snr"]):
-                        lf["snr"] = math.inf
-                    if math.isnan(lf["bias_z"]) and lf["bias"] > 0:
-                        lf["bias_z"] = math.inf
-                layers[k] = LayerFidelity(**lf)
-            ests[lab] = EstimatorFidelity(**{**e, "layers": layers})
-        return cls(list(d["layers"]), ref, ests, d["draws"], list(d["sample_sizes"]), d["examples"])
-
-    def table(self, layer: str, sizes: Sequence[int] = (1, 10, 100, 1000)) -> str:
-        """A plain-text table of every estimator on ``layer``."""
-        ms = [m for m in sizes if m in self.sample_sizes]
-        head = (
-            ["estimator"]
-            + [f"RMSE@{m}" for m in ms]
-            + ["cos@1", "bias", "floor", "bias z", "rel.var", "SNR", "us/draw", "fwd-eq"]
-        )
-        rows = []
-        for lab, ef in self.estimators.items():
-            lf = ef.layers[layer]
-            row = [lab]
-            for m in ms:
-                row.append(_num(lf.rmse[lf.at(m)]))
-            row.append(_num(lf.cos_mean[0]))
-            row += [
-                _num(lf.bias),
-                _num(lf.bias_floor),
-                _z(lf.bias_z),
-                _num(lf.rel_variance),
-                _num(lf.snr),
-            ]
-            row.append("-" if ef.seconds_per_draw is None else f"{ef.seconds_per_draw * 1e6:.0f}")
-            fe = ef.forward_equivalents
-            row.append("-" if fe is None else f"{fe:.2f}")
-            rows.append(row)
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-        ref = self.reference
-        floor = ref.noise_floor(layer)
-        n_params = next(iter(self.estimators.values())).layers[layer].params
-        title = f"{layer_label(layer)} ({n_params} parameters), reference: {ref.kind}" + (
-            f" ({ref.estimator}, {ref.samples} samples, noise floor {floor:.3g})"
-            if ref.kind == "mc"
-            else " enumeration"
-        )
-        lines = [title, fmt.format(*head), fmt.format(*["-" * w for w in widths])]
-        lines += [fmt.format(*r) for r in rows]
-        return "\n".join(lines)
-
-
-def _num(v: float) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if math.isinf(v):
-        return "inf"
-    return f"{v:.3g}"
-
-
-def _z(v: float) -> str:
-    if math.isinf(v):
-        return "exact" if v > 0 else "-inf"
-    return "-" if math.isnan(v) else f"{v:.1f}"
-
-
-def _loglog(xs: Sequence[int], ys: Sequence[float], x: float) -> float:
-    pts = [(a, b) for a, b in zip(xs, ys, strict=True) if b > 0 and math.isfinite(b)]
-    if not pts or x < pts[0][0] or x > pts[-1][0]:
-        return math.nan
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if x0 <= x <= x1:
-            if x1 == x0:
-                return y0
-            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-            return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
-    return pts[-1][1]
-
-
-# --------------------------------------------------------------------------- accumulators
-
-
-class _Stream:
-    """Streaming group means of consecutive draws for one M: squared errors and cosines."""
-
-    def __init__(self, m: int, ref: Tensor) -> None:
-        self.m, self.ref = m, ref
-        self.carry = torch.zeros_like(ref)
-        self.carried = 0
-        self.err: list[Tensor] = []
-        self.cos: list[Tensor] = []
-
-    def finish(self, means: Tensor) -> None:
-        d = means - self.ref
-        self.err.append((d * d).sum(1))
-        rn = self.ref.norm()
-        mn = means.norm(dim=1)
-        den = mn * rn
-        c = torch.where(den > 0, (means @ self.ref) / den.clamp_min(1e-300), torch.zeros_like(mn))
-        self.cos.append(c)
-
-    def add(self, x: Tensor) -> None:
-        m, i, k = self.m, 0, x.shape[0]
-        if self.carried:
-            take = min(m - self.carried, k)
-            self.carry += x[:take].sum(0)
-            self.carried += take
-            i = take
-            if self.carried == m:
-                self.finish((self.carry / m)[None])
-                self.carry.zero_()
-                self.carried = 0
-        full = (k - i) // m
-        if full:
-            self.finish(x[i : i + full * m].view(full, m, -1).mean(1))
-            i += full * m
-        if i < k:
-            self.carry += x[i:].sum(0)
-            self.carried += k - i
-
-
-class _Moments:
-    """Mean, per-coordinate variance and (small layers) covariance of streamed rows."""
-
-    def __init__(self, p: int, gram_max: int, dtype: torch.dtype, device: Any) -> None:
-        self.n = 0
-        self.x0: Tensor | None = None
-        self.s1 = torch.zeros(p, dtype=dtype, device=device)
-        self.s2 = torch.zeros(p, dtype=dtype, device=device)
-        self.gram = torch.zeros(p, p, dtype=dtype, device=device) if p <= gram_max else None
-
-    def add(self, x: Tensor) -> None:
-        if self.x0 is None:
-            self.x0 = x[0].clone()
-        d = x - self.x0
-        self.n += x.shape[0]
-        self.s1 += d.sum(0)
-        self.s2 += (d * d).sum(0)
-        if self.gram is not None:
-            self.gram += d.t() @ d
-
-    def mean(self) -> Tensor:
-        assert self.x0 is not None
-        return self.x0 + self.s1 / self.n
-
-    def trace_cov(self) -> float:
-        if self.n < 2:
-            return math.nan
-        return float(((self.s2 - self.s1 * self.s1 / self.n) / (self.n - 1)).clamp_min(0).sum())
-
-    def trace_cov2(self) -> float:
-        if self.n < 2:
-            return math.nan
-        if self.gram is not None:
-            cov = (self.gram - torch.outer(self.s1, self.s1) / self.n) / (self.n - 1)
-            return float((cov * cov).sum())
-        var = ((self.s2 - self.s1 * self.s1 / self.n) / (self.n - 1)).clamp_min(0)
-        return float((var * var).sum())
-
-
-def _bias_stats(
-    mean: Tensor, ref: Tensor, tr: float, tr2: float, n_units: int, ref_se: Tensor | None
-) -> tuple[float, float, float, float]:
-    """(bias, bias_raw, bias_floor, bias_z) for a mean of ``n_units`` rows."""
-    rn = float(ref.norm())
-    b2 = float(((mean - ref) ** 2).sum())
-    se2 = se4 = 0.0
-    if ref_se is not None:
-        s = ref_se.to(mean.dtype) ** 2
-        se2, se4 = float(s.sum()), float((s * s).sum())
-    floor2 = (tr / n_units if math.isfinite(tr) else 0.0) + se2
-    var = (2 * tr2 / n_units**2 if math.isfinite(tr2) else 0.0) + 2 * se4
-    if var > 0:
-        z = (b2 - floor2) / math.sqrt(var)
-    else:
-        z = math.inf if b2 > 1e-24 * max(rn * rn, 1e-300) else 0.0
-    if rn == 0:
-        return math.nan, math.nan, math.nan, z
-    return (
-        math.sqrt(max(0.0, b2 - floor2)) / rn,
-        math.sqrt(b2) / rn,
-        math.sqrt(floor2) / rn,
-        z,
-    )
-
-
-def _summarise(
-    key: str, streams: dict[int, _Stream], sizes: list[int], ref: Tensor
-) -> dict[str, list[Any]]:
-    rn = float(ref.norm())
-    out: dict[str, list[Any]] = {
-        k: [] for k in ("groups", "rmse", "rmse_se", "cos_mean", "cos_lo", "cos_hi")
-    }
-    for m in sizes:
-        st = streams.get(m)
-        if st is None or not st.err:
-            for k in out:
-                out[k].append(0 if k == "groups" else math.nan)
-            continue
-        e = torch.cat(st.err).double()
-        c = torch.cat(st.cos).double()
-        g = e.numel()
-        mse = float(e.mean())
-        out["groups"].append(g)
-        out["rmse"].append(math.sqrt(mse) / rn if rn > 0 else math.nan)
-        se = float(e.std()) / math.sqrt(g) if g > 1 else math.nan
-        out["rmse_se"].append(se / (2 * math.sqrt(mse)) / rn if mse > 0 and rn > 0 else math.nan)
-        out["cos_mean"].append(float(c.mean()))
-        q = torch.quantile(c, torch.tensor(_QUANTILES, dtype=c.dtype))
-        out["cos_lo"].append(float(q[0]))
-        out["cos_hi"].append(float(q[1]))
-    return out
 
 
 # --------------------------------------------------------------------------- entry point
@@ -669,7 +300,7 @@ def _run_one(
             err = float((g - r).norm()) / rn if rn > 0 else math.nan
             den = float(g.norm()) * rn
             cos = float(g @ r) / den if den > 0 else 0.0
-            bias, raw, floor, z = _bias_stats(g, r, 0.0, 0.0, 1, None if ses is None else ses[k])
+            bias, raw, floor, z = bias_stats(g, r, 0.0, 0.0, 1, None if ses is None else ses[k])
             n = len(sizes)
             out.layers[k] = LayerFidelity(
                 k,
@@ -704,14 +335,14 @@ def _run_one(
                 f"{sizes} have none"
             )
         streams = {k: {} for k in keys}
-        moments = {k: _Moments(refs[k].numel(), gram_max, dt, dev) for k in keys}
+        moments = {k: Moments(refs[k].numel(), gram_max, dt, dev) for k in keys}
         budget = draws if coupled_draws is None else min(draws, coupled_draws)
         ms = [m for m in ms if budget // m >= 2 or m == ms[0]]
         m0, used = ms[0], 0
         for m in ms:
             n_groups = max(1, budget // m)
             for k in keys:
-                streams[k][m] = _Stream(1, refs64[k])
+                streams[k][m] = GroupMeans(1, refs64[k])
             for chunk in eng.groups(m, n_groups):
                 for k in keys:
                     c = chunk[k].to(dt)
@@ -721,15 +352,15 @@ def _run_one(
             used += n_groups * m
         out.draws = used
         for k in keys:  # each streamed row is already a group mean: one "group" per row
-            out.layers[k] = _layer_result(
+            out.layers[k] = layer_result(
                 k, streams[k], sizes, refs64[k], moments[k], m0, None if ses is None else ses[k]
             )
         out.engine = eng.engine
         if eng.fallback_reason:
             out.note = f"loop fallback: {eng.fallback_reason}"
         return out
-    streams = {k: {m: _Stream(m, refs64[k]) for m in sizes} for k in keys}
-    moments = {k: _Moments(refs[k].numel(), gram_max, dt, dev) for k in keys}
+    streams = {k: {m: GroupMeans(m, refs64[k]) for m in sizes} for k in keys}
+    moments = {k: Moments(refs[k].numel(), gram_max, dt, dev) for k in keys}
     for chunk in eng.draws(draws):
         for k in keys:
             c = chunk[k].to(dt)
@@ -737,50 +368,10 @@ def _run_one(
             for st in streams[k].values():
                 st.add(c)
     for k in keys:
-        out.layers[k] = _layer_result(
+        out.layers[k] = layer_result(
             k, streams[k], sizes, refs64[k], moments[k], 1, None if ses is None else ses[k]
         )
     out.engine = eng.engine
     if eng.fallback_reason:
         out.note = f"loop fallback: {eng.fallback_reason}"
     return out
-
-
-def _layer_result(
-    key: str,
-    streams: dict[int, _Stream],
-    sizes: list[int],
-    ref: Tensor,
-    mom: _Moments,
-    unit: int,
-    ref_se: Tensor | None,
-) -> LayerFidelity:
-    """Metrics from the streams; ``mom`` holds rows that each average ``unit`` draws."""
-    s = _summarise(key, streams, sizes, ref)
-    mean = mom.mean()
-    tr_unit = mom.trace_cov()
-    tr2_unit = mom.trace_cov2()
-    bias, raw, floor, z = _bias_stats(mean, ref, tr_unit, tr2_unit, mom.n, ref_se)
-    variance = tr_unit * unit
-    rn = float(ref.norm())
-    snr = float(mean.norm()) / math.sqrt(variance) if variance > 0 else math.inf
-    return LayerFidelity(
-        key,
-        layer_label(key),
-        ref.numel(),
-        rn,
-        list(sizes),
-        s["groups"],
-        s["rmse"],
-        s["rmse_se"],
-        s["cos_mean"],
-        s["cos_lo"],
-        s["cos_hi"],
-        bias,
-        raw,
-        floor,
-        z,
-        variance,
-        variance / rn**2 if rn > 0 else math.nan,
-        snr,
-    )

@@ -25,7 +25,15 @@ from ..io import atomic_write_bytes
 from ..plots import check_plot_path
 from .fidelity import FidelityReport
 
-__all__ = ["plot_rmse", "plot_cosine", "plot_budget", "estimator_style", "panels", "save"]
+__all__ = [
+    "plot_rmse",
+    "plot_cosine",
+    "plot_budget",
+    "estimator_style",
+    "panels",
+    "save",
+    "save_with_legend",
+]
 
 _COLORS = {
     "psa": "tab:red",
@@ -98,7 +106,11 @@ def save(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _finish(fig: Any, axes: Any, path: str | os.PathLike[str], title: str | None, dpi: int) -> Path:
+def save_with_legend(
+    fig: Any, axes: Any, path: str | os.PathLike[str], title: str | None, dpi: int
+) -> Path:
+    """Put the first panel's legend in the room :func:`panels` left on the right, add
+    ``title`` (if any) above the panels, then :func:`save`."""
     handles, labels = axes[0].get_legend_handles_labels()
     right = fig.subplotpars.right
     fig.legend(
@@ -152,7 +164,7 @@ def plot_rmse(
         ax.set_title(labels[key])
         ax.grid(alpha=0.3, which="major", lw=0.5)
     axes[0].set_ylabel("relative RMSE")
-    return _finish(fig, axes, path, title, dpi)
+    return save_with_legend(fig, axes, path, title, dpi)
 
 
 def plot_cosine(
@@ -200,7 +212,7 @@ def plot_cosine(
         ax.set_title(labels[key])
         ax.grid(alpha=0.3, which="major", lw=0.5)
     axes[0].set_ylabel("cosine similarity (mean, 15-85%)")
-    return _finish(fig, axes, path, title, dpi)
+    return save_with_legend(fig, axes, path, title, dpi)
 
 
 def plot_budget(
@@ -236,4 +248,4 @@ def plot_budget(
         ax.set_title(labels[key])
         ax.grid(alpha=0.3, which="major", lw=0.5)
     axes[0].set_ylabel("relative RMSE")
-    return _finish(fig, axes, path, title, dpi)
+    return save_with_legend(fig, axes, path, title, dpi)
