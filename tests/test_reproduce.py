@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from stelab.experiments import reproduce as rp
+from stelab.experiments.display import Display
 from stelab.experiments.spine import Claim, PartResult
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -230,7 +231,7 @@ def test_live_bars_follow_the_training_log():
     log.setLevel(logging.INFO)
     lines: list[str] = []
     try:
-        with rp._Display(3, bars=True, log=lines.append, console=console) as show:
+        with Display(3, bars=True, log=lines.append, console=console) as show:
             p = show.progress
             show.start("yin2019/table1", 0)
             log.info("starting %s: lenet5 on digits, %d epochs", "relu-2bit", 8)
