@@ -67,11 +67,29 @@ def new_folder(path: str | os.PathLike[str]) -> Path | None:
     return missing
 
 
-def save_figure(fig: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
-    """Save ``fig`` atomically (temp file in the same folder, then rename)."""
+def save_figure(
+    fig: Any,
+    path: str | os.PathLike[str],
+    dpi: int = 120,
+    *,
+    tight: bool = True,
+    close: bool = False,
+) -> Path:
+    """Save ``fig`` atomically (temp file in the same folder, then rename): the one way
+    stelab writes a figure. The format follows the suffix (png, pdf, svg); ``tight``
+    crops to the drawn area (``bbox_inches="tight"``); ``close`` closes the figure."""
     path = check_plot_path(path)
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format=path.suffix.lstrip(".").lower(), dpi=dpi, bbox_inches="tight")
+        fig.savefig(
+            f,
+            format=path.suffix.lstrip(".").lower(),
+            dpi=dpi,
+            **({"bbox_inches": "tight"} if tight else {}),
+        )
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
     return path
 
 

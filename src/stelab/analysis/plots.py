@@ -13,7 +13,6 @@ matplotlib is imported lazily (Agg backend); files are written atomically.
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import os
@@ -21,8 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write_bytes
-from ..plots import check_plot_path
+from ..plots import save_figure
 from .fidelity import FidelityReport
 
 __all__ = [
@@ -31,7 +29,6 @@ __all__ = [
     "plot_budget",
     "estimator_style",
     "panels",
-    "save",
     "save_with_legend",
 ]
 
@@ -97,20 +94,11 @@ def panels(n: int, *, legend: bool = True, title: bool = True) -> tuple[Any, Any
     return fig, axes[0]
 
 
-def save(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
-    """Render ``fig`` to PNG/PDF/SVG in memory and write it atomically; closes the figure."""
-    path = check_plot_path(path)
-    buf = io.BytesIO()
-    fig.savefig(buf, format=path.suffix.lower().lstrip("."), dpi=dpi)
-    _plt().close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def save_with_legend(
     fig: Any, axes: Any, path: str | os.PathLike[str], title: str | None, dpi: int
 ) -> Path:
     """Put the first panel's legend in the room :func:`panels` left on the right, add
-    ``title`` (if any) above the panels, then :func:`save`."""
+    ``title`` (if any) above the panels, then save it (untrimmed, closed)."""
     handles, labels = axes[0].get_legend_handles_labels()
     right = fig.subplotpars.right
     fig.legend(
@@ -123,7 +111,7 @@ def save_with_legend(
     )
     if title:
         fig.suptitle(title, fontsize=11)
-    return save(fig, path, dpi)
+    return save_figure(fig, path, dpi, tight=False, close=True)
 
 
 def plot_rmse(

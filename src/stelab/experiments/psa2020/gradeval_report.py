@@ -21,7 +21,8 @@ __all__ = ["fig_through", "fig_training", "report_md", "write_figures"]
 
 
 def fig_training(curve: list[list[float]], marks: list[int], path: Path, dpi: int) -> None:
-    from ...analysis.plots import panels, save
+    from ...analysis.plots import panels
+    from ...plots import save_figure
 
     ep = [c[0] for c in curve]
     fig, (ax,) = panels(1, legend=False)
@@ -36,11 +37,12 @@ def fig_training(curve: list[list[float]], marks: list[int], path: Path, dpi: in
     ax2.plot(ep, [c[2] for c in curve], color="tab:orange", lw=1)
     ax2.set_ylabel("expected accuracy (exact)", color="tab:orange")
     ax.set_title("toy SBN 2-5-5-5-1 trained with REINFORCE (checkpoints: grey lines)", fontsize=10)
-    save(fig, path, dpi)
+    save_figure(fig, path, dpi, tight=False, close=True)
 
 
 def fig_through(summary: dict[int, FidelityReport], path: Path, dpi: int) -> None:
-    from ...analysis.plots import estimator_style, panels, save
+    from ...analysis.plots import estimator_style, panels
+    from ...plots import save_figure
 
     epochs = sorted(summary)
     rep0 = summary[epochs[0]]
@@ -76,7 +78,7 @@ def fig_through(summary: dict[int, FidelityReport], path: Path, dpi: int) -> Non
         frameon=False,
     )
     fig.suptitle("one-sample error through training", fontsize=11)
-    save(fig, path, dpi)
+    save_figure(fig, path, dpi, tight=False, close=True)
 
 
 def _table(rep: FidelityReport, key: str) -> list[str]:

@@ -22,7 +22,8 @@ __all__ = ["fig_training", "label", "report_md"]
 
 
 def fig_training(results: dict[str, dict[str, Any]], path: Path, dpi: int) -> None:
-    from ...analysis.plots import estimator_style, panels, save
+    from ...analysis.plots import estimator_style, panels
+    from ...plots import save_figure
 
     style = estimator_style([label(s) for s in results])
     fig, (ax, ax2) = panels(2, legend=False, title=False)
@@ -57,7 +58,7 @@ def fig_training(results: dict[str, dict[str, Any]], path: Path, dpi: int) -> No
     ax2.set_ylabel("test accuracy (%)")
     ax2.set_ylim(0, 105)
     ax2.legend(fontsize=9, loc="upper right")
-    save(fig, path, dpi)
+    save_figure(fig, path, dpi, tight=False, close=True)
 
 
 def _integer_locator() -> Any:
