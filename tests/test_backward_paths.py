@@ -162,6 +162,30 @@ def test_compiled_backward_in_one_graph_matches_eager(est):
     torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float32, 24.0), (torch.float64, 60.0)])
+def test_dsq_eager_float_step_path_keeps_its_tails(dtype, k):
+    """The eager fixed-step backward (sigmoid_backward in place) at a k where σ(k)
+    rounds to 1: its tails (~2e-9 / ~1e-24 at the bin centres) keep their relative
+    accuracy against the float64 formula, never cancel to 0."""
+    q = _quantizer("dsq", "float", k=k).to(dtype)
+    centres = torch.tensor([0.25, 0.75, -0.2, 1.2], dtype=torch.float64)
+    x = torch.cat([_points(torch.float64), centres]).to(dtype)
+    x = x[(x >= -0.25) & (x <= 1.25)]  # inside the range: no exact zeros expected
+    g = torch.linspace(0.5, 2.0, x.numel(), dtype=dtype)
+    gx = _grad(q, x, g, "float")
+    expect = (
+        torch.tensor(
+            [_dsq_ref(v, k, 0.5, 0.0, -0.25, 1.25) for v in x.double().tolist()],
+            dtype=torch.float64,
+        )
+        * g.double()
+    )
+    assert float(expect.min()) < 1e-8
+    # float32: x/α carries ~6e-8 relative error, times the log-slope 2k of sech²(k·r)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(gx.double(), expect, rtol=rtol, atol=0)
+
+
 def test_dsq_derivative_keeps_its_tails():
     """Sharp dsq (k = 100): q̂' falls to ~1e-39 at the bin centres; the tensor-step path
     must keep these values (no 1 - σ cancellation to 0), as the [S24] map needs them."""
