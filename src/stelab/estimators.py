@@ -484,6 +484,15 @@ class DSQ(Estimator):
             d = d * _indicator((x >= lo) & (x <= hi), x)
         return d
 
+    def _minus_k(self, like: Tensor) -> Tensor:
+        """-k as a 0-d tensor of ``like``'s dtype and device, made once (four tiny
+        kernels per backward otherwise)."""
+        key = (like.dtype, like.device)
+        cache = self.__dict__.setdefault("_minus_k_cache", {})
+        if key not in cache:
+            cache[key] = torch.tensor(-self.k, dtype=like.dtype, device=like.device)
+        return cache[key]
+
     def grad_input(self, x: Tensor | None, y: Tensor | None, g: Tensor, ctx: Context) -> Tensor:
         if not isinstance(ctx.step, float) or torch.is_grad_enabled() or x.dtype != g.dtype:
             # a tensor step (learned, per-channel, torch.compile) or a differentiable
@@ -513,7 +522,7 @@ class DSQ(Estimator):
         t.frac_().abs_().sub_(0.5).abs_()  # 1/2 - |r|
         # -2k|r| = 2k·(1/2 - |r|) - k in one pass; its rounding error (an ulp of k) is
         # largest near the jumps, where sech² is flat
-        torch.add(t.new_tensor(-self.k), t, alpha=2 * self.k, out=t).sigmoid_()
+        torch.add(self._minus_k(t), t, alpha=2 * self.k, out=t).sigmoid_()
         torch.ops.aten.sigmoid_backward.grad_input(g, t, grad_input=t)
         if math.isfinite(lo) or math.isfinite(hi):
             torch.ops.aten.hardtanh_backward.grad_input(
