@@ -153,6 +153,7 @@ def _native(d: dict) -> list[dict]:
 # stand-alone micro-benchmark of batching and is not part of the table
 SCRIPTS = {
     "bench_qat.py": (["--threads", "1"], _native),
+    "bench_backward.py": (["--threads", "1"], _native),
     "bench_import.py": ([], _native),
     "bench_sbn.py": (["--threads", "1"], _sbn),
     "bench_train.py": (["--threads", "1"], _train),

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from stelab import estimators
 from stelab.quantizers import Quantizer
 
 DTYPES = [torch.float32, torch.float64]
@@ -107,17 +108,82 @@ def test_dsq_double_backward_is_the_formula_derivative():
     torch.testing.assert_close(dg, expect, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("est", ["ste", "clipped_relu", "dsq", "ewgs"])
+#: the estimators stelab ships (classes defined in stelab.estimators; not ones other
+#: test modules may have registered by the time this one is collected)
+BUILTIN = [
+    n
+    for n in estimators.names()
+    if type(estimators.get(n)).__module__ == "stelab.estimators"
+    and not isinstance(estimators.get(n), estimators.Custom)
+]
+
+
+def _compile_case(est: str) -> Quantizer:
+    """A quantizer the built-in estimator ``est`` serves (act first, then uniform, sign)."""
+    serves = estimators.get(est).serves
+    if serves is None or "act" in serves:
+        return Quantizer("act", est, bits=2, step=0.5)
+    if "uniform" in serves:
+        return Quantizer("uniform", est, bits=4, step=0.25)
+    return Quantizer(sorted(serves)[-1], est)  # sign (or ternary)
+
+
+def test_builtin_list_holds_the_shipped_estimators():
+    assert {"ste", "clipped", "clipped_relu", "dsq", "ewgs", "cosine", "swish_sign"} <= set(BUILTIN)
+
+
+@pytest.mark.parametrize("est", BUILTIN)
 def test_compiled_quantizer_has_no_graph_break(est):
     """torch.compile sees forward and backward of the quantizer as one graph (the
-    tensor-step context, no host reads), so the compiler can fuse the backward."""
+    tensor-step context, no host reads), so the compiler can fuse the backward; for
+    every built-in estimator."""
     import torch._dynamo
 
-    q = Quantizer("act", est, bits=2, step=0.5)
+    q = _compile_case(est)
     torch._dynamo.reset()
     out = torch._dynamo.explain(q)(torch.randn(8, 4, requires_grad=True))
     assert out.graph_count == 1
     assert out.graph_break_count == 0, out.break_reasons
+
+
+@pytest.mark.parametrize("est", ["dsq", "ewgs", "cosine"])
+def test_compiled_backward_in_one_graph_matches_eager(est):
+    """fullgraph=True (an error on any graph break, backward included) and the
+    compiled input gradient equals eager's (float64, aot_eager: no codegen rounding)."""
+    import torch._dynamo
+
+    q = _compile_case(est).double()
+    x = _points(torch.float64).requires_grad_(True)
+    g = torch.linspace(-2, 2, x.numel(), dtype=torch.float64)
+    (want,) = torch.autograd.grad(q(x), x, g)
+    torch._dynamo.reset()
+    cq = torch.compile(q, backend="aot_eager", fullgraph=True)
+    (got,) = torch.autograd.grad(cq(x), x, g)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize(("dtype", "k"), [(torch.float32, 24.0), (torch.float64, 60.0)])
+def test_dsq_eager_float_step_path_keeps_its_tails(dtype, k):
+    """The eager fixed-step backward (sigmoid_backward in place) at a k where σ(k)
+    rounds to 1: its tails (~2e-9 / ~1e-24 at the bin centres) keep their relative
+    accuracy against the float64 formula, never cancel to 0."""
+    q = _quantizer("dsq", "float", k=k).to(dtype)
+    centres = torch.tensor([0.25, 0.75, -0.2, 1.2], dtype=torch.float64)
+    x = torch.cat([_points(torch.float64), centres]).to(dtype)
+    x = x[(x >= -0.25) & (x <= 1.25)]  # inside the range: no exact zeros expected
+    g = torch.linspace(0.5, 2.0, x.numel(), dtype=dtype)
+    gx = _grad(q, x, g, "float")
+    expect = (
+        torch.tensor(
+            [_dsq_ref(v, k, 0.5, 0.0, -0.25, 1.25) for v in x.double().tolist()],
+            dtype=torch.float64,
+        )
+        * g.double()
+    )
+    assert float(expect.min()) < 1e-8
+    # float32: x/α carries ~6e-8 relative error, times the log-slope 2k of sech²(k·r)
+    rtol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(gx.double(), expect, rtol=rtol, atol=0)
 
 
 def test_dsq_derivative_keeps_its_tails():

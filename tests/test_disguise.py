@@ -635,3 +635,126 @@ def test_M_whole_chunks_with_one_step_equal_the_buffered_path(monkeypatch, dtype
         fast, ref = eq.M(w, step), eq.M(w, per_weight)
         bits_of = torch.int32 if dtype == torch.float32 else torch.int64
         assert torch.equal(fast.view(bits_of), ref.view(bits_of))
+
+
+# --- M / M⁻¹ against their plain formulation, bit for bit
+#
+# The reference below is the map as first written (one chunk, no buffers, no grouping):
+# any faster rewrite of Equivalence._map / _map_chunk (chunking, grouping, pass-saving,
+# table layout) must return exactly these bits, for both dtypes and every kind of step.
+
+
+def _ref_horner(cols, j, u):
+    c0, c1, c2, c3 = cols
+    a = c3.index_select(0, j)
+    b = torch.index_select(c2, 0, j).addcmul_(u, a)
+    a = torch.index_select(c1, 0, j, out=a).addcmul_(u, b)
+    return torch.index_select(c0, 0, j, out=b).addcmul_(u, a)
+
+
+def _ref_into_bins(out, n, step, lo, hi, skip):
+    def q(v):
+        m = (v / step).round_()
+        return m if lo is None else m.clamp_(lo, hi)
+
+    bad = q(out) != n
+    skip = torch.isnan(n) if skip is None else skip | torch.isnan(n)
+    bad &= ~skip
+    centre = (n * step).to(out.dtype)
+    for _ in range(64):
+        if not bool(bad.any()):
+            return
+        out.copy_(torch.where(bad, torch.nextafter(out, centre), out))
+        bad = (q(out) != n) & ~skip
+    raise AssertionError("reference could not place M(w) in its bin")
+
+
+def _ref_map(eq, w, step, inverse):
+    """M / M⁻¹ as stelab computed it before the pass-saving rewrite (one chunk)."""
+    st = eq.step if step is None else step
+    cdt = torch.result_type(w, st)
+    wc = w.reshape(-1).to(cdt)
+    if isinstance(st, torch.Tensor) and st.dim() > 0:
+        stc = st.to(cdt).expand(w.shape).reshape(-1)
+    elif isinstance(st, torch.Tensor):
+        stc = st.to(cdt)
+    else:
+        stc = torch.tensor(st, dtype=cdt)
+    out = torch.empty(wc.shape, dtype=w.dtype)
+    t = eq._table
+    lo_, hi_ = eq._lo, eq._hi
+    clipped = eq.bits is not None
+    s = wc / stc
+    n = s.round()
+    if clipped:
+        n.clamp_(lo_, hi_)
+    r = torch.sub(s, n, out=torch.empty(s.shape, dtype=F64))
+    r.nan_to_num_(0.0)
+    if inverse:
+        y = eq._phi_inv(r.add_(0.5))
+    else:
+        x = r.mul_(t.n).add_(t.n / 2)
+        j = x.to(torch.int32).clamp_(0, t.n - 1)
+        y = _ref_horner(t.cols_centred, j, x.sub_(j))
+    y = y.add_(n).mul_(stc)
+    keep = None
+    if clipped:
+        mid, half = (lo_ + hi_) / 2, (hi_ - lo_) / 2
+        keep = s.sub_(mid).abs_() > half
+        y = torch.where(keep, wc, y)
+    out.copy_(y)
+    _ref_into_bins(out, n, stc, lo_ if clipped else None, hi_, keep)
+    return out.view(w.shape)
+
+
+def _edge_weights(step: float, dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Random weights over ±12 bins plus edge values: change points and their float
+    neighbours, levels, ±0, subnormals, huge, ±inf, NaN."""
+    st = torch.tensor(step, dtype=dtype)
+    body = torch.randn(3000, generator=g, dtype=F64).to(dtype) * 5 * st
+    halves = (torch.arange(-12, 12, dtype=F64) + 0.5).to(dtype) * st
+    levels = torch.arange(-12, 13, dtype=F64).to(dtype) * st
+    fi = torch.finfo(dtype)
+    inf = torch.tensor(math.inf, dtype=dtype)
+    special = torch.tensor(
+        [0.0, -0.0, fi.tiny, -fi.tiny, fi.tiny / 4, fi.max, -fi.max, fi.max / 3, 1e30,
+         -1e30, 2.0**40, math.inf, -math.inf, math.nan], dtype=F64,
+    ).to(dtype)  # fmt: skip
+    return torch.cat([body, halves, torch.nextafter(halves, inf), torch.nextafter(halves, -inf),
+                      levels, special])  # fmt: skip
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_M_and_M_inv_bit_for_bit_as_the_plain_formulation(bits, dtype, monkeypatch):
+    """M and M⁻¹ return exactly the plain formulation's bits over random tensors with
+    edge values (change points and their neighbours, ±0, subnormals, huge, ±inf, NaN),
+    with the step as None / Python float / 0-d float64 tensor / per-weight tensor,
+    clipped and unclipped, in chunks that are all inside the range and chunks that
+    are not."""
+    import stelab.disguise.equivalence as dg
+
+    chunk = dg._CHUNK
+    g = torch.Generator().manual_seed(1)
+    for name, params in [("cosine", {"a": 0.5}), ("dsq", {"k": 3.0}), ("dsq", {"k": 20.0})]:
+        eq = equivalent_ste(name, 0.01, params=params, bits=bits)
+        for trial in range(6):
+            # trials 3-5 in chunks of 257 elements (the general and the chunk path mixed)
+            monkeypatch.setattr(dg, "_CHUNK", 257 if trial >= 3 else chunk)
+            w = _edge_weights(0.01, dtype, g)
+            w = w[torch.randperm(w.numel(), generator=g)]
+            if trial % 2:  # finite, and (trial 1) inside the clipped range: the fast path
+                w = w[torch.isfinite(w) & (w.abs() < (7 if trial == 1 else 1e6) * 0.01)]
+            steps = [None, torch.tensor(0.01, dtype=F64), 0.013]
+            for st in steps:
+                for inverse in (False, True):
+                    got = eq.M_inv(w, st) if inverse else eq.M(w, st)
+                    want = _ref_map(eq, w, st, inverse)
+                    assert got.dtype == want.dtype
+                    same = (got == want) | (got.isnan() & want.isnan())
+                    assert bool(same.all()), (name, trial, st, inverse, w[~same][:4])
+            per = (torch.rand(w.numel(), 1, generator=g, dtype=F64) + 0.5) * 0.01
+            wv = w.view(-1, 1)
+            assert torch.equal(eq.M(wv, per).isnan(), _ref_map(eq, wv, per, False).isnan())
+            a, b = eq.M(wv, per), _ref_map(eq, wv, per, False)
+            assert bool(((a == b) | (a.isnan() & b.isnan())).all())

@@ -1,0 +1,107 @@
+"""One activation quantizer's forward + backward against ReLU's, and its ATen kernels.
+
+The QAT step ratio (bench_qat.py) adds the quantizer's elementwise work to a whole
+training step, so on a loaded machine its 5% goal drowns in noise. This isolates
+that work: the 2-bit σ_α quantizer (``act``, α = 0.5) with each estimator, forward
+and backward on one activation tensor (LeNet-5's first ReLU at batch 128:
+128x6x28x28 float32), timed round-robin against ``nn.ReLU`` in one process (median
+process CPU time, one thread; the spread is the ratio over three blocks of rounds).
+The kernel count is the top-level ATen calls of one forward + backward
+(torch.profiler), the structural number the step ratio follows: every extra pass
+over the activations costs about what ReLU's own pass does.
+
+    python benchmarks/bench_backward.py --threads 1 [--quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+from _scaling import block_medians
+from torch import nn
+
+from stelab.quantizers import Quantizer
+
+ESTIMATORS = ["ste", "clipped_relu", "relu", "dsq", "ewgs"]
+SHAPE = (128, 6, 28, 28)
+
+
+def modules() -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {"float ReLU": nn.ReLU()}
+    for e in ESTIMATORS:
+        out[e] = Quantizer("act", e, bits=2, step=0.5)
+    return out
+
+
+def kernels(m: nn.Module, x0: torch.Tensor, g: torch.Tensor) -> list[str]:
+    from torch.profiler import profile
+
+    x = x0.clone().requires_grad_(True)
+    with profile() as p:
+        m(x).backward(g)
+    return [e.name.removeprefix("aten::") for e in p.events()
+            if e.name.startswith("aten::") and e.name not in ("aten::detach", "aten::clone")
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (30 if args.quick else 120)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(SHAPE, generator=gen)
+    g = torch.randn(SHAPE, generator=gen)
+    mods = modules()
+
+    def step(m: nn.Module) -> float:
+        x = x0.detach().requires_grad_(True)
+        c = time.process_time()
+        m(x).backward(g)
+        return time.process_time() - c
+
+    for m in mods.values():
+        step(m)
+    times: dict[str, list[float]] = {k: [] for k in mods}
+    for _ in range(rounds):
+        for k, m in mods.items():
+            times[k].append(step(m))
+    base, bb = statistics.median(times["float ReLU"]), block_medians(times["float ReLU"])
+    rows = []
+    for k, ts in times.items():
+        if k == "float ReLU":
+            continue
+        ks = kernels(mods[k], x0, g)
+        blocks = [a / b for a, b in zip(block_medians(ts), bb, strict=True)]
+        r = statistics.median(ts) / base
+        rows.append({"benchmark": "activation quantizer forward + backward vs ReLU's "
+                                  "(128x6x28x28 float32)",
+                     "metric": f"stelab 2-bit {k}, CPU time", "value": r,
+                     "unit": f"x ReLU (blocks {min(blocks):.2f}-{max(blocks):.2f}; "
+                             f"{1e3 * statistics.median(ts):.2f} ms; {len(ks)} kernels: "
+                             f"{', '.join(ks)})",
+                     "goal": None, "met": None})  # fmt: skip
+        print(
+            f"{k:14s} {r:5.2f}x ReLU ({min(blocks):.2f}-{max(blocks):.2f}), "
+            f"{1e3 * statistics.median(ts):.2f} ms, {len(ks)} kernels: {', '.join(ks)}"
+        )
+    relu_k = kernels(mods["float ReLU"], x0, g)
+    print(f"float ReLU: {1e3 * base:.2f} ms, {len(relu_k)} kernels: {', '.join(relu_k)}")
+    out = {"rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
