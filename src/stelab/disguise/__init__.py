@@ -33,7 +33,8 @@ Submodules: :mod:`~stelab.disguise.equivalence` (α, M, M⁻¹ and their numeric
 """
 
 from .convert import ConversionReport, LayerChange, STEConversion, to_ste
-from .equivalence import DegenerateEstimatorWarning, Equivalence, equivalent_ste, is_cyclical
+from .derive import DegenerateEstimatorWarning, equivalent_ste, is_cyclical
+from .equivalence import Equivalence
 from .report import disguise_report
 
 __all__ = [

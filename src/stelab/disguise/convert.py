@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, StelabTypeError
 from ..quantizers import Quantizer
-from .equivalence import Equivalence, equivalent_ste, is_cyclical
+from .derive import equivalent_ste, is_cyclical
+from .equivalence import Equivalence
 
 __all__ = ["ConversionReport", "LayerChange", "STEConversion", "to_ste"]
 
