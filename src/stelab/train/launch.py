@@ -21,7 +21,7 @@ from ..config import (
     config_to_dict,
     parse_config,
 )
-from ..errors import ConfigError, DataError, StelabError, StelabTypeError
+from ..errors import ConfigError, DataError, StelabError, StelabTypeError, check_int
 from . import files
 from .loop import Evaluate, Job, Session, Step
 from .parts import TrainingDiverged, TrainingInterrupted, classifier_step, quiet_lightning
@@ -235,6 +235,8 @@ def fit(
     generators: Mapping[str, torch.Generator] | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None,
+    shuffle_seed: int | None = None,
+    augment_seed: int | None = None,
     name: str = "",
     resume: bool = False,
     overwrite: bool = False,
@@ -276,6 +278,10 @@ def fit(
             every parameter of ``model`` in one group.
         on_epoch: called with each epoch's metrics row (as in metrics.csv) after its
             checkpoint is written.
+        shuffle_seed, augment_seed: seeds of the generators of the data order and of
+            ``augment`` (checkpointed either way); None: derived from ``seed`` as in
+            :func:`train`. For a caller whose own loop seeded them differently, so that
+            moving onto ``fit`` keeps its numbers.
         resume, overwrite, progress: as for :func:`train`. ``batch_size`` ...
             ``accelerator``: the keys of ``[data]`` and ``[train]`` of the same names.
 
@@ -337,9 +343,13 @@ def fit(
             save_best=save_best,
         ),
     )
+    if shuffle_seed is not None:
+        shuffle_seed = check_int("shuffle_seed", shuffle_seed, 0, 2**64 - 1)
+    if augment_seed is not None:
+        augment_seed = check_int("augment_seed", augment_seed, 0, 2**64 - 1)
     cfg = parse_config(config_to_dict(raw))  # the checks of load_config, naming the key
     groups = None if param_groups is None else [dict(g) for g in param_groups]
-    job = Job(model, data, step, evaluate, gens, on_epoch, groups)
+    job = Job(model, data, step, evaluate, gens, on_epoch, groups, shuffle_seed, augment_seed)
     if run_dir is None:
         import tempfile
 
