@@ -1,13 +1,10 @@
 """One SBN training run of the [S20] learning protocol: :class:`SBNTrainConfig`,
-:func:`train_sbn` (the training loop) and :func:`evaluate_sbn` (evaluation by sampling).
+:func:`train_sbn` (the training) and :func:`evaluate_sbn` (evaluation by sampling).
 
-Why not :func:`stelab.train.train`: that loop computes ``cross_entropy(model(x), y)``
-and backpropagates through it, but an SBN's forward pass samples hard states with no
-gradient; the estimator (``surrogate_loss``) is what defines the gradient. The loop
-here reuses the trainer's building blocks (:func:`stelab.train.build_optimizer`,
-:func:`stelab.train.lr_factor`, :class:`stelab.train.TrainingDiverged`); it is
-single-process (device ``auto`` picks CUDA when present), so it does not need Lightning
-Fabric, whose import alone takes several seconds of the quick budget on this machine.
+:func:`train_sbn` trains through :func:`stelab.train.fit`, the loop of every stelab
+training (checkpoints, bit-identical resume): an SBN's forward pass samples hard states
+with no gradient, so its training step is the estimator's surrogate loss
+(``surrogate_loss``), with the SBN's noise drawn from a named, checkpointed generator.
 """
 
 from __future__ import annotations
