@@ -225,6 +225,8 @@ def fit(
     eval_batch_size: int = 1000,
     augment: str = "none",
     seed: int = 0,
+    shuffle_seed: int | None = None,
+    augment_seed: int | None = None,
     threads: int | str = "auto",
     grad_clip: float | None = None,
     grad_clip_norm: float | None = None,
@@ -235,8 +237,6 @@ def fit(
     generators: Mapping[str, torch.Generator] | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None,
-    shuffle_seed: int | None = None,
-    augment_seed: int | None = None,
     name: str = "",
     resume: bool = False,
     overwrite: bool = False,
@@ -272,16 +272,16 @@ def fit(
         generators: random generators the step draws from (e.g. an SBN's noise):
             checkpointed by name and restored on resume, like torch's, numpy's and
             Python's global RNGs, which the loop always keeps.
+        shuffle_seed, augment_seed: seeds of the generators of the data order and of
+            ``augment`` (checkpointed either way); None: derived from ``seed`` as in
+            :func:`train`. For a caller whose own loop seeded them differently, so that
+            moving onto ``fit`` keeps its numbers.
         param_groups: the optimizer's parameter groups in torch's format (e.g.
             ``[{"params": weights, "lr": 0.01}, {"params": rest}]``; a group without
             ``"lr"`` takes ``optimizer.lr``; the schedule scales every group); None:
             every parameter of ``model`` in one group.
         on_epoch: called with each epoch's metrics row (as in metrics.csv) after its
             checkpoint is written.
-        shuffle_seed, augment_seed: seeds of the generators of the data order and of
-            ``augment`` (checkpointed either way); None: derived from ``seed`` as in
-            :func:`train`. For a caller whose own loop seeded them differently, so that
-            moving onto ``fit`` keeps its numbers.
         resume, overwrite, progress: as for :func:`train`. ``batch_size`` ...
             ``accelerator``: the keys of ``[data]`` and ``[train]`` of the same names.
 
