@@ -49,7 +49,8 @@ class SBNTrainConfig:
         eval_batch: rows per evaluation batch.
         seed: init, shuffling, augmentation and noise.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        max_steps: stop after this many optimizer steps (tests, smoke runs).
+        max_steps: must be None for now: :func:`train_sbn` trains whole epochs through
+            :func:`stelab.train.fit`, which has no step limit yet (short runs: ``limit``).
     """
 
     dataset: str = "digits"
