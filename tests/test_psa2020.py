@@ -183,7 +183,7 @@ def test_cifar10_preset_runs_on_random_cifar_shaped_data():
         training.PRESETS["cifar10"],
         estimator="dst",
         batch_size=8,
-        max_steps=2,
+        epochs=1,  # 16 rows: 2 steps
         eval_samples=2,
         init_rows=16,
         device="cpu",
@@ -196,7 +196,7 @@ def test_cifar10_preset_runs_on_random_cifar_shaped_data():
     assert 0 <= r["test"]["acc1"] <= 1 and 0 <= r["test"]["acc_avg"] <= 1
     # PSA through the same code path (narrow, one step)
     r = training.train_sbn(
-        replace(cfg, estimator="psa", channels=(4, 8), max_steps=1), _random_cifar()
+        replace(cfg, estimator="psa", channels=(4, 8), batch_size=16), _random_cifar()
     )
     assert r["steps"] == 1 and math.isfinite(r["history"][0]["train_loss"])
 
@@ -207,7 +207,7 @@ def test_train_sbn_on_digits_and_the_gradient_clamp():
         channels=(4, 8),
         padding=1,
         epochs=1,
-        max_steps=1,
+        limit=64,  # one batch: one step
         lr=0.5,
         grad_clamp=1e-3,
         eval_samples=3,
@@ -273,7 +273,7 @@ def test_training_part_tiny_run(tmp_path, monkeypatch):
         channels=(4, 8),
         padding=1,
         epochs=1,
-        max_steps=2,
+        limit=128,  # two steps
         eval_samples=2,
         init_rows=64,
     )
@@ -288,3 +288,70 @@ def test_training_part_tiny_run(tmp_path, monkeypatch):
     assert res["runs"]["psa"]["reused"] is False
     res2 = json.loads((tmp_path / "results.json").read_text())
     assert all(run["reused"] for run in res2["runs"].values())
+
+
+def test_train_sbn_refuses_max_steps_it_cannot_honour():
+    with pytest.raises(ConfigError, match="max_steps = 3"):
+        training.train_sbn(training.SBNTrainConfig(max_steps=3), _random_cifar())
+
+
+def test_train_sbn_reports_a_nan_parameter_as_divergence(monkeypatch):
+    # a NaN weight of a hidden layer need not make the sampled loss NaN (a NaN
+    # pre-activation is never above the threshold), so train_sbn checks the parameters
+    import stelab.sbn as sbn
+
+    real, calls = sbn.surrogate_loss, [0]
+
+    def poison_second_step(model, *a, **k):
+        calls[0] += 1
+        loss = real(model, *a, **k)
+        if calls[0] == 2:  # after the (finite) loss; .data: unseen by autograd
+            model.hidden[0].weight.data.view(-1)[0] = math.nan
+        assert math.isfinite(float(loss.detach()))
+        return loss
+
+    monkeypatch.setattr(sbn, "surrogate_loss", poison_second_step)
+    cfg = training.SBNTrainConfig(
+        channels=(2, 4), padding=1, epochs=2, batch_size=4, eval_samples=2, device="cpu"
+    )
+    data = _random_cifar(n_train=16)  # 4 steps per epoch
+    r = training.train_sbn(cfg, data)
+    assert r["diverged"] and calls[0] == 2  # stopped before a third step's loss
+    assert r["steps"] == 1 and r["history"] == []  # step 2 made the parameter NaN
+    assert all(math.isnan(v) for v in (*r["val"].values(), *r["test"].values()))
+
+
+def test_a_diverged_run_reads_back_from_the_cache_and_is_reported(tmp_path, monkeypatch):
+    """The last estimator's loss turns NaN at its third step; a rerun reads the diverged
+    run from results.json (NaN accuracies stored as null) and reports it the same way."""
+    import stelab.sbn as sbn
+
+    tiny = training.SBNTrainConfig(
+        dataset="digits", channels=(2, 4), padding=1, epochs=2, limit=128,
+        eval_samples=2, init_rows=64,
+    )  # fmt: skip
+    monkeypatch.setitem(training.PRESETS, "digits-quick", tiny)
+    assert training.ESTIMATORS[-1] == "reinforce"
+    real, calls = sbn.surrogate_loss, [0]
+    nan_at = 4 * (len(training.ESTIMATORS) - 1) + 3  # 4 steps per run; the last run's 3rd
+
+    def nan_loss(*a, **k):
+        calls[0] += 1
+        loss = real(*a, **k)
+        return loss * math.nan if calls[0] == nan_at else loss
+
+    monkeypatch.setattr(sbn, "surrogate_loss", nan_loss)
+    r = training.run(tmp_path, quick=True, progress=False)
+    res = json.loads((tmp_path / "results.json").read_text())
+    bad = res["runs"]["reinforce"]
+    assert bad["diverged"] and bad["steps"] == 2 and len(bad["history"]) == 1
+    assert bad["test"]["acc_avg"] is None and bad["val"]["acc1"] is None  # NaN in JSON
+    assert not any(res["runs"][s]["diverged"] for s in training.ESTIMATORS[:-1])
+    report = (tmp_path / "report.md").read_text()
+    assert report.count("(diverged)") == 1 and "diverged: reinforce" in report
+    monkeypatch.setattr(sbn, "surrogate_loss", real)
+    r2 = training.run(tmp_path, quick=True, progress=False)  # every run from the cache
+    res2 = json.loads((tmp_path / "results.json").read_text())
+    assert all(run["reused"] for run in res2["runs"].values())
+    assert r2.claims == r.claims
+    assert (tmp_path / "report.md").read_text().count("(diverged)") == 1

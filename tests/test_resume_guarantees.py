@@ -248,3 +248,59 @@ def test_a_dict_with_a_non_tensor_value_is_not_a_bare_state_dict(tmp_path):
     torch.save({}, empty)
     with pytest.raises(ConfigError, match="neither"):
         load_checkpoint(empty)
+
+
+# --- the [S20] SBN training (train_sbn) through fit ---------------------------------
+
+
+def _random_images():
+    g = torch.Generator().manual_seed(4)
+
+    def split(n):
+        return Split(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+    return Splits("images", split(48), split(12), split(12), 3, (1, 8, 8), "random 8x8 images")
+
+
+def test_train_sbn_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """train_sbn's own path (its step, noise, augmentation and evaluation generators,
+    cosine schedule, element-wise clamp): Ctrl-C in epoch 2, resume, and every field of
+    the run folder and of the returned result equals the run that never stopped."""
+    import stelab.sbn as sbn
+    from stelab.experiments.psa2020.sbn_training import SBNTrainConfig, train_sbn
+
+    cfg = SBNTrainConfig(
+        channels=(2, 4), padding=1, epochs=3, batch_size=16, lr=0.3, augment=True,
+        schedule="cosine", eval_samples=2, init_rows=32, device="cpu",
+    )  # fmt: skip
+    ref_dir, run_dir = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    ref = train_sbn(cfg, _random_images(), run_dir=ref_dir)
+    real, calls = sbn.surrogate_loss, [0]
+
+    def stop_in_epoch_2(*a, **k):
+        calls[0] += 1
+        if calls[0] == 5:  # 3 steps per epoch: the second step of epoch 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sbn, "surrogate_loss", stop_in_epoch_2)
+    with pytest.raises(TrainingInterrupted, match="epoch 2/3"):
+        train_sbn(cfg, _random_images(), run_dir=run_dir)
+    monkeypatch.setattr(sbn, "surrogate_loss", real)
+    assert ckpt(run_dir)["epoch"] == 1
+    got = train_sbn(cfg, _random_images(), run_dir=run_dir, resume=True)
+    c = ckpt(ref_dir)
+    # the premises: every generator of the protocol checkpointed, val after the last epoch
+    assert set(c["rng"]["streams"]) == {"noise", "eval"} and c["global_step"] == 9
+    assert [r["val_acc"] is not None for r in c["history"]] == [False, False, True]
+    a, b = _without_times(c), _without_times(ckpt(run_dir))
+    assert set(a) == set(b)
+    for key in a:
+        assert_same_tensors(a[key], b[key], f"last.pt:{key}")
+    assert _without_times(read_metrics_csv(ref_dir / "metrics.csv")) == _without_times(
+        read_metrics_csv(run_dir / "metrics.csv")
+    )
+    ref_model, got_model = ref.pop("model"), got.pop("model")
+    assert _without_times(ref) == _without_times(got)
+    assert_same_tensors(ref_model.state_dict(), got_model.state_dict(), "model")
+    assert ref["steps"] == 9 and not ref["diverged"] and 0 <= ref["test"]["acc1"] <= 1

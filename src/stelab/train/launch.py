@@ -21,7 +21,7 @@ from ..config import (
     config_to_dict,
     parse_config,
 )
-from ..errors import ConfigError, DataError, StelabError, StelabTypeError
+from ..errors import ConfigError, DataError, StelabError, StelabTypeError, check_int
 from . import files
 from .loop import Evaluate, Job, Session, Step
 from .parts import TrainingDiverged, TrainingInterrupted, classifier_step, quiet_lightning
@@ -225,6 +225,8 @@ def fit(
     eval_batch_size: int = 1000,
     augment: str = "none",
     seed: int = 0,
+    shuffle_seed: int | None = None,
+    augment_seed: int | None = None,
     threads: int | str = "auto",
     grad_clip: float | None = None,
     grad_clip_norm: float | None = None,
@@ -270,6 +272,10 @@ def fit(
         generators: random generators the step draws from (e.g. an SBN's noise):
             checkpointed by name and restored on resume, like torch's, numpy's and
             Python's global RNGs, which the loop always keeps.
+        shuffle_seed, augment_seed: seeds of the generators of the data order and of
+            ``augment`` (checkpointed either way); None: derived from ``seed`` as in
+            :func:`train`. For a caller whose own loop seeded them differently, so that
+            moving onto ``fit`` keeps its numbers.
         param_groups: the optimizer's parameter groups in torch's format (e.g.
             ``[{"params": weights, "lr": 0.01}, {"params": rest}]``; a group without
             ``"lr"`` takes ``optimizer.lr``; the schedule scales every group); None:
@@ -337,9 +343,13 @@ def fit(
             save_best=save_best,
         ),
     )
+    if shuffle_seed is not None:
+        shuffle_seed = check_int("shuffle_seed", shuffle_seed, 0, 2**64 - 1)
+    if augment_seed is not None:
+        augment_seed = check_int("augment_seed", augment_seed, 0, 2**64 - 1)
     cfg = parse_config(config_to_dict(raw))  # the checks of load_config, naming the key
     groups = None if param_groups is None else [dict(g) for g in param_groups]
-    job = Job(model, data, step, evaluate, gens, on_epoch, groups)
+    job = Job(model, data, step, evaluate, gens, on_epoch, groups, shuffle_seed, augment_seed)
     if run_dir is None:
         import tempfile
 

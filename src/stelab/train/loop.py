@@ -70,6 +70,8 @@ class Job:
     generators: Mapping[str, torch.Generator] = field(default_factory=dict)
     on_epoch: Callable[[dict[str, Any]], Any] | None = None
     param_groups: list[dict[str, Any]] | None = None  # torch's format; None: all parameters
+    shuffle_seed: int | None = None  # seed of the shuffling generator; None: train.seed
+    augment_seed: int | None = None  # seed of the augmentation generator; None: from train.seed
 
 
 # --- the session --------------------------------------------------------------------
@@ -272,6 +274,10 @@ class Session:
         self.sched = build_scheduler(cfg, opt)
         self.shuffle_gen = torch.Generator().manual_seed(t.seed)
         self.aug_gen = torch.Generator().manual_seed(_mix(t.seed, 2, self.rank))
+        if self.job is not None and self.job.shuffle_seed is not None:
+            self.shuffle_gen.manual_seed(self.job.shuffle_seed)
+        if self.job is not None and self.job.augment_seed is not None:
+            self.aug_gen.manual_seed(self.job.augment_seed)
         if ckpt is not None:
             before = ckpt.get("config", {}).get("train", {}).get("epochs")
             if self.main and cfg.schedule.name == "cosine" and before not in (None, t.epochs):

@@ -1,21 +1,20 @@
 """One SBN training run of the [S20] learning protocol: :class:`SBNTrainConfig`,
-:func:`train_sbn` (the training loop) and :func:`evaluate_sbn` (evaluation by sampling).
+:func:`train_sbn` (the training) and :func:`evaluate_sbn` (evaluation by sampling).
 
-Why not :func:`stelab.train.train`: that loop computes ``cross_entropy(model(x), y)``
-and backpropagates through it, but an SBN's forward pass samples hard states with no
-gradient; the estimator (``surrogate_loss``) is what defines the gradient. The loop
-here reuses the trainer's building blocks (:func:`stelab.train.build_optimizer`,
-:func:`stelab.train.lr_factor`, :class:`stelab.train.TrainingDiverged`); it is
-single-process (device ``auto`` picks CUDA when present), so it does not need Lightning
-Fabric, whose import alone takes several seconds of the quick budget on this machine.
+:func:`train_sbn` trains through :func:`stelab.train.fit`, the loop of every stelab
+training (checkpoints, bit-identical resume): an SBN's forward pass samples hard states
+with no gradient, so its training step is the estimator's surrogate loss
+(``surrogate_loss``), with the SBN's noise drawn from a named, checkpointed generator.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -50,7 +49,8 @@ class SBNTrainConfig:
         eval_batch: rows per evaluation batch.
         seed: init, shuffling, augmentation and noise.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        max_steps: stop after this many optimizer steps (tests, smoke runs).
+        max_steps: must be None for now: :func:`train_sbn` trains whole epochs through
+            :func:`stelab.train.fit`, which has no step limit yet (short runs: ``limit``).
     """
 
     dataset: str = "digits"
@@ -181,30 +181,57 @@ def train_sbn(
     progress: bool = False,
     log: Callable[[str], Any] | None = None,
     evaluate_test: bool = True,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train ``sbn_conv8`` with ``cfg.estimator`` and evaluate it by sampling.
+
+    The training runs through :func:`stelab.train.fit` (one epoch loop for every
+    training in stelab): the step is the estimator's surrogate loss, the SBN's noise a
+    named generator, so ``run_dir`` holds a checkpoint per epoch and ``resume=True``
+    continues an interrupted run bit for bit (on CPU). The data order, noise,
+    augmentation and evaluation draw from their own generators, seeded from
+    ``cfg.seed`` (``seed·7919 + 1, 2, 4, 5``; the init ``+ 3``); the validation split
+    is evaluated after the last epoch, then the test split (both with the evaluation
+    generator, in that order).
 
     Args:
         cfg: the run (see :class:`SBNTrainConfig`).
         data: a :class:`stelab.data.Splits` to use instead of loading ``cfg.dataset``
             (e.g. random CIFAR-shaped tensors in a smoke test).
-        progress: a tqdm bar over steps.
+        progress: a progress bar and one log line per epoch (on stderr).
         log: receives one line per epoch.
         evaluate_test: also evaluate on the test split.
+        run_dir: the run folder of :func:`stelab.train.fit` (checkpoints, metrics.csv);
+            None: a temporary one, removed at the end.
+        resume: continue the run in ``run_dir``.
 
     Returns:
         ``{"config", "history": [{"epoch", "train_loss", "lr", "seconds"}], "val", "test",
         "steps", "seconds", "diverged", "params", "model"}`` where ``val``/``test`` are
-        :func:`evaluate_sbn` dicts and ``model`` the trained SBN.
+        :func:`evaluate_sbn` dicts (NaN when diverged) and ``model`` the trained SBN. A
+        NaN/inf loss or parameter ends the training with ``diverged`` true; ``history``
+        then holds the epochs finished before.
     """
+    import tempfile
+
     from ... import data as _data
     from ...analysis import parse_estimator
     from ...config import OptimConfig, ScheduleConfig
+    from ...data import Split, Splits
     from ...sbn import data_init, sbn_conv8, surrogate_loss
-    from ...train.parts import build_optimizer, lr_factor
+    from ...train import TrainingDiverged, fit, load_checkpoint
+    from ...train.files import CKPT_DIR, LAST
 
     if not isinstance(cfg, SBNTrainConfig):
         raise StelabTypeError(f"cfg must be an SBNTrainConfig, got {type(cfg).__name__}")
+    if cfg.max_steps is not None:
+        raise ConfigError(
+            f"max_steps = {cfg.max_steps}: train_sbn trains whole epochs (stelab.train.fit); "
+            "use epochs and limit for a short run"
+        )
+    if resume and run_dir is None:
+        raise ConfigError("resume=True needs the run_dir of the run to continue")
     if data is None:
         kw: dict[str, Any] = {"limit": cfg.limit, "seed": cfg.seed, "progress": False}
         if cfg.val_size is not None:
@@ -225,84 +252,98 @@ def train_sbn(
     model.to(dev)
     init_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + 3)
     data_init(model, x[: cfg.init_rows].to(dev), generator=init_gen)
-    opt = build_optimizer(
-        OptimConfig(name="sgd", lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov),
-        model.parameters(),
-    )
-    sched = ScheduleConfig(name=cfg.schedule)
-    shuffle = torch.Generator().manual_seed(cfg.seed * 7919 + 1)
     noise = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + 2)
-    augment = (
-        _data.flip_crop(4, generator=torch.Generator().manual_seed(cfg.seed * 7919 + 4))
-        if cfg.augment
-        else None
-    )
+    eval_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + 5)
     params = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = _data.num_batches(len(x), cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    in_epoch = [0]  # steps of the current epoch, the failing one included
 
-        bar = tqdm(total=total, desc=f"train {cfg.estimator}", leave=False)
-    history: list[dict[str, Any]] = []
-    steps, diverged = 0, False
+    def step(m: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        in_epoch[0] += 1
+        # the loss stays finite when a parameter does not (NaN never crosses a threshold)
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            in_epoch[0] -= 1  # the previous step made them so
+            raise TrainingDiverged("a parameter of the SBN became NaN/inf")
+        return surrogate_loss(m, *batch, _ce, est, cfg.samples, noise)
+
+    def evaluate(m: Any, split: Any) -> dict[str, float]:
+        r = evaluate_sbn(
+            m, split.x, split.y, samples=cfg.eval_samples, batch=cfg.eval_batch, generator=eval_gen
+        )
+        return {"loss": r["nll_avg"], "acc": r["acc_avg"], "acc1": r["acc1"]}
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        in_epoch[0] = 0
+        if log is not None:
+            log(
+                f"{cfg.estimator} epoch {row['epoch']}/{cfg.epochs}: train loss "
+                f"{row['train_loss']:.4f}, {row['seconds']:.1f} s"
+            )
+
+    empty = Split(x[:0], y[:0])
+    # the test split is evaluated below (fit's test metrics would lack acc1)
+    fit_data = Splits(
+        data.name, data.train, data.val, empty, data.num_classes, data.input_shape, data.source
+    )
     t_start = time.perf_counter()
-    try:
-        for epoch in range(cfg.epochs):
-            lr = cfg.lr * lr_factor(sched, cfg.epochs, epoch, cfg.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            loss_sum, rows = 0.0, 0
-            model.train()
-            for xb, yb in _data.batches(x, y, cfg.batch_size, generator=shuffle, augment=augment):
-                xb, yb = xb.to(dev), yb.to(dev)
-                loss = surrogate_loss(model, xb, yb, _ce, est, cfg.samples, noise)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clamp is not None:
-                    torch.nn.utils.clip_grad_value_(params, cfg.grad_clamp)
-                opt.step()
-                v = float(loss.detach())
-                if not math.isfinite(v) or not all(bool(torch.isfinite(p).all()) for p in params):
-                    diverged = True
-                    break
-                loss_sum += v * len(yb)
-                rows += len(yb)
-                steps += 1
-                if bar is not None:
-                    bar.update(1)
-                if cfg.max_steps is not None and steps >= cfg.max_steps:
-                    break
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": loss_sum / rows if rows else math.nan,
-                "lr": lr,
-                "seconds": time.perf_counter() - t0,
-            }
-            history.append(row)
-            if log is not None:
-                log(
-                    f"{cfg.estimator} epoch {epoch + 1}/{cfg.epochs}: train loss "
-                    f"{row['train_loss']:.4f}, {row['seconds']:.1f} s"
-                )
-            if diverged or (cfg.max_steps is not None and steps >= cfg.max_steps):
-                break
-    finally:
-        if bar is not None:
-            bar.close()
+    diverged = False
+    with contextlib.ExitStack() as stack:
+        if run_dir is None:
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "run"
+        run_dir = Path(run_dir)
+        stack.enter_context(_global_rngs_kept(dev))
+        try:
+            fit(
+                model,
+                fit_data,
+                run_dir=run_dir,
+                resume=resume,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                step=step,
+                evaluate=evaluate,
+                eval_every=cfg.epochs,  # the protocol: validation after the last epoch
+                save_best=False,
+                generators={"noise": noise, "eval": eval_gen},
+                optimizer=OptimConfig(
+                    name="sgd", lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+                ),
+                schedule=ScheduleConfig(name=cfg.schedule),
+                grad_clip=cfg.grad_clamp,
+                augment="flip_crop" if cfg.augment else "none",
+                seed=cfg.seed,
+                shuffle_seed=cfg.seed * 7919 + 1,
+                augment_seed=cfg.seed * 7919 + 4,
+                threads=torch.get_num_threads(),
+                accelerator=dev.type,
+                progress=progress,
+                on_epoch=on_epoch,
+                name=f"sbn-{cfg.estimator}",
+            )
+        except TrainingDiverged:
+            diverged = True
+        last_pt = run_dir / CKPT_DIR / LAST
+        rows = load_checkpoint(last_pt)["history"] if last_pt.exists() else []
+    diverged = diverged or not all(bool(torch.isfinite(p).all()) for p in params)
     train_seconds = time.perf_counter() - t_start
+    history = [
+        {"epoch": r["epoch"], "train_loss": r["train_loss"], "lr": r["lr"], "seconds": r["seconds"]}
+        for r in rows
+    ]
+    steps = len(rows) * steps_per_epoch
+    if diverged:
+        steps += max(in_epoch[0] - 1, 0) - (steps_per_epoch if in_epoch[0] == 0 else 0)
     model.eval()
-    eval_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 7919 + 5)
     nan = {"acc1": math.nan, "acc_avg": math.nan, "nll_avg": math.nan}
     val = test = nan
     if not diverged:
-        val = evaluate_sbn(
-            model, *data.val, samples=cfg.eval_samples, batch=cfg.eval_batch, generator=eval_gen
-        )
+        last = rows[-1] if rows else {}
+        if last.get("val_acc") is not None:
+            val = {
+                "acc1": last["val_acc1"],
+                "acc_avg": last["val_acc"],
+                "nll_avg": last["val_loss"],
+            }
         if evaluate_test:
             xt, yt = data.test
             if cfg.test_limit is not None:
@@ -324,3 +365,20 @@ def train_sbn(
         "device": str(dev),
         "model": model,
     }
+
+
+@contextlib.contextmanager
+def _global_rngs_kept(dev: torch.device) -> Iterator[None]:
+    """torch's, numpy's and Python's global RNG states as before, after the block
+    (:func:`stelab.train.fit` seeds them; the [S20] runs draw from their own generators)."""
+    import random
+
+    import numpy as np
+
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)

@@ -68,17 +68,19 @@ def _zero_one(eta: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def _train(
     out_dir: Path, epochs: int, checkpoints: list[int], seed: int, curve_every: int, progress: bool
 ) -> dict[str, Any]:
-    """The training loop itself: trains, saves the checkpoints, returns the curve."""
-    from tqdm.auto import tqdm
-
-    from ...data import batches
+    """The training (through :func:`stelab.train.fit`, run folder ``checkpoints/run``):
+    saves the listed checkpoints, returns the curve."""
+    from ...config import OptimConfig, ScheduleConfig
+    from ...data import Split, Splits
     from ...sbn import exact_expected_loss, logistic_loss, surrogate_loss
+    from ...train import fit
+    from .sbn_training import _global_rngs_kept
 
     x, y = data()
     net = model(seed)
-    opt = torch.optim.SGD(net.parameters(), lr=TRAIN["lr"], momentum=TRAIN["momentum"])
-    shuffle = torch.Generator().manual_seed(seed * 7919 + 1)
     noise = torch.Generator().manual_seed(seed * 7919 + 2)
+    none = Split(x[:0], y[:0])
+    splits = Splits("psa-toy", Split(x, y), none, none, None, (2,), "psa-toy seed 1 float64")
 
     def point(epoch: int) -> list[float]:
         with torch.no_grad():
@@ -86,20 +88,36 @@ def _train(
             err = float(exact_expected_loss(net, x, y, _zero_one))
         return [epoch, loss, 1.0 - err]
 
-    curve = [point(0)]
-    _save_state(checkpoint_path(out_dir, 0), net.state_dict())
-    t0 = time.perf_counter()
-    for epoch in tqdm(
-        range(1, epochs + 1), desc="train toy SBN", disable=not progress, leave=False
-    ):
-        for xb, yb in batches(x, y, TRAIN["batch_size"], generator=shuffle):
-            opt.zero_grad(set_to_none=True)
-            surrogate_loss(net, xb, yb, logistic_loss, "reinforce", 1, noise).backward()
-            opt.step()
+    def on_epoch(row: dict[str, Any]) -> None:
+        epoch = int(row["epoch"])
         if epoch % curve_every == 0 or epoch in checkpoints or epoch == 1:
             curve.append(point(epoch))
         if epoch in checkpoints:
             _save_state(checkpoint_path(out_dir, epoch), net.state_dict())
+
+    curve = [point(0)]
+    _save_state(checkpoint_path(out_dir, 0), net.state_dict())
+    t0 = time.perf_counter()
+    with _global_rngs_kept(torch.device("cpu")):
+        fit(
+            net,
+            splits,
+            run_dir=out_dir / "checkpoints" / "run",
+            overwrite=True,  # an earlier, unfinished training: start again
+            epochs=epochs,
+            batch_size=TRAIN["batch_size"],
+            step=lambda m, b: surrogate_loss(m, *b, logistic_loss, "reinforce", 1, noise),
+            generators={"noise": noise},
+            optimizer=OptimConfig(name="sgd", lr=TRAIN["lr"], momentum=TRAIN["momentum"]),
+            schedule=ScheduleConfig(name="constant"),
+            seed=seed,
+            shuffle_seed=seed * 7919 + 1,
+            threads=torch.get_num_threads(),
+            save_best=False,
+            on_epoch=on_epoch,
+            progress=progress,
+            name="psa-toy",
+        )
     return {"epochs_done": epochs, "curve": curve, "seconds": time.perf_counter() - t0}
 
 

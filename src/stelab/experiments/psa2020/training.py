@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, replace
@@ -155,6 +156,8 @@ def run_cached(
         return r
 
     r, reused = cached(path, key, compute)
+    for split in ("val", "test"):  # JSON stores NaN as null: a diverged run read back
+        r[split] = {k: math.nan if v is None else v for k, v in r[split].items()}
     return {**r, "reused": reused}
 
 
