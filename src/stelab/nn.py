@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 
 from . import estimators as _est
 from .errors import ConfigError, StelabTypeError, StelabWarning, check_int, closest
-from .quantizers import _QUANTIZER_PARAMS, QuantAct, Quantizer
+from .quantizers import QUANTIZER_PARAMS, QuantAct, Quantizer
 
 __all__ = [
     "QuantLinear",
@@ -170,12 +169,11 @@ def _role_class(role: str) -> type[Quantizer]:
 def _spec_keys(fn: Any, estimator: Any) -> list[str]:
     """The keys a dict spec may hold: fn, estimator, the Quantizer's parameters and
     those of the named estimator (or of fn's default estimator)."""
-    keys = ["fn", "estimator", *_QUANTIZER_PARAMS]
+    keys = ["fn", "estimator", *QUANTIZER_PARAMS]
     if estimator is None and isinstance(fn, str) and fn in _est.DEFAULTS:
         estimator = _est.default_for(fn)
-    ctor = _est._REGISTRY.get(estimator) if isinstance(estimator, str) else None
-    if inspect.isclass(ctor):
-        keys += [k for k in inspect.signature(ctor).parameters if k not in keys]
+    if estimator in _est.REGISTRY:
+        keys += [k for k in _est.REGISTRY.params(estimator) if k not in keys]
     return keys
 
 
