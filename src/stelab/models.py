@@ -254,7 +254,7 @@ class ConvNet(nn.Module):
 
 
 #: the model zoo: name -> constructor ``(num_classes, in_shape, act, **options)``
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", identifiers=False)
 for _name, _ctor in (
     ("lenet5", LeNet5),
     ("vgg11", VGG11),

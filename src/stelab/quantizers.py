@@ -68,6 +68,7 @@ __all__ = [
     "forward_names",
     "quantize_tensor",
     "register_forward",
+    "unregister_forward",
 ]
 
 INF = math.inf
@@ -118,6 +119,10 @@ class Forward:
     #: :data:`stelab.estimators.DEFAULTS` does not list yet
     default_estimator: ClassVar[str] = "ste"
     default_reason: ClassVar[str] = ""
+    #: the ONNX pattern :mod:`stelab.export` writes for this kind: one of "identity",
+    #: "sign", "heaviside", "ternary" (custom ops), "uniform", "act" (QDQ); a kind whose
+    #: forward equals one of them may reuse it. None: not exportable
+    onnx: ClassVar[str | None] = None
 
     def __new__(cls, kind: str | None = None, *args: Any, **kwargs: Any) -> Forward:
         if cls is Forward:
@@ -165,11 +170,18 @@ def register_forward(name: str, *, overwrite: bool = False) -> Any:
 
     def deco(cls: type[Forward]) -> type[Forward]:
         FORWARDS.add(name, cls, overwrite=overwrite)
-        if name not in _est.DEFAULTS or overwrite:
-            _est.DEFAULTS.setdefault(name, (cls.default_estimator, cls.default_reason))
+        if overwrite or name not in _est.DEFAULTS:
+            _est.DEFAULTS[name] = (cls.default_estimator, cls.default_reason)
         return cls
 
     return deco
+
+
+def unregister_forward(name: str) -> bool:
+    """Remove the quantizer ``name`` and its default-estimator entry (for tests and
+    plugins that clean up); whether it was registered."""
+    _est.DEFAULTS.pop(name, None)
+    return FORWARDS.unregister(name)
 
 
 # Written as chains of arithmetic kernels (in place after the first), no boolean
@@ -181,6 +193,7 @@ def register_forward(name: str, *, overwrite: bool = False) -> Any:
 @register_forward("identity")
 class _Identity(Forward):
     formula = "x"
+    onnx = "identity"
 
     def q(self, x, step, generator=None):  # noqa: D102
         return x.clone()
@@ -192,6 +205,7 @@ class _Identity(Forward):
 @register_forward("sign")
 class _Sign(Forward):
     formula = "+1 if x >= 0 else -1"
+    onnx = "sign"
     deployed, bits_ok = 1, True
 
     def q(self, x, step, generator=None):  # noqa: D102
@@ -205,6 +219,7 @@ class _Sign(Forward):
 @register_forward("heaviside")
 class _Heaviside(Forward):
     formula = "1{x > 0}"
+    onnx = "heaviside"
     deployed, bits_ok = 1, True
 
     def q(self, x, step, generator=None):  # noqa: D102
@@ -217,6 +232,7 @@ class _Heaviside(Forward):
 @register_forward("ternary")
 class _Ternary(Forward):
     formula = "sign(x) * 1{|x| > t}"
+    onnx = "ternary"
     deployed = 2
     takes_threshold = True
 
@@ -254,6 +270,7 @@ class Staircase(Forward):
 @register_forward("uniform")
 class _Uniform(Staircase):
     formula = "step * clamp(round(x/step), -2^(b-1), 2^(b-1)-1)   (round half to even)"
+    onnx = "uniform"
     bits_range = (2, 16)
     stochastic_ok = True
 
@@ -284,6 +301,7 @@ class _Uniform(Staircase):
 @register_forward("act")
 class _Act(Staircase):
     formula = "alpha * clamp(ceil(x/alpha), 0, 2^b - 1)   ([Y19] sigma_alpha)"
+    onnx = "act"
     bits_range = (1, 16)
     bits_required = True
 

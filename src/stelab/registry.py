@@ -63,6 +63,7 @@ class Registry(Generic[T]):
         base: if given, :meth:`register` accepts only subclasses of it.
         cache: :meth:`build` returns the same instance for the same name and
             (hashable) parameters; use only for immutable objects.
+        identifiers: names must be Python identifiers (else any non-empty string).
 
     Example::
 
@@ -75,8 +76,11 @@ class Registry(Generic[T]):
         SHAPES.build("sqare")         # ConfigError: ... (did you mean 'square'?)
     """
 
-    def __init__(self, kind: str, *, base: type | None = None, cache: bool = False) -> None:
+    def __init__(
+        self, kind: str, *, base: type | None = None, cache: bool = False, identifiers: bool = True
+    ) -> None:
         self.kind = kind
+        self.identifiers = identifiers
         self.base = base
         self._entries: dict[str, Entry[T]] = {}
         self._cache: dict[Any, Any] | None = {} if cache else None
@@ -117,9 +121,10 @@ class Registry(Generic[T]):
         return self._entries.pop(name, None) is not None
 
     def check_name(self, name: Any) -> None:
-        """A ConfigError unless ``name`` is a Python identifier."""
-        if not isinstance(name, str) or not name.isidentifier():
-            raise ConfigError(f"{self.kind} name must be a Python identifier, got {name!r}")
+        """A ConfigError unless ``name`` is a Python identifier (a non-empty string)."""
+        if not isinstance(name, str) or not (name.isidentifier() if self.identifiers else name):
+            what = "a Python identifier" if self.identifiers else "a non-empty string"
+            raise ConfigError(f"{self.kind} name must be {what}, got {name!r}")
 
     # -- look-up -----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from .deterministic import DeterministicReport
-from .plots import _finish, estimator_style, panels
+from .plots import estimator_style, finish_figure, panels
 
 __all__ = ["plot_descent", "plot_descent_change", "plot_bias"]
 
@@ -51,7 +51,7 @@ def plot_descent(
         ax.set_title("training batch" if which == "train" else "held-out batch")
         ax.grid(alpha=0.3, lw=0.5)
     axes[0].set_ylabel("P(loss decreases)")
-    return _finish(fig, axes, path, title, dpi)
+    return finish_figure(fig, axes, path, title, dpi)
 
 
 def plot_descent_change(
@@ -93,7 +93,7 @@ def plot_descent_change(
         ax.set_title("training batch" if which == "train" else "held-out batch")
         ax.grid(alpha=0.3, lw=0.5)
     axes[0].set_ylabel("mean loss change")
-    return _finish(fig, axes, path, title, dpi)
+    return finish_figure(fig, axes, path, title, dpi)
 
 
 def plot_bias(
@@ -129,4 +129,4 @@ def plot_bias(
         ax.set_xticks(xs)
         ax.set_xticklabels(report.layers, rotation=60, ha="right", fontsize=7)
         ax.grid(alpha=0.3, lw=0.5)
-    return _finish(fig, axes, path, title, dpi)
+    return finish_figure(fig, axes, path, title, dpi)

@@ -51,7 +51,7 @@ from .. import estimators as _est
 from ..errors import ConfigError, StelabTypeError, check_int, check_positive, closest
 from ..specs import split_spec
 from .det_report import DescentCurve, DeterministicReport, LayerBias
-from .fidelity import _bias_stats
+from .fidelity import bias_stats
 from .relax import (
     RelaxedGradient,
     describe_relaxation,
@@ -338,7 +338,7 @@ def bias_table(
             names = [n for n, _ in ps]
             g, r = _flat(grads, names), _flat(ref.grads, names)
             se = None if ref.se is None else _flat(ref.se, names)
-            bias, raw, floor, z = _bias_stats(g, r, 0.0, 0.0, 1, se)
+            bias, raw, floor, z = bias_stats(g, r, 0.0, 0.0, 1, se)
             den = float(g.norm()) * float(r.norm())
             cos = float(g @ r) / den if den > 0 else math.nan
             out[label][layer] = LayerBias(

@@ -53,7 +53,7 @@ from torch import Tensor
 from ..errors import ConfigError, StelabTypeError, check_int
 from ..sbn import SBN, exact_gradient, mc_reference
 from ..sbn.estimators import LossFn
-from ..sbn.exact import DEFAULT_MAX_STATES, _check_enumerable
+from ..sbn.exact import DEFAULT_MAX_STATES, check_enumerable
 from ..sbn.noise import as_generator
 from .draws import DrawEngine, flatten_layers, layer_keys, layer_label, layer_params, time_per_draw
 from .specs import EstimatorSpec, forward_equivalents, parse_estimators
@@ -110,7 +110,7 @@ def enumerable(model: SBN, max_states: int = DEFAULT_MAX_STATES) -> tuple[bool, 
     """``(True, "")`` if :func:`stelab.sbn.exact_gradient` can enumerate ``model``, else
     ``(False, why)`` with the message naming the state count."""
     try:
-        _check_enumerable(model, max_states)
+        check_enumerable(model, max_states)
     except ConfigError as e:
         return False, str(e)
     return True, ""
@@ -453,7 +453,7 @@ class _Moments:
         return float((var * var).sum())
 
 
-def _bias_stats(
+def bias_stats(
     mean: Tensor, ref: Tensor, tr: float, tr2: float, n_units: int, ref_se: Tensor | None
 ) -> tuple[float, float, float, float]:
     """(bias, bias_raw, bias_floor, bias_z) for a mean of ``n_units`` rows."""
@@ -669,7 +669,7 @@ def _run_one(
             err = float((g - r).norm()) / rn if rn > 0 else math.nan
             den = float(g.norm()) * rn
             cos = float(g @ r) / den if den > 0 else 0.0
-            bias, raw, floor, z = _bias_stats(g, r, 0.0, 0.0, 1, None if ses is None else ses[k])
+            bias, raw, floor, z = bias_stats(g, r, 0.0, 0.0, 1, None if ses is None else ses[k])
             n = len(sizes)
             out.layers[k] = LayerFidelity(
                 k,
@@ -760,7 +760,7 @@ def _layer_result(
     mean = mom.mean()
     tr_unit = mom.trace_cov()
     tr2_unit = mom.trace_cov2()
-    bias, raw, floor, z = _bias_stats(mean, ref, tr_unit, tr2_unit, mom.n, ref_se)
+    bias, raw, floor, z = bias_stats(mean, ref, tr_unit, tr2_unit, mom.n, ref_se)
     variance = tr_unit * unit
     rn = float(ref.norm())
     snr = float(mean.norm()) / math.sqrt(variance) if variance > 0 else math.inf

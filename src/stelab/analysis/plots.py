@@ -98,7 +98,9 @@ def save(fig: Any, path: str | os.PathLike[str], dpi: int = 110) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def _finish(fig: Any, axes: Any, path: str | os.PathLike[str], title: str | None, dpi: int) -> Path:
+def finish_figure(
+    fig: Any, axes: Any, path: str | os.PathLike[str], title: str | None, dpi: int
+) -> Path:
     handles, labels = axes[0].get_legend_handles_labels()
     right = fig.subplotpars.right
     fig.legend(
@@ -152,7 +154,7 @@ def plot_rmse(
         ax.set_title(labels[key])
         ax.grid(alpha=0.3, which="major", lw=0.5)
     axes[0].set_ylabel("relative RMSE")
-    return _finish(fig, axes, path, title, dpi)
+    return finish_figure(fig, axes, path, title, dpi)
 
 
 def plot_cosine(
@@ -200,7 +202,7 @@ def plot_cosine(
         ax.set_title(labels[key])
         ax.grid(alpha=0.3, which="major", lw=0.5)
     axes[0].set_ylabel("cosine similarity (mean, 15-85%)")
-    return _finish(fig, axes, path, title, dpi)
+    return finish_figure(fig, axes, path, title, dpi)
 
 
 def plot_budget(
@@ -236,4 +238,4 @@ def plot_budget(
         ax.set_title(labels[key])
         ax.grid(alpha=0.3, which="major", lw=0.5)
     axes[0].set_ylabel("relative RMSE")
-    return _finish(fig, axes, path, title, dpi)
+    return finish_figure(fig, axes, path, title, dpi)

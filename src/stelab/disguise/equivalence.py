@@ -36,7 +36,7 @@ from ..quantizers import Forward
 __all__ = ["DegenerateEstimatorWarning", "Equivalence", "equivalent_ste", "is_cyclical"]
 
 
-_F64 = torch.float64
+F64 = torch.float64
 _GL_ORDER = 10
 _N_START = 64
 _N_MAX = 1 << 16
@@ -62,7 +62,7 @@ class DegenerateEstimatorWarning(UserWarning):
 
 def _gauss_legendre(order: int) -> tuple[Tensor, Tensor]:
     """Nodes and weights of Gauss-Legendre quadrature on [-1, 1] (Golub-Welsch)."""
-    k = torch.arange(1, order, dtype=_F64)
+    k = torch.arange(1, order, dtype=F64)
     b = k / torch.sqrt(4 * k * k - 1)
     jac = torch.diag(b, 1) + torch.diag(b, -1)
     x, v = torch.linalg.eigh(jac)
@@ -102,9 +102,9 @@ def _build_table(inv_g: Callable[[Tensor], Tensor], tol: float) -> _Table | None
     n = _N_START
     while n <= _N_MAX:
         h = 1.0 / n
-        edges = (torch.arange(n + 1, dtype=_F64) - n // 2) / n  # exact; holds 0 and ±1/2
+        edges = (torch.arange(n + 1, dtype=F64) - n // 2) / n  # exact; holds 0 and ±1/2
         panels = _panel_integrals(inv_g, edges[:-1], h)
-        cum = torch.cat([torch.zeros(1, dtype=_F64), torch.cumsum(panels, 0)])
+        cum = torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(panels, 0)])
         integral = float(cum[-1])
         phi = cum / integral
         phi[-1] = 1.0
@@ -126,7 +126,7 @@ def _build_table(inv_g: Callable[[Tensor], Tensor], tol: float) -> _Table | None
             cols = tuple(coef[:, i].contiguous() for i in range(4))
             centred = (cols[0] - 0.5, *cols[1:])
             cells = min(8 * n, 1 << 20)
-            grid = torch.arange(cells + 1, dtype=_F64) / cells
+            grid = torch.arange(cells + 1, dtype=F64) / cells
             jinv = (torch.searchsorted(phi, grid, right=True) - 1).clamp_(0, n - 1)
             hops = int((jinv[1:] - jinv[:-1]).max())
             return _Table(n, coef, cols, centred, phi, integral, interp_error, quad_change,
@@ -169,7 +169,7 @@ def _runs(r: Tensor, mask: Tensor) -> list[tuple[float, float]]:
     return runs
 
 
-def _describe_r(r: float) -> str:
+def describe_r(r: float) -> str:
     if abs(abs(r) - 0.5) < 1e-12:
         return "the change points (w = ±Δ/2 from a level)"
     if abs(r) < 1e-12:
@@ -225,9 +225,9 @@ class Equivalence:
         self._fwd = Forward("uniform", bits)
         self._device_tables: dict[torch.device, Any] = {}
         self._lo, self._hi = self._fwd.qrange
-        r = torch.linspace(-0.5, 0.5, 4097, dtype=_F64)
+        r = torch.linspace(-0.5, 0.5, 4097, dtype=F64)
         self.max_shift = float((self._phi(r.clone()) - 0.5 - r).abs().max())
-        self.symmetric = abs(float(self._phi(torch.zeros(1, dtype=_F64))) - 0.5) < 1e-9
+        self.symmetric = abs(float(self._phi(torch.zeros(1, dtype=F64))) - 0.5) < 1e-9
 
     # -- properties ----------------------------------------------------------
 
@@ -293,7 +293,7 @@ class Equivalence:
             f = c0 + u * (c1 + u * (c2 + u * c3)) - p
             df = c1 + u * (2 * c2 + 3 * u * c3)
             u = (u - f / df).nan_to_num_(0.5).clamp_(0, 1)
-        return (j.to(_F64) + u) / n - 0.5
+        return (j.to(F64) + u) / n - 0.5
 
     # -- the maps --------------------------------------------------------------
 
@@ -397,7 +397,7 @@ class Equivalence:
             n.clamp_(self._lo, self._hi)
         # r = w/Δ - n ∈ [-1/2, 1/2] (the subtraction is exact); NaN/±inf inputs give
         # r = 0 and come out as n·Δ = NaN/±inf again
-        r = torch.sub(s, n, out=torch.empty(s.shape, dtype=_F64, device=s.device))
+        r = torch.sub(s, n, out=torch.empty(s.shape, dtype=F64, device=s.device))
         r.nan_to_num_(0.0)
         if inverse:  # w = Δ(n - 1/2 + Φ(r')) -> r'
             y = self._phi_inv(r.add_(0.5))
@@ -566,11 +566,11 @@ def equivalent_ste(
         d = est.derivative(r * step, ctx)
         if not isinstance(d, Tensor):
             raise StelabTypeError(f"estimator {name} returned {type(d).__name__}, not a tensor")
-        return d.to(_F64).expand(r.shape)
+        return d.to(F64).expand(r.shape)
 
     notes: list[str] = []
     # 1. cyclical: the same function on other bins (inside the range when clipped)
-    r_chk = (torch.arange(256, dtype=_F64) + 0.5) / 256 - 0.5
+    r_chk = (torch.arange(256, dtype=F64) + 0.5) / 256 - 0.5
     g0 = g_of_r(r_chk)
     scale = float(g0.abs().max()) if bool(torch.isfinite(g0).all()) else 1.0
     bins = _CHECK_BINS
@@ -578,7 +578,7 @@ def equivalent_ste(
         lo_b, hi_b = Forward("uniform", bits).qrange
         bins = tuple(b for b in bins if lo_b < b < hi_b) + (int(lo_b) + 1, int(hi_b) - 1)
     for b in bins:
-        gb = est.derivative((b + r_chk) * step, ctx).to(_F64)
+        gb = est.derivative((b + r_chk) * step, ctx).to(F64)
         diff = (gb - g0).abs()
         bad = ~(diff <= 1e-6 * max(scale, 1e-300) + 1e-12)
         if bool(bad.any()):
@@ -593,7 +593,7 @@ def equivalent_ste(
             )
 
     # 2. positive and finite on the whole bin (dense grid incl. edges and centre)
-    r_dense = torch.linspace(-0.5, 0.5, 8193, dtype=_F64)
+    r_dense = torch.linspace(-0.5, 0.5, 8193, dtype=F64)
     g_dense = g_of_r(r_dense)
     if not bool(torch.isfinite(g_dense).all()):
         i = int((~torch.isfinite(g_dense)).nonzero()[0, 0])
@@ -611,7 +611,7 @@ def equivalent_ste(
         kind = "vanishes" if g_min == 0.0 else "is negative"
         zero = r_dense[g_dense <= 0]
         if zero.numel() == 1 or bool((zero.abs() == 0.5).all()):
-            where = _describe_r(r_min)
+            where = describe_r(r_min)
         else:
             frac = zero.numel() / r_dense.numel()
             runs = _runs(r_dense, g_dense <= 0)
@@ -628,7 +628,7 @@ def equivalent_ste(
     if not degenerate and g_min < _MIN_RATIO * g_max:
         degenerate = True
         why = (
-            f"estimator {name} nearly vanishes (min q̂' = {g_min:.3g} at {_describe_r(r_min)}, "
+            f"estimator {name} nearly vanishes (min q̂' = {g_min:.3g} at {describe_r(r_min)}, "
             f"below {_MIN_RATIO:g} × its max {g_max:.3g}): α would be below ~{_MIN_RATIO:g}"
         )
     if not degenerate:
@@ -637,7 +637,7 @@ def equivalent_ste(
             degenerate = True
             why = (
                 f"estimator {name} nearly vanishes (min q̂' = {g_min:.3g} at "
-                f"{_describe_r(r_min)}, max {g_max:.3g}): 1/q̂' is too sharp to integrate "
+                f"{describe_r(r_min)}, max {g_max:.3g}): 1/q̂' is too sharp to integrate "
                 f"to tol={tol:g} with {_N_MAX} panels"
             )
     if degenerate:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .equivalence import _F64, Equivalence, _describe_r, equivalent_ste
+from .equivalence import F64, Equivalence, describe_r, equivalent_ste
 
 __all__ = ["disguise_report"]
 
@@ -33,7 +33,7 @@ def disguise_report(
     eq = equivalent_ste(estimator_name, step, params=params)
     est = eq.estimator
     s = eq.step
-    r = torch.linspace(-0.5, 0.5, 4097, dtype=_F64)
+    r = torch.linspace(-0.5, 0.5, 4097, dtype=F64)
     i = int((eq._phi(r.clone()) - 0.5 - r).abs().argmax())
     shift_at = float(r[i])
     where_shift = f"±{abs(shift_at):.4f}" if eq.symmetric else f"{shift_at:+.4f}"
@@ -41,8 +41,8 @@ def disguise_report(
         f"estimator    {est!r}   q̂'(w) = {est.formula or '?'}",
         f"step         Δ = {s:g}",
         f"alpha        α = {eq.alpha:.8g}   (harmonic mean of q̂' over a bin)",
-        f"q̂' min       {eq.g_min:.6g} at {_describe_r(eq.r_min)}",
-        f"q̂' max       {eq.g_max:.6g} at {_describe_r(eq.r_max)}",
+        f"q̂' min       {eq.g_min:.6g} at {describe_r(eq.r_min)}",
+        f"q̂' max       {eq.g_max:.6g} at {describe_r(eq.r_max)}",
         f"M shift      max |M(w) - w| = {eq.max_shift:.6f} Δ  (at w = level {where_shift}·Δ)",
         f"equivalent   SGD / SGD+momentum: STE with lr × {eq.alpha:.6g} from weights M(w₀)",
         "             Adam/AdamW: [S24] says STE with the same lr and weights; measured to hold",
@@ -65,7 +65,7 @@ def _plot(eq: Equivalence, path: Path) -> None:
     from ..plots import save_figure
 
     s = eq.step
-    w = torch.linspace(-1.5 * s, 1.5 * s, 3001, dtype=_F64)
+    w = torch.linspace(-1.5 * s, 1.5 * s, 3001, dtype=F64)
     g = eq.derivative(w)
     m = eq.M(w)
     # the estimator in the coordinates v = M(w): dv/dt = M'(w)·dw/dt ∝ M'(w)·q̂'(w)
