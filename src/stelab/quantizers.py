@@ -40,6 +40,12 @@ A learned step (LSQ, Esser et al. 2020) is available for ``uniform`` and
 
 NaN inputs give NaN outputs (they propagate; nothing raises inside forward or
 backward, which keeps both free of host synchronisation).
+
+The forward functions are an open registry (:data:`FORWARDS`): a new quantizer
+is one :class:`Forward` (or :class:`Staircase`) subclass decorated with
+:func:`register_forward`; its class attributes drive parameter checks, default
+estimator, summaries and export (docs/estimators.md, "Adding an estimator or a
+quantizer").
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ INF = math.inf
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Forward:
     """A piecewise-constant forward function with its fixed parameters.
 
@@ -125,9 +131,22 @@ class Forward:
     onnx: ClassVar[str | None] = None
 
     def __new__(cls, kind: str | None = None, *args: Any, **kwargs: Any) -> Forward:
-        if cls is Forward:
+        if cls is Forward and kind is not None:
             cls = FORWARDS.get(kind)
         return object.__new__(cls)
+
+    def __repr__(self) -> str:
+        return (
+            f"Forward(kind={self.kind!r}, bits={self.bits!r}, threshold={self.threshold!r}, "
+            f"rounding={self.rounding!r})"
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickling: an object pickled as the base class (before the kinds were
+        # classes) becomes its kind's class again
+        self.__dict__.update(state)
+        if type(self) is Forward:
+            object.__setattr__(self, "__class__", FORWARDS.get(self.kind))
 
     @property
     def qrange(self) -> tuple[float, float]:

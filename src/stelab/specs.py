@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import ConfigError, StelabTypeError
 
-__all__ = ["split_spec", "quant_spec", "QUANT_SPEC_HELP"]
+__all__ = ["split_spec", "parse_param", "quant_spec", "QUANT_SPEC_HELP"]
 
 #: how a quantizer spec is written (for error messages)
 QUANT_SPEC_HELP = "'fn', 'fn:estimator' or 'fn:estimator:key=value' (e.g. 'uniform:ste:bits=4')"
@@ -35,8 +35,6 @@ def split_spec(
     ``what`` and ``example`` go into the error messages (an empty spec, a piece
     that is not ``KEY=VALUE`` after the first parameter, a key given twice).
     """
-    from .plugins import parse_value
-
     if not isinstance(spec, str):
         raise StelabTypeError(f"a {what} spec must be a string, got {type(spec).__name__}")
     names: list[str] = []
@@ -52,17 +50,28 @@ def split_spec(
         raise ConfigError(f"empty {what} spec {spec!r}; e.g. {example!r}")
     params: dict[str, Any] = {}
     for kv in pieces:
-        k, _, v = kv.partition("=")
-        k, v = k.strip(), v.strip()
-        if not k or not v:
+        pair = parse_param(kv)
+        if pair is None:
             raise ConfigError(
                 f"{what} parameter must be KEY=VALUE, got {kv.strip()!r} in {spec!r} "
                 f"(e.g. {example!r})"
             )
-        if k in params:
-            raise ConfigError(f"{what} parameter {k!r} given twice in {spec!r}")
-        params[k] = parse_value(v)
+        if pair[0] in params:
+            raise ConfigError(f"{what} parameter {pair[0]!r} given twice in {spec!r}")
+        params[pair[0]] = pair[1]
     return names, params
+
+
+def parse_param(text: str) -> tuple[str, Any] | None:
+    """``"key=value"`` -> ``(key, value)``, the value read by
+    :func:`stelab.plugins.parse_value`; None unless both sides are non-empty."""
+    from .plugins import parse_value
+
+    k, eq, v = text.partition("=")
+    k, v = k.strip(), v.strip()
+    if not eq or not k or not v:
+        return None
+    return k, parse_value(v)
 
 
 def quant_spec(spec: str | Mapping[str, Any], where: str = "spec") -> dict[str, Any]:
