@@ -227,7 +227,7 @@ def test_planted_wrong_estimator_comes_out_worse():
             per_layer=True,
         )  # fmt: skip
     finally:
-        del estimators._REGISTRY["flipped_test"]
+        estimators.REGISTRY.unregister("flipped_test")
     ste, bad = res["ste"]["0"], res["flipped_test"]["0"]  # a step on the first layer only
     for k in range(2):
         assert ste.p_train[k] >= 0.7 and bad.p_train[k] <= 0.3

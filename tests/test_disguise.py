@@ -556,10 +556,10 @@ def user_registry():
     """Estimators registered by a test are removed after it (the registry is global)."""
     from stelab import estimators
 
-    before = set(estimators._REGISTRY)
+    before = set(estimators.names())
     yield
-    for name in set(estimators._REGISTRY) - before:
-        del estimators._REGISTRY[name]
+    for name in set(estimators.names()) - before:
+        estimators.REGISTRY.unregister(name)
 
 
 def test_to_ste_refuses_an_estimator_it_cannot_map_and_names_the_layer(user_registry):

@@ -294,7 +294,7 @@ def test_user_estimator_in_one_function_works_by_name():
         with pytest.raises(ConfigError, match="already registered"):
             stelab.register_estimator("triangle_test")(triangle)
     finally:
-        stelab.estimators._REGISTRY.pop("triangle_test")
+        stelab.estimators.REGISTRY.unregister("triangle_test")
 
 
 def test_custom_estimator_instance_and_bad_return():

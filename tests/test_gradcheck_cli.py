@@ -99,9 +99,9 @@ def usercode(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     from stelab import estimators
 
-    estimators._REGISTRY.pop("tri_user", None)  # only the --import below may register it
+    estimators.REGISTRY.unregister("tri_user")  # only the --import below may register it
     yield tmp_path, f"mynet_{tag}", f"myests_{tag}", "tri_user"
-    estimators._REGISTRY.pop("tri_user", None)
+    estimators.REGISTRY.unregister("tri_user")
     for m in (f"mynet_{tag}", f"myests_{tag}"):
         sys.modules.pop(m, None)
 
@@ -255,7 +255,7 @@ def test_import_makes_user_estimators_visible_everywhere(main, usercode, capsys,
 
     assert os.environ["STELAB_IMPORT"] == ests  # exported once, for worker processes
     sys.modules.pop(ests)
-    estimators._REGISTRY.pop(tri)
+    estimators.REGISTRY.unregister(tri)
     monkeypatch.setenv("STELAB_IMPORT", ests)
     assert main(["estimators", "--plot", str(tmp / "e.png")]) == 0
     assert tri in capsys.readouterr().out and (tmp / "e.png").is_file()

@@ -252,16 +252,16 @@ def disguise(
     """
     from .disguise import disguise_report
     from .errors import ConfigError
-    from .plugins import parse_value
+    from .specs import parse_param
 
     params: dict[str, object] = {}
     for p in param or []:
-        name, eq, value = p.partition("=")
-        if not eq or not name.strip() or not value.strip():
+        pair = parse_param(p)
+        if pair is None:
             raise ConfigError(
                 f"--param must be NAME=VALUE (a number, a name or MODULE:NAME), got {p!r}"
             )
-        params[name.strip()] = parse_value(value.strip())
+        params[pair[0]] = pair[1]
     created = None
     if plot is not None:
         from .plots import check_plot_path, new_folder

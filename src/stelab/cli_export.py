@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
 
         from . import export as _export
 
-        _export._require("onnx", "onnxscript", *(("onnxruntime",) if verify else ()))
+        _export.require("onnx", "onnxscript", *(("onnxruntime",) if verify else ()))
 
         import torch
 

@@ -43,7 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, StelabTypeError, check_positive, construct, unknown
+from .errors import ConfigError, StelabTypeError, check_positive, unknown
+from .registry import Registry
 
 __all__ = [
     "Context",
@@ -52,6 +53,7 @@ __all__ = [
     "get",
     "names",
     "register",
+    "REGISTRY",
     "describe",
     "DEFAULTS",
     "default_for",
@@ -150,7 +152,8 @@ def _next(v: float, toward: float, dtype: torch.dtype) -> float:
 # Registry
 # ---------------------------------------------------------------------------
 
-_REGISTRY: dict[str, Callable[..., Estimator]] = {}
+#: every registered estimator: name -> Estimator subclass or factory (see :func:`register`)
+REGISTRY: Registry[Callable[..., Estimator]] = Registry("estimator")
 
 
 def register(name: str, *, overwrite: bool = False) -> Callable[[Any], Any]:
@@ -160,20 +163,19 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[Any], Any]:
     become the estimator's parameters) or a plain function ``fn(x) -> q̂'(x)``
     (wrapped with :func:`custom`; its docstring is used as the formula).
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ConfigError(f"estimator name must be a Python identifier, got {name!r}")
+    REGISTRY.check_name(name)
 
     def deco(obj: Any) -> Any:
-        if name in _REGISTRY and not overwrite:
-            raise ConfigError(
-                f"estimator {name!r} is already registered; pass overwrite=True to replace it"
-            )
         if inspect.isclass(obj) and issubclass(obj, Estimator):
+            REGISTRY.add(name, obj, overwrite=overwrite)
             obj.name = name
-            _REGISTRY[name] = obj
         elif callable(obj):
             formula = (inspect.getdoc(obj) or "").strip().splitlines()
-            _REGISTRY[name] = lambda: custom(obj, name=name, formula=formula[0] if formula else "")
+            REGISTRY.add(
+                name,
+                lambda: custom(obj, name=name, formula=formula[0] if formula else ""),
+                overwrite=overwrite,
+            )
         else:
             raise StelabTypeError(
                 f"register({name!r}) expects an Estimator subclass or a function, "
@@ -186,7 +188,7 @@ def register(name: str, *, overwrite: bool = False) -> Callable[[Any], Any]:
 
 def names() -> list[str]:
     """Names of every registered estimator."""
-    return sorted(_REGISTRY)
+    return REGISTRY.names()
 
 
 def get(name: str | Estimator | Callable[[Tensor], Tensor], **params: Any) -> Estimator:
@@ -205,9 +207,7 @@ def get(name: str | Estimator | Callable[[Tensor], Tensor], **params: Any) -> Es
         raise StelabTypeError(
             f"estimator must be a name, an Estimator or a function, got {type(name).__name__}"
         )
-    if name not in _REGISTRY:
-        raise unknown("estimator", name, _REGISTRY)
-    return construct("estimator", name, _REGISTRY[name], params)
+    return REGISTRY.build(name, **params)
 
 
 #: The estimator a quantizer gets when none is given, per forward function, and the
@@ -609,10 +609,13 @@ def custom(fn: Callable[[Tensor], Tensor], name: str = "custom", formula: str = 
 
 
 @functools.lru_cache(maxsize=16)
-def _integer_bound(dtype: torch.dtype) -> float:
+def integer_bound(dtype: torch.dtype) -> float:
     """2^p for a float dtype with p significand bits: from there on every value is an
     integer (float16 2^11, bfloat16 2^8, float32 2^24, float64 2^53)."""
     return 2.0 / torch.finfo(dtype).eps
+
+
+_integer_bound = integer_bound  # the name the dsq body uses
 
 
 def _bin_coordinate(v: Tensor) -> Tensor:

@@ -91,7 +91,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, StelabError, StelabTypeError
 from .nn import QuantConv2d, QuantLinear
-from .quantizers import Quantizer
+from .quantizers import FORWARDS, Quantizer
 
 __all__ = [
     "OPSET",
@@ -111,7 +111,7 @@ class ExportDependencyError(StelabError, ImportError):
     """onnx / onnxscript / onnxruntime is not installed."""
 
 
-def _require(*modules: str) -> list[types.ModuleType]:
+def require(*modules: str) -> list[types.ModuleType]:
     import importlib
 
     out = []
@@ -293,6 +293,12 @@ def _step_axis(step: Tensor, ndim: int, where: str) -> tuple[Tensor, int]:
 
 
 def _check_exportable(q: Quantizer, where: str) -> None:
+    if q.fwd.onnx is None:
+        raise ConfigError(
+            f"{where}: quantizer {q.kind!r} has no ONNX pattern (its Forward class sets "
+            "onnx = None); quantizers with one: "
+            + ", ".join(k for k in FORWARDS.names() if FORWARDS.get(k).onnx)
+        )
     if q.fwd.rounding == "stochastic":
         raise ConfigError(
             f"{where}: rounding='stochastic' cannot be exported (its forward is random); "
@@ -306,16 +312,16 @@ def _weight_codes(q: Quantizer, w: Tensor, where: str) -> tuple[Tensor, Tensor, 
     _check_exportable(q, where)
     w = w.detach()
     fwd = q.fwd
-    if fwd.kind in ("sign", "heaviside", "ternary"):
+    if fwd.onnx in ("sign", "heaviside", "ternary"):
         codes = fwd(w).to(torch.int8)
         return codes, torch.tensor(1.0), 1
     step = q.step.detach()
     u = torch.div(w, step)  # stelab's forward: the same division, then round/ceil and clamp
-    u = u.ceil() if fwd.kind == "act" else u.round()
+    u = u.ceil() if fwd.onnx == "act" else u.round()
     lo, hi = fwd.qrange
     if math.isfinite(lo):
         u = u.clamp(lo, hi)
-        dtype = _storage_dtype(fwd.kind, fwd.bits)
+        dtype = _storage_dtype(fwd.onnx, fwd.bits)
     else:
         dtype = _fitting_dtype(u)
     scale, axis = _step_axis(step, w.dim(), where)
@@ -333,7 +339,7 @@ class _ExportQuant(nn.Module):
     def __init__(self, q: Quantizer, where: str):
         super().__init__()
         _check_exportable(q, where)
-        self.kind = q.kind
+        self.kind = q.fwd.onnx  # the ONNX pattern (see Forward.onnx)
         self.threshold = q.fwd.threshold
         self.qdq = False
         if not q.fwd.has_step:
@@ -354,7 +360,7 @@ class _ExportQuant(nn.Module):
         # QuantizeLinear/DequantizeLinear pair followed by Reshape/Unsqueeze into an
         # invalid graph (its QDQ propagation); the uint8 form is what it uses itself.
         dtype = _storage_dtype("act", q.fwd.bits)
-        zp = 0 if q.kind == "act" else 2 ** (torch.iinfo(dtype).bits - 1)
+        zp = 0 if self.kind == "act" else 2 ** (torch.iinfo(dtype).bits - 1)
         info = torch.iinfo(dtype)
         self.lo, self.hi = int(lo), int(hi)
         clip = (self.lo + zp, self.hi + zp) != (info.min, info.max)
@@ -365,12 +371,12 @@ class _ExportQuant(nn.Module):
         if self.int_clip:
             self.register_buffer("lo_q", torch.tensor(self.lo + zp, dtype=dtype))
             self.register_buffer("hi_q", torch.tensor(self.hi + zp, dtype=dtype))
-        if self.float_clip and q.kind == "uniform":  # fl(lo·s), fl(hi·s), per channel
+        if self.float_clip and self.kind == "uniform":  # fl(lo·s), fl(hi·s), per channel
             self.register_buffer("lo_x", torch.tensor(float(self.lo)) * step)
             self.register_buffer("hi_x", torch.tensor(float(self.hi)) * step)
             self.bounds = (float(self.lo_x.min()), float(self.hi_x.max()))  # scalar step
         # zero points have the shape of their scale (ONNX) and the type of the codes
-        if q.kind == "act":  # QuantizeLinear of the integer ceil(x/α): scale 1
+        if self.kind == "act":  # QuantizeLinear of the integer ceil(x/α): scale 1
             self.register_buffer("one", torch.ones((), dtype=torch.float32))
             self.register_buffer("zero_point_q", torch.zeros((), dtype=dtype))
         else:
@@ -529,8 +535,8 @@ def _check_input(example_input: Any) -> Tensor:
 def to_onnx(model: nn.Module, example_input: Tensor, *, dynamic_batch: bool = True) -> Any:
     """The quantized ONNX ``ModelProto`` of ``model`` for inputs like ``example_input``
     (the batch dimension stays free with ``dynamic_batch``). Nothing is written."""
-    (onnx,) = _require("onnx")
-    _require("onnxscript")
+    (onnx,) = require("onnx")
+    require("onnxscript")
     if "custom_translation_table" not in inspect.signature(torch.onnx.export).parameters:
         raise ExportDependencyError(
             f"ONNX export needs torch >= 2.6 (torch.onnx.export with a custom translation "
@@ -617,7 +623,7 @@ def export(
 
 def count_ops(onnx_model: Any) -> dict[str, int]:
     """Operator type -> number of nodes in an ONNX model (a path or a ModelProto)."""
-    (onnx,) = _require("onnx")
+    (onnx,) = require("onnx")
     proto = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, os.PathLike)) else onnx_model
     counts: dict[str, int] = {}
     for node in proto.graph.node:
@@ -635,7 +641,7 @@ def run_onnx(path: str | os.PathLike[str], x: Tensor, *, fuse_qdq: bool = False)
     s_in·s_w on the way: outputs can then move by whole levels where s_in·s_w is
     coarse against the next quantizer's step (e.g. sign weights, scale 1).
     """
-    (ort,) = _require("onnxruntime")
+    (ort,) = require("onnxruntime")
     opts = ort.SessionOptions()
     if not fuse_qdq:
         opts.add_session_config_entry("session.disable_quant_qdq", "1")

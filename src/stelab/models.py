@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from . import estimators as _est
-from .errors import ConfigError, StelabTypeError, check_int, unknown
+from .errors import ConfigError, StelabTypeError, check_int
 from .nn import QuantSpec, quantize
 from .quantizers import QuantAct, halfnormal_alpha
+from .registry import Registry
 
 __all__ = [
     "ActConfig",
@@ -252,22 +253,30 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-_ZOO: dict[str, Callable[..., nn.Module]] = {
-    "lenet5": LeNet5,
-    "vgg11": VGG11,
-    "resnet20": ResNet20,
-    "convnet": ConvNet,
-}
+#: the model zoo: name -> constructor ``(num_classes, in_shape, act, **options)``
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", identifiers=False)
+for _name, _ctor in (
+    ("lenet5", LeNet5),
+    ("vgg11", VGG11),
+    ("resnet20", ResNet20),
+    ("convnet", ConvNet),
+):
+    MODELS.add(_name, _ctor)
 
 
 def names() -> list[str]:
     """Names of the zoo models."""
-    return sorted(_ZOO)
+    return MODELS.names()
 
 
 def register(name: str, ctor: Callable[..., nn.Module]) -> None:
-    """Add a model constructor to the zoo (used by :mod:`stelab.sbn` for its nets)."""
-    _ZOO[name] = ctor
+    """Add (or replace) a model constructor in the zoo (used by :mod:`stelab.sbn`)."""
+    MODELS.add(name, ctor, overwrite=True)
+
+
+def options(name: str) -> tuple[str, ...]:
+    """The keyword parameters of the zoo model ``name``'s constructor (e.g. ``width``)."""
+    return MODELS.params(name)
 
 
 def build(
@@ -283,10 +292,9 @@ def build(
 ) -> nn.Module:
     """Build a zoo model; ``weights``/``skip``/``overrides`` quantize its weights
     as in :func:`stelab.quantize` (activations come from ``act``)."""
-    if name not in _ZOO:
-        raise unknown("model", name, _ZOO)
+    ctor = MODELS.get(name)
     num_classes = check_int("num_classes", num_classes, 1, 2**31 - 1)
-    model = _ZOO[name](num_classes=num_classes, in_shape=tuple(in_shape), act=act, **kwargs)
+    model = ctor(num_classes=num_classes, in_shape=tuple(in_shape), act=act, **kwargs)
     if weights is not None or overrides:
         model = quantize(model, weights=weights, skip=skip, overrides=overrides, inplace=True)
     return model
@@ -329,8 +337,7 @@ def check_fits(
     (slower: ~2 s the first time) for the exact A.
     ``labels`` name ``in_shape`` and ``num_classes`` in the message (e.g. CLI options).
     """
-    if name not in _ZOO:
-        raise unknown("model", name, _ZOO)
+    ctor = MODELS.get(name)
     num_classes = check_int(labels[1], num_classes, 1, 2**31 - 1)
     c, h, w = _check_shape(in_shape, labels[0])
     if budget is None:
@@ -346,7 +353,7 @@ def check_fits(
     if 12 * c * h * w > limit:  # the input alone, before building anything
         raise ConfigError(f"{where} needs over {_fmt_bytes(12 * c * h * w)}, {have}{hint}")
     with torch.device("meta"):
-        model = _ZOO[name](num_classes=num_classes, in_shape=(c, h, w), act=None, **kwargs)
+        model = ctor(num_classes=num_classes, in_shape=(c, h, w), act=None, **kwargs)
     params = sum(p.numel() for p in model.parameters())
     if 8 * params > limit:
         raise ConfigError(f"{where} needs over {_fmt_bytes(8 * params)}, {have}{hint}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -27,7 +26,8 @@ from torch import Tensor, nn
 
 from . import estimators as _est
 from .errors import ConfigError, StelabTypeError, StelabWarning, check_int, closest
-from .quantizers import _QUANTIZER_PARAMS, QuantAct, Quantizer
+from .quantizers import QUANTIZER_PARAMS, QuantAct, Quantizer
+from .specs import QUANT_SPEC_HELP, quant_spec
 
 __all__ = [
     "QuantLinear",
@@ -170,12 +170,11 @@ def _role_class(role: str) -> type[Quantizer]:
 def _spec_keys(fn: Any, estimator: Any) -> list[str]:
     """The keys a dict spec may hold: fn, estimator, the Quantizer's parameters and
     those of the named estimator (or of fn's default estimator)."""
-    keys = ["fn", "estimator", *_QUANTIZER_PARAMS]
+    keys = ["fn", "estimator", *QUANTIZER_PARAMS]
     if estimator is None and isinstance(fn, str) and fn in _est.DEFAULTS:
         estimator = _est.default_for(fn)
-    ctor = _est._REGISTRY.get(estimator) if isinstance(estimator, str) else None
-    if inspect.isclass(ctor):
-        keys += [k for k in inspect.signature(ctor).parameters if k not in keys]
+    if estimator in _est.REGISTRY:
+        keys += [k for k in _est.REGISTRY.params(estimator) if k not in keys]
     return keys
 
 
@@ -184,21 +183,16 @@ def _check_spec(spec: QuantSpec, role: str) -> None:
     unknown keys, names and values raise here, naming the key and what is allowed."""
     if spec is None or isinstance(spec, Quantizer):
         return
-    if isinstance(spec, str):
-        fn, _, est = spec.partition(":")
-        _role_class(role)(fn, est or None)
-        return
-    if isinstance(spec, Mapping):
-        kw = dict(spec)
-        fn = kw.pop("fn", None)
-        if fn is None:
-            raise ConfigError(f"{role} spec needs a 'fn' key (the quantizer), got {dict(spec)!r}")
+    if isinstance(spec, (str, Mapping)):
+        kw = quant_spec(spec, f"{role} spec")
+        fn = kw.pop("fn")
+        shown = spec if isinstance(spec, str) else dict(spec)
         allowed = _spec_keys(fn, kw.get("estimator"))
         for key in kw:
             if key not in allowed:
                 hint = closest(str(key), allowed)
                 raise ConfigError(
-                    f"{role} spec {dict(spec)!r}: unknown key {key!r}"
+                    f"{role} spec {shown!r}: unknown key {key!r}"
                     + (f", did you mean {hint!r}?" if hint else "")
                     + f" (allowed: {', '.join(allowed)})"
                 )
@@ -206,17 +200,19 @@ def _check_spec(spec: QuantSpec, role: str) -> None:
             if role != "weights":
                 raise ConfigError(
                     f"step='auto' is only for weights (it is computed from them); give "
-                    f"{role} a number, got {dict(spec)!r}"
+                    f"{role} a number, got {shown!r}"
                 )
             kw["step"] = 1.0  # stands in for the per-layer value while checking the rest
-        _role_class(role)(fn, **kw)
-        if spec.get("step") == "auto":
+            _role_class(role)(fn, **kw)
             auto_step(torch.ones(1), fn, kw.get("bits"))
+        else:
+            _role_class(role)(fn, **kw)
         return
     if callable(spec):
         return
     raise StelabTypeError(
-        f"{role} must be None, 'fn[:estimator]', a dict of Quantizer arguments, a "
+        f"{role} must be None, a spec string ({QUANT_SPEC_HELP}), a dict of Quantizer "
+        "arguments, a "
         f"Quantizer or a function (name, module) -> Quantizer; got {spec!r} "
         f"({type(spec).__name__})"
     )
@@ -230,11 +226,8 @@ def _make_quantizer(
         return None
     if isinstance(spec, Quantizer):
         q = copy.deepcopy(spec)
-    elif isinstance(spec, str):
-        fn, _, est = spec.partition(":")
-        q = _role_class(role)(fn, est or None)
-    elif isinstance(spec, Mapping):
-        kw = dict(spec)
+    elif isinstance(spec, (str, Mapping)):
+        kw = quant_spec(spec, f"{role} spec")
         fn = kw.pop("fn")
         if kw.get("step") == "auto":
             assert weight is not None  # _check_spec allows 'auto' for weights only
@@ -307,8 +300,10 @@ def quantize(
     layer (``quantize(nn.Linear(4, 2), "sign")`` returns a QuantLinear). A spec is
 
     * ``None``: leave that part float;
-    * ``"fn"`` or ``"fn:estimator"``, e.g. ``"sign:approx_sign"`` (without an
-      estimator: fn's default, see :data:`stelab.estimators.DEFAULTS`);
+    * ``"fn"``, ``"fn:estimator"`` or ``"fn:estimator:key=value..."``, e.g.
+      ``"sign:approx_sign"``, ``"uniform:ste:bits=4:step=0.1"`` (without an
+      estimator: fn's default, see :data:`stelab.estimators.DEFAULTS`; the grammar
+      of :mod:`stelab.specs`, keys as in the dict form);
     * a dict of :class:`Quantizer` arguments, e.g.
       ``{"fn": "uniform", "bits": 4, "step": "auto", "estimator": "ste"}``
       (``step="auto"``: LSQ's 2·mean|w|/sqrt(Qp) per layer);

@@ -40,24 +40,42 @@ A learned step (LSQ, Esser et al. 2020) is available for ``uniform`` and
 
 NaN inputs give NaN outputs (they propagate; nothing raises inside forward or
 backward, which keeps both free of host synchronisation).
+
+The forward functions are an open registry (:data:`FORWARDS`): a new quantizer
+is one :class:`Forward` (or :class:`Staircase`) subclass decorated with
+:func:`register_forward`; its class attributes drive parameter checks, default
+estimator, summaries and export (docs/estimators.md, "Adding an estimator or a
+quantizer").
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import estimators as _est
-from .errors import ConfigError, StelabTypeError, check_int, check_positive, unknown
+from .errors import ConfigError, StelabTypeError, check_int, check_positive
 from .estimators import Context, Estimator
 from .halfnormal import halfnormal_alpha  # noqa: F401  (re-exported: stelab.quantizers API)
+from .registry import Registry
 
-__all__ = ["Forward", "Quantizer", "QuantAct", "forward_names", "quantize_tensor"]
+__all__ = [
+    "FORWARDS",
+    "Forward",
+    "QUANTIZER_PARAMS",
+    "Quantizer",
+    "QuantAct",
+    "Staircase",
+    "forward_names",
+    "quantize_tensor",
+    "register_forward",
+    "unregister_forward",
+]
 
 INF = math.inf
 
@@ -67,13 +85,19 @@ INF = math.inf
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Forward:
     """A piecewise-constant forward function with its fixed parameters.
 
-    ``bits`` (uniform, act), ``threshold`` (ternary) and ``rounding`` (uniform)
-    are fixed at construction; the step Δ (α) is passed at call time so that it
-    can be a learned or per-channel tensor.
+    ``Forward(kind, bits, threshold, rounding)`` returns an instance of the class
+    registered for ``kind`` (see :func:`register_forward`), so calling it runs that
+    kind's code directly, with no dispatch on the name. ``bits`` (uniform, act),
+    ``threshold`` (ternary) and ``rounding`` (uniform) are fixed at construction;
+    the step Δ (α) is passed at call time so that it can be a learned or
+    per-channel tensor.
+
+    A registered kind (a subclass) sets the class attributes below and
+    implements :meth:`q` and :meth:`context` (and :attr:`qrange` if it has a step).
     """
 
     kind: str
@@ -81,90 +105,236 @@ class Forward:
     threshold: float = 0.5
     rounding: str = "nearest"
 
-    @property
-    def has_step(self) -> bool:
-        return self.kind in ("uniform", "act")
+    #: plain-text formula (``stelab estimators``, docs)
+    formula: ClassVar[str] = ""
+    #: takes a step Δ: ``step`` is required and ``learn_step`` (LSQ) allowed
+    has_step: ClassVar[bool] = False
+    #: the allowed range of ``bits``; None: ``bits`` is not a parameter
+    bits_range: ClassVar[tuple[int, int] | None] = None
+    #: ``bits`` must be given (else None is allowed: unclipped)
+    bits_required: ClassVar[bool] = False
+    #: bits per element at deployment for a kind without ``bits`` (None: stays float);
+    #: ``bits`` equal to it is accepted and ignored when ``bits_ok`` (sign=1)
+    deployed: ClassVar[int | None] = None
+    bits_ok: ClassVar[bool] = False
+    #: takes ``threshold``
+    takes_threshold: ClassVar[bool] = False
+    #: accepts ``rounding="stochastic"``
+    stochastic_ok: ClassVar[bool] = False
+    #: the default estimator's name and the measurement behind it, for a kind that
+    #: :data:`stelab.estimators.DEFAULTS` does not list yet
+    default_estimator: ClassVar[str] = "ste"
+    default_reason: ClassVar[str] = ""
+    #: the ONNX pattern :mod:`stelab.export` writes for this kind: one of "identity",
+    #: "sign", "heaviside", "ternary" (custom ops), "uniform", "act" (QDQ); a kind whose
+    #: forward equals one of them may reuse it. None: not exportable
+    onnx: ClassVar[str | None] = None
+
+    def __new__(cls, kind: str | None = None, *args: Any, **kwargs: Any) -> Forward:
+        if cls is Forward and kind is not None:
+            cls = FORWARDS.get(kind)
+        return object.__new__(cls)
+
+    def __repr__(self) -> str:
+        return (
+            f"Forward(kind={self.kind!r}, bits={self.bits!r}, threshold={self.threshold!r}, "
+            f"rounding={self.rounding!r})"
+        )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # unpickling: an object pickled as the base class (before the kinds were
+        # classes) becomes its kind's class again
+        self.__dict__.update(state)
+        if type(self) is Forward:
+            object.__setattr__(self, "__class__", FORWARDS.get(self.kind))
 
     @property
     def qrange(self) -> tuple[float, float]:
         """(lowest, highest) level in units of the step."""
-        if self.kind == "uniform":
-            if self.bits is None:
-                return (-INF, INF)
-            return (-(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1)
-        if self.kind == "act":
-            return (0.0, 2.0**self.bits - 1)
         raise AttributeError(f"{self.kind} has no step")
 
     @property
     def deployed_bits(self) -> int | None:
         """Bits per element at deployment (None: stays floating point)."""
-        return {
-            "identity": None,
-            "sign": 1,
-            "heaviside": 1,
-            "ternary": 2,
-        }.get(self.kind, self.bits)
+        return self.bits if self.bits_range is not None else self.deployed
 
     def __call__(self, x: Tensor, step: Tensor | float | None = None, generator=None) -> Tensor:
-        # Written as chains of arithmetic kernels (in place after the first), no
-        # boolean masks: on CPU a comparison + where() costs 10-50x a ReLU.
-        # maximum(y, clamp(x, max=lo)) hands NaN through (y >= lo everywhere else);
-        # torch.sign maps NaN to 0, so it is needed for sign/heaviside/ternary.
-        k = self.kind
         if isinstance(step, Tensor) and step.dtype != x.dtype and (x.dim() == 0 or step.dim()):
             # a 0-d float64 step does not promote a float32 x of dim >= 1, but it does a
             # 0-d x, and a per-channel float64 step any x: compute in x's dtype
             step = step.to(x.dtype)
-        if k == "sign":  # sign(sign(x) + 1/2) maps 0 to +1
-            return torch.maximum(torch.sign(x).add_(0.5).sign_(), x.clamp(max=-1.0))
-        if k == "heaviside":
-            return torch.maximum(torch.sign(x).clamp_(min=0.0), x.clamp(max=0.0))
-        if k == "ternary":
-            y = torch.sign(F.hardshrink(x, self.threshold))
-            return torch.maximum(y, x.clamp(max=-1.0))
-        if k == "identity":
-            return x.clone()
+        return self.q(x, step, generator)
+
+    def q(self, x: Tensor, step: Tensor | float | None, generator=None) -> Tensor:
+        """q(x) for this kind (``step`` already in x's dtype)."""
+        raise NotImplementedError
+
+    def context(self, step: float | Tensor | None) -> Context:
+        """The :class:`Context` an estimator sees for this forward and step."""
+        raise NotImplementedError
+
+
+#: every registered forward function: name -> its :class:`Forward` subclass
+FORWARDS: Registry[type[Forward]] = Registry("quantizer", base=Forward)
+
+
+def register_forward(name: str, *, overwrite: bool = False) -> Any:
+    """Class decorator registering a :class:`Forward` subclass as the quantizer ``name``.
+
+    After it, ``Quantizer(name, ...)``, :func:`stelab.quantize` specs, configs and the
+    CLI accept ``name``; its default estimator (``default_estimator``) is added to
+    :data:`stelab.estimators.DEFAULTS` unless listed there. See docs/estimators.md.
+    """
+    FORWARDS.check_name(name)
+
+    def deco(cls: type[Forward]) -> type[Forward]:
+        FORWARDS.add(name, cls, overwrite=overwrite)
+        if overwrite or name not in _est.DEFAULTS:
+            _est.DEFAULTS[name] = (cls.default_estimator, cls.default_reason)
+        return cls
+
+    return deco
+
+
+def unregister_forward(name: str) -> bool:
+    """Remove the quantizer ``name`` and its default-estimator entry (for tests and
+    plugins that clean up); whether it was registered."""
+    _est.DEFAULTS.pop(name, None)
+    return FORWARDS.unregister(name)
+
+
+# Written as chains of arithmetic kernels (in place after the first), no boolean
+# masks: on CPU a comparison + where() costs 10-50x a ReLU. maximum(y, clamp(x, max=lo))
+# hands NaN through (y >= lo everywhere else); torch.sign maps NaN to 0, so it is
+# needed for sign/heaviside/ternary.
+
+
+@register_forward("identity")
+class _Identity(Forward):
+    formula = "x"
+    onnx = "identity"
+
+    def q(self, x, step, generator=None):  # noqa: D102
+        return x.clone()
+
+    def context(self, step):  # noqa: D102
+        return Context(self.kind, -INF, INF, 1.0, 0.0, -INF, INF)
+
+
+@register_forward("sign")
+class _Sign(Forward):
+    formula = "+1 if x >= 0 else -1"
+    onnx = "sign"
+    deployed, bits_ok = 1, True
+
+    def q(self, x, step, generator=None):  # noqa: D102
+        # sign(sign(x) + 1/2) maps 0 to +1
+        return torch.maximum(torch.sign(x).add_(0.5).sign_(), x.clamp(max=-1.0))
+
+    def context(self, step):  # noqa: D102
+        return Context(self.kind, -1.0, 1.0, 2.0, 0.0, 0.0, 0.0)
+
+
+@register_forward("heaviside")
+class _Heaviside(Forward):
+    formula = "1{x > 0}"
+    onnx = "heaviside"
+    deployed, bits_ok = 1, True
+
+    def q(self, x, step, generator=None):  # noqa: D102
+        return torch.maximum(torch.sign(x).clamp_(min=0.0), x.clamp(max=0.0))
+
+    def context(self, step):  # noqa: D102
+        return Context(self.kind, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
+
+
+@register_forward("ternary")
+class _Ternary(Forward):
+    formula = "sign(x) * 1{|x| > t}"
+    onnx = "ternary"
+    deployed = 2
+    takes_threshold = True
+
+    def q(self, x, step, generator=None):  # noqa: D102
+        y = torch.sign(F.hardshrink(x, self.threshold))
+        return torch.maximum(y, x.clamp(max=-1.0))
+
+    def context(self, step):  # noqa: D102
+        t = self.threshold
+        return Context(self.kind, -1.0, 1.0, 2 * t, t, -t, t)
+
+
+class Staircase(Forward):
+    """Base of the kinds with a step Δ: levels ``lo..hi`` (:attr:`qrange`, in units of
+    Δ), jumps at ``(jump_offset + i)·Δ`` from ``first_jump`` to ``last_jump`` (in units
+    of Δ, :meth:`jumps`); :meth:`context` is built from those."""
+
+    has_step = True
+
+    def jumps(self) -> tuple[float, float, float]:
+        """(jump_offset, first_jump, last_jump) in units of the step."""
         lo, hi = self.qrange
-        clipped = math.isfinite(lo)
+        return 0.5, lo + 0.5, hi - 0.5
+
+    def context(self, step):  # noqa: D102
+        lo, hi = self.qrange
+        off, first, last = self.jumps()
+        if math.isfinite(lo):
+            return Context(
+                self.kind, lo * step, hi * step, step, off * step, first * step, last * step
+            )
+        return Context(self.kind, -INF, INF, step, off * step, -INF, INF)
+
+
+@register_forward("uniform")
+class _Uniform(Staircase):
+    formula = "step * clamp(round(x/step), -2^(b-1), 2^(b-1)-1)   (round half to even)"
+    onnx = "uniform"
+    bits_range = (2, 16)
+    stochastic_ok = True
+
+    @property
+    def qrange(self) -> tuple[float, float]:  # noqa: D102
+        if self.bits is None:
+            return (-INF, INF)
+        return (-(2.0 ** (self.bits - 1)), 2.0 ** (self.bits - 1) - 1)
+
+    def q(self, x, step, generator=None):  # noqa: D102
+        clipped = self.bits is not None
         xc = x if clipped else _clamp_to_grid_range(x, step)
         u = torch.div(xc, step)
-        if k == "act":
-            u.ceil_()
-        elif self.rounding == "stochastic":
+        if self.rounding == "stochastic":
             u.add_(torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype))
             u.floor_()
         else:
             u.round_()
         if clipped:
+            lo, hi = self.qrange
             return u.clamp_(lo, hi).mul_(step)
         # unclipped: q(xc) plus what the clamp took off (see _clamp_to_grid_range)
         if self.rounding == "stochastic":
             return u.mul_(step).add_(x - xc)
         return u.mul_(step).sub_(xc).add_(x)
 
-    def context(self, step: float | Tensor | None) -> Context:
-        """The :class:`Context` an estimator sees for this forward and step."""
-        k = self.kind
-        if k == "sign":
-            return Context(k, -1.0, 1.0, 2.0, 0.0, 0.0, 0.0)
-        if k == "heaviside":
-            return Context(k, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0)
-        if k == "ternary":
-            t = self.threshold
-            return Context(k, -1.0, 1.0, 2 * t, t, -t, t)
-        if k == "identity":
-            return Context(k, -INF, INF, 1.0, 0.0, -INF, INF)
+
+@register_forward("act")
+class _Act(Staircase):
+    formula = "alpha * clamp(ceil(x/alpha), 0, 2^b - 1)   ([Y19] sigma_alpha)"
+    onnx = "act"
+    bits_range = (1, 16)
+    bits_required = True
+
+    @property
+    def qrange(self) -> tuple[float, float]:  # noqa: D102
+        return (0.0, 2.0**self.bits - 1)
+
+    def jumps(self) -> tuple[float, float, float]:  # noqa: D102
+        # jumps at 0, α, ..., (2^b - 2)α
+        return 0.0, 0.0, self.qrange[1] - 1
+
+    def q(self, x, step, generator=None):  # noqa: D102
         lo, hi = self.qrange
-        if k == "uniform":
-            first, last = lo + 0.5, hi - 0.5
-            off = 0.5
-        else:  # act: jumps at 0, α, ..., (2^b - 2)α
-            first, last = 0.0, hi - 1
-            off = 0.0
-        if math.isfinite(lo):
-            return Context(k, lo * step, hi * step, step, off * step, first * step, last * step)
-        return Context(k, -INF, INF, step, off * step, -INF, INF)
+        return torch.div(x, step).ceil_().clamp_(lo, hi).mul_(step)
 
 
 def _clamp_to_grid_range(x: Tensor, step: Tensor | float) -> Tensor:
@@ -180,7 +350,7 @@ def _clamp_to_grid_range(x: Tensor, step: Tensor | float) -> Tensor:
     Δ·2^p - L = 0 and q(x) = x. (Stochastic rounding uses Δ·floor(xc/Δ + U) +
     (x - xc): exact on the grid up to L, x within two ulps beyond.)
     """
-    b = _est._integer_bound(x.dtype)
+    b = _est.integer_bound(x.dtype)
     if isinstance(step, Tensor):
         # minimum/maximum with a 0-d tensor: ~4x faster than clamp with tensor bounds
         lim = step * b
@@ -189,23 +359,13 @@ def _clamp_to_grid_range(x: Tensor, step: Tensor | float) -> Tensor:
     return x.clamp(-step * b, step * b)
 
 
-_FORWARD_FORMULAS = {
-    "identity": "x",
-    "sign": "+1 if x >= 0 else -1",
-    "heaviside": "1{x > 0}",
-    "ternary": "sign(x) * 1{|x| > t}",
-    "uniform": "step * clamp(round(x/step), -2^(b-1), 2^(b-1)-1)   (round half to even)",
-    "act": "alpha * clamp(ceil(x/alpha), 0, 2^b - 1)   ([Y19] sigma_alpha)",
-}
-
-
 def forward_names() -> list[str]:
-    """Names of the forward functions."""
-    return list(_FORWARD_FORMULAS)
+    """Names of the forward functions (every registered quantizer kind)."""
+    return FORWARDS.names()
 
 
 def forward_formula(kind: str) -> str:
-    return _FORWARD_FORMULAS[kind]
+    return FORWARDS.get(kind).formula
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +439,7 @@ def quantize_tensor(
 # The module
 # ---------------------------------------------------------------------------
 
-_QUANTIZER_PARAMS = (
+QUANTIZER_PARAMS = (
     "bits",
     "step",
     "alpha",
@@ -353,8 +513,7 @@ class Quantizer(nn.Module):
         **estimator_params: Any,
     ):
         super().__init__()
-        if not isinstance(fn, str) or fn not in _FORWARD_FORMULAS:
-            raise unknown("quantizer", fn, _FORWARD_FORMULAS)
+        kind = FORWARDS.get(fn)  # unknown: "unknown quantizer ... (did you mean ...)"
         if alpha is not None:
             if fn != "act" or step is not None:
                 raise ConfigError(
@@ -364,22 +523,24 @@ class Quantizer(nn.Module):
             step = alpha
         if rounding not in ("nearest", "stochastic"):
             raise ConfigError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
-        if rounding == "stochastic" and fn != "uniform":
-            raise ConfigError(f"rounding='stochastic' needs fn='uniform', got fn={fn!r}")
-        if fn == "uniform":
+        if rounding == "stochastic" and not kind.stochastic_ok:
+            ok = [k for k in FORWARDS.names() if FORWARDS.get(k).stochastic_ok]
+            raise ConfigError(
+                f"rounding='stochastic' needs fn={' or '.join(map(repr, ok))}, got fn={fn!r}"
+            )
+        if kind.bits_range is not None:
             if bits is not None:
-                bits = check_int("bits", bits, 2, 16)
-        elif fn == "act":
-            if bits is None:
+                bits = check_int("bits", bits, *kind.bits_range)
+            elif kind.bits_required:
+                lo, hi = kind.bits_range
                 raise ConfigError(
-                    "bits is required for the 'act' quantizer (an integer in [1, 16])"
+                    f"bits is required for the {fn!r} quantizer (an integer in [{lo}, {hi}])"
                 )
-            bits = check_int("bits", bits, 1, 16)
-        elif bits is not None and not (fn in ("sign", "heaviside") and bits == 1):
+        elif bits is not None and not (kind.bits_ok and bits == kind.deployed):
             raise ConfigError(f"bits is not a parameter of the {fn!r} quantizer, got bits={bits!r}")
         else:
             bits = None
-        if fn == "ternary":
+        if kind.takes_threshold:
             threshold = check_positive("threshold", threshold)
         self.fwd = Forward(fn, bits, float(threshold), rounding)
 
@@ -397,7 +558,8 @@ class Quantizer(nn.Module):
             if step is not None:
                 raise ConfigError(f"step is not a parameter of the {fn!r} quantizer")
             if learn_step:
-                raise ConfigError(f"learn_step needs fn='uniform' or 'act', got fn={fn!r}")
+                ok = " or ".join(repr(k) for k in FORWARDS.names() if FORWARDS.get(k).has_step)
+                raise ConfigError(f"learn_step needs fn={ok}, got fn={fn!r}")
             self.step = None
         self.learn_step = bool(learn_step)
         self.per_sample = bool(per_sample)
@@ -412,7 +574,7 @@ class Quantizer(nn.Module):
         except ConfigError as e:
             if estimator_params and "unexpected parameters" in str(e):
                 raise ConfigError(
-                    f"{e}. Quantizer parameters are: {', '.join(_QUANTIZER_PARAMS)}"
+                    f"{e}. Quantizer parameters are: {', '.join(QUANTIZER_PARAMS)}"
                 ) from None
             raise
         self.estimator.check(self.fwd.context(1.0 if self.fwd.has_step else None))
@@ -487,7 +649,7 @@ class Quantizer(nn.Module):
             parts.append(f"step={s.item():.4g}" if s.numel() == 1 else f"step=<{tuple(s.shape)}>")
             if self.learn_step:
                 parts.append("learn_step=True")
-        if self.fwd.kind == "ternary":
+        if self.fwd.takes_threshold:
             parts.append(f"threshold={self.fwd.threshold:g}")
         if self.fwd.rounding != "nearest":
             parts.append(f"rounding={self.fwd.rounding!r}")

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from .. import estimators as _est
 from ..errors import ConfigError, StelabTypeError, check_int, check_positive, closest
+from ..specs import split_spec
 from .det_report import DescentCurve, DeterministicReport, LayerBias
 from .fidelity_stats import bias_stats
 from .relax import (
@@ -92,24 +93,6 @@ class DetEstimator:
     estimator: _est.Estimator
 
 
-def _value(text: str) -> Any:
-    from ..plugins import parse_value
-
-    return parse_value(text)
-
-
-def _split_spec(spec: str) -> list[str]:
-    """``name:k=v:k=v``; a piece without ``=`` continues the previous value, so a
-    ``MODULE:NAME`` callable (``periodic:func=mymod:bump``) survives."""
-    out: list[str] = []
-    for piece in spec.split(":"):
-        if out and len(out) > 1 and "=" not in piece:
-            out[-1] += ":" + piece
-        else:
-            out.append(piece)
-    return [p.strip() for p in out]
-
-
 def parse_det_estimators(specs: str | Sequence[Any]) -> list[DetEstimator]:
     """Estimators from ``"ste,clipped_relu,dsq:k=3"`` or a list of names / Estimators.
 
@@ -135,16 +118,13 @@ def parse_det_estimators(specs: str | Sequence[Any]) -> list[DetEstimator]:
             raise StelabTypeError(
                 f"an estimator must be a name or an Estimator, got {type(item).__name__}"
             )
-        parts = _split_spec(item)
-        name, params = parts[0], {}
-        for kv in parts[1:]:
-            k, eq, v = kv.partition("=")
-            if not eq or not k.strip() or not v.strip():
-                raise ConfigError(
-                    f"estimator parameter must be KEY=VALUE, got {kv!r} in {item!r} "
-                    "(e.g. 'dsq:k=3')"
-                )
-            params[k.strip()] = _value(v.strip())
+        parts, params = split_spec(item, what="estimator", example="dsq:k=3")
+        if len(parts) > 1:
+            raise ConfigError(
+                f"estimator parameter must be KEY=VALUE, got {parts[1]!r} in {item!r} "
+                "(e.g. 'dsq:k=3')"
+            )
+        name = parts[0]
         if name not in _est.names():
             hint = closest(name, _est.names())
             raise ConfigError(

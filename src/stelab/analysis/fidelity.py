@@ -52,7 +52,7 @@ from torch import Tensor
 from ..errors import ConfigError, StelabTypeError, check_int
 from ..sbn import SBN, exact_gradient, mc_reference
 from ..sbn.estimators import LossFn
-from ..sbn.exact import DEFAULT_MAX_STATES, _check_enumerable
+from ..sbn.exact import DEFAULT_MAX_STATES, check_enumerable
 from ..sbn.noise import as_generator
 from .draws import DrawEngine, flatten_layers, layer_keys, layer_label, layer_params, time_per_draw
 from .fidelity_report import EstimatorFidelity, FidelityReport, LayerFidelity, Reference
@@ -82,7 +82,7 @@ def enumerable(model: SBN, max_states: int = DEFAULT_MAX_STATES) -> tuple[bool, 
     """``(True, "")`` if :func:`stelab.sbn.exact_gradient` can enumerate ``model``, else
     ``(False, why)`` with the message naming the state count."""
     try:
-        _check_enumerable(model, max_states)
+        check_enumerable(model, max_states)
     except ConfigError as e:
         return False, str(e)
     return True, ""

@@ -31,6 +31,7 @@ from ..errors import ConfigError, StelabTypeError, closest
 from ..sbn import SBN, SBNConv2d, SBNEstimator, SBNLinear, estimator_names, get_estimator
 from ..sbn.estimators import LossFn, per_example_loss, replicate
 from ..sbn.noise import uniform_like
+from ..specs import split_spec
 
 __all__ = [
     "EstimatorSpec",
@@ -161,18 +162,6 @@ class EstimatorSpec:
         return self.estimator.name
 
 
-def _value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
-
-
 def _label(name: str, params: dict[str, Any]) -> str:
     return f"{name}({', '.join(f'{k}={v}' for k, v in params.items())})" if params else name
 
@@ -212,21 +201,18 @@ def parse_estimator(spec: str | SBNEstimator | EstimatorSpec) -> EstimatorSpec:
             f"an estimator must be a spec string (e.g. 'psa', 'concrete:tau=0.1', 'det:ste') "
             f"or an SBNEstimator, got {type(spec).__name__}"
         )
-    parts = [p.strip() for p in spec.strip().split(":")]
+    parts, params = split_spec(spec, what="estimator", example="concrete:tau=0.1")
     mode = None
-    if parts and parts[0] in _MODES:
+    if len(parts) > 1 and parts[0] in _MODES:
         mode = parts.pop(0)
-    if not parts or not parts[0]:
+    if not parts[0]:
         raise ConfigError(f"empty estimator spec {spec!r}; e.g. 'psa' or 'det:ste'")
-    name, params = parts[0], {}
-    for kv in parts[1:]:
-        k, eq, v = kv.partition("=")
-        if not eq or not k.strip() or not v.strip():
-            raise ConfigError(
-                f"estimator parameter must be KEY=VALUE, got {kv!r} in {spec!r} "
-                f"(e.g. 'concrete:tau=0.1')"
-            )
-        params[k.strip()] = _value(v.strip())
+    if len(parts) > 1:
+        raise ConfigError(
+            f"estimator parameter must be KEY=VALUE, got {parts[1]!r} in {spec!r} "
+            "(e.g. 'concrete:tau=0.1')"
+        )
+    name = parts[0]
     if mode is not None:
         from .. import estimators as qest
 

@@ -24,7 +24,7 @@ from ..errors import check_positive
 from .estimators import (
     LossFn,
     SBNEstimator,
-    _bcast,
+    bcast,
     per_example_loss,
     register,
     replicate,
@@ -291,7 +291,7 @@ def _arm_phi_grads(
         u2 = u1 if shared else uniform_like(b[:rows], generator)
         hc = up.to_state(up.noise.states(b, torch.cat([u1, u2])))
     f12 = per_example_loss(loss_fn, model.output_preact(hc), torch.cat([yr, yr]))
-    return _bcast(f12[:rows] - f12[rows:], u) * (u - 0.5)
+    return bcast(f12[:rows] - f12[rows:], u) * (u - 0.5)
 
 
 def _arm_pair(noise: Any, a: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:

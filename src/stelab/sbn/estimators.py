@@ -44,17 +44,16 @@ The baselines are in :mod:`.baselines`, PSA in :mod:`.psa`, exact in :mod:`.exac
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import ConfigError, StelabTypeError, check_int, construct, unknown
-from .layers import SBN, SBNConv2d, SBNLinear
-from .noise import as_generator, uniform_like
+from ..errors import ConfigError, StelabTypeError
+from .base import ESTIMATORS, LossFn, SBNEstimator, get, names, register
+from .layers import LAYER_TYPES, SBN
+from .noise import uniform_like
 
 __all__ = [
     "SBNEstimator",
@@ -66,9 +65,11 @@ __all__ = [
     "per_example_loss",
     "logistic_loss",
     "replicate",
+    "sample_path",
+    "bcast",
+    "ESTIMATORS",
+    "LossFn",
 ]
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 # ---------------------------------------------------------------------------
@@ -119,143 +120,9 @@ def sample_path(
     return hs, pre, signs
 
 
-def _bcast(v: Tensor, like: Tensor) -> Tensor:
+def bcast(v: Tensor, like: Tensor) -> Tensor:
     """A per-row vector shaped (R, 1, 1, ...) to broadcast against ``like``."""
     return v.view(v.shape[0], *([1] * (like.dim() - 1)))
-
-
-# ---------------------------------------------------------------------------
-# Base class and registry
-# ---------------------------------------------------------------------------
-
-
-class SBNEstimator:
-    """Base class of SBN gradient estimators.
-
-    Subclasses set ``name`` (by :func:`register`), ``formula`` (plain-text
-    math), ``reference``, ``supports`` (hidden layer types), ``min_samples``
-    and ``unbiased`` (for every layer), validate their parameters in
-    ``__init__`` and implement :meth:`estimate`.
-    """
-
-    name: ClassVar[str] = "sbn_estimator"
-    formula: ClassVar[str] = ""
-    reference: ClassVar[str] = ""
-    supports: ClassVar[tuple[type[nn.Module], ...]] = (SBNLinear, SBNConv2d)
-    min_samples: ClassVar[int] = 1
-    unbiased: ClassVar[bool] = False
-
-    def estimate(
-        self,
-        model: SBN,
-        x: Tensor,
-        y: Tensor,
-        loss_fn: LossFn,
-        samples: int,
-        generator: torch.Generator | None,
-    ) -> tuple[Tensor, Tensor]:
-        """``(value, surrogate)``: loss estimate and a scalar whose gradient is the estimate.
-
-        ``x``, ``y`` are the un-replicated batch; ``samples`` >= ``min_samples``.
-        """
-        raise NotImplementedError
-
-    def params(self) -> dict[str, Any]:
-        """Constructor parameters (for repr and summaries)."""
-        return {}
-
-    def check(self, model: SBN, samples: int) -> None:
-        """Raise ConfigError for a layer type or a ``samples`` this estimator can't handle."""
-        for i, layer in enumerate(model.hidden):
-            if not isinstance(layer, self.supports):
-                ok = ", ".join(t.__name__ for t in self.supports)
-                raise ConfigError(
-                    f"estimator {self.name!r} does not support {type(layer).__name__} layers "
-                    f"(hidden layer {i}); it supports: {ok}"
-                )
-        if samples < self.min_samples:
-            raise ConfigError(
-                f"estimator {self.name!r} needs samples >= {self.min_samples}, "
-                f"got samples={samples}"
-            )
-
-    def __repr__(self) -> str:
-        p = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{self.name}({p})" if p else self.name
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.params() == other.params()  # type: ignore[attr-defined]
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(self.params().items()))))
-
-
-_REGISTRY: dict[str, type[SBNEstimator]] = {}
-#: estimators resolved by (name, sorted params): a name costs one dict look-up after its
-#: first use, like a prebuilt object (estimators hold only their constructor parameters)
-_RESOLVED: dict[Any, SBNEstimator] = {}
-_RESOLVED_MAX = 256
-
-
-def register(name: str, *, overwrite: bool = False) -> Callable[[type], type]:
-    """Class decorator registering an :class:`SBNEstimator` subclass under ``name``."""
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ConfigError(f"SBN estimator name must be a Python identifier, got {name!r}")
-
-    def deco(cls: type) -> type:
-        if not (inspect.isclass(cls) and issubclass(cls, SBNEstimator)):
-            raise StelabTypeError(
-                f"register({name!r}) expects an SBNEstimator subclass, got {cls!r}"
-            )
-        if name in _REGISTRY and not overwrite:
-            raise ConfigError(
-                f"SBN estimator {name!r} is already registered; pass overwrite=True to replace it"
-            )
-        cls.name = name
-        _REGISTRY[name] = cls
-        _RESOLVED.clear()
-        return cls
-
-    return deco
-
-
-def names() -> list[str]:
-    """Names of every registered SBN estimator."""
-    return sorted(_REGISTRY)
-
-
-def get(estimator: str | SBNEstimator, **params: Any) -> SBNEstimator:
-    """An SBN estimator by name with its parameters (e.g. ``get("concrete", tau=0.1)``).
-
-    Names are resolved once: the instance built for a (name, parameters) pair is
-    cached and returned again (estimators are immutable), so passing a name costs
-    the same as passing a prebuilt object. Unhashable parameters are not cached.
-    """
-    if isinstance(estimator, SBNEstimator):
-        if params:
-            raise ConfigError(f"parameters {sorted(params)} given with an estimator instance")
-        return estimator
-    if not isinstance(estimator, str):
-        raise StelabTypeError(
-            f"estimator must be a name or an SBNEstimator, got {type(estimator).__name__}"
-        )
-    key: Any = estimator
-    try:
-        if params:
-            # the type is part of the key: True == 1 and 1 == 1.0 must not share an instance
-            items = sorted((k, type(v).__qualname__, v) for k, v in params.items())
-            key = (estimator, *items)
-        hit = _RESOLVED.get(key)
-    except TypeError:  # unhashable parameter values
-        key, hit = None, None
-    if hit is not None:
-        return hit
-    if estimator not in _REGISTRY:
-        raise unknown("SBN estimator", estimator, _REGISTRY)
-    est = construct("SBN estimator", estimator, _REGISTRY[estimator], params)
-    if key is not None and len(_RESOLVED) < _RESOLVED_MAX:
-        _RESOLVED[key] = est
-    return est
 
 
 def describe() -> list[dict[str, Any]]:
@@ -269,7 +136,7 @@ def describe() -> list[dict[str, Any]]:
                 "formula": est.formula,
                 "params": est.params(),
                 "reference": est.reference,
-                "supports": [t.__name__ for t in est.supports],
+                "supports": [t.__name__ for t in (est.supports or LAYER_TYPES)],
                 "unbiased": est.unbiased,
             }
         )
@@ -295,19 +162,8 @@ def surrogate_loss(
     ``generator``: a ``torch.Generator``, an integer seed or None (torch's global
     RNG). ``options`` are the estimator's parameters (e.g. ``tau=0.1``). The
     value is a detached estimate of ``L`` (a sampled-path average; for
-    ``exact`` the exact value).
+    ``exact`` the exact value). Same as :meth:`SBN.surrogate_loss`.
     """
     if not isinstance(model, SBN):
         raise StelabTypeError(f"model must be an SBN, got {type(model).__name__}")
-    est = get(estimator, **options)
-    samples = check_int("samples", samples, 1, 2**31 - 1)
-    est.check(model, samples)
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise StelabTypeError("x and y must be tensors")
-    if x.shape[0] != y.shape[0]:
-        raise ConfigError(
-            f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}"
-        )
-    g = as_generator(generator, x.device)
-    value, sur = est.estimate(model, x, y, loss_fn, samples, g)
-    return value.detach() + (sur - sur.detach())
+    return model.surrogate_loss(x, y, loss_fn, estimator, samples, generator, **options)

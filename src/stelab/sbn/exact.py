@@ -83,7 +83,7 @@ def _transition(noise: Any, a: Tensor, states: Tensor) -> Tensor:
     return torch.addmm(lm @ (1 - b).T, lp, b.T).exp_()
 
 
-def _check_enumerable(model: SBN, max_states: int) -> list[int]:
+def check_enumerable(model: SBN, max_states: int) -> list[int]:
     if not isinstance(model, SBN):
         raise StelabTypeError(f"model must be an SBN, got {type(model).__name__}")
     for i, layer in enumerate(model.hidden):
@@ -129,7 +129,7 @@ def exact_expected_loss(
     the state count and :func:`mc_reference`) when a table exceeds ``max_states``.
     Data are processed in blocks so ``N 2^{n_k}`` also stays below ``max_states``.
     """
-    widths = _check_enumerable(model, check_int("max_states", max_states, 1, 2**40))
+    widths = check_enumerable(model, check_int("max_states", max_states, 1, 2**40))
     dt, dev = model.output.weight.dtype, model.output.weight.device
     states = [all_states(w, dt, dev) for w in widths]
     # data-independent transition tables T_k (k >= 2): T[s, t] = prod_j F(t_j a_j(s))

@@ -50,7 +50,7 @@ _compiled: Any = None
 _compile_broken = False
 
 
-def _check_kernel(kernel: str) -> str:
+def check_kernel(kernel: str) -> str:
     if kernel not in KERNELS:
         raise ConfigError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
     return kernel
@@ -104,7 +104,7 @@ def flip_rows(
     ``w``: (J, I). Eager temporaries hold at most ``chunk_elements`` entries.
     ``kernel``: ``"auto"``, ``"eager"`` or ``"compiled"`` (see the module docstring).
     """
-    _check_kernel(kernel)
+    check_kernel(kernel)
     return _flip(a, e, x, w, noise, chunk_elements, kernel).masked_fill_(x == 0, 0.0)
 
 
@@ -216,7 +216,7 @@ def ratio_linear(
     state scale (1 for states in {-1, +1}, 1/2 for {0, 1}: flipping the sign ``x_i``
     changes the input state by ``-2 c x_i``). Returns ``d`` shaped like ``x``.
     """
-    _check_kernel(kernel)
+    check_kernel(kernel)
     w = layer.weight.detach()
     w = w if scale == 1.0 else w * scale
     return _flip(a, e, x.flatten(1), w, layer.noise, chunk_elements, kernel).view(x.shape)
@@ -242,7 +242,7 @@ def ratio_conv2d(
     Equal to :func:`ratio_linear` on the dense matrix of the convolution. Examples are
     unfolded a few at a time (about ``chunk_elements`` unfolded entries).
     """
-    _check_kernel(kernel)
+    check_kernel(kernel)
     n, c = a.shape[:2]
     p = a.shape[2] * a.shape[3]
     w = layer.weight.detach().reshape(c, -1)

@@ -25,18 +25,17 @@ Estimators for Stochastic Binary Networks. NeurIPS 2020, arXiv:2006.03143.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, StelabTypeError, check_int
+from .base import LossFn, SBNEstimator
+from .base import get as get_estimator
 from .noise import Noise, as_generator, get_noise, uniform_like
-
-if TYPE_CHECKING:
-    from .estimators import SBNEstimator
 
 __all__ = [
     "SBNLinear",
@@ -48,12 +47,11 @@ __all__ = [
     "data_init",
     "CONV8_ARCH",
     "STATES",
+    "LAYER_TYPES",
 ]
 
 #: state parametrisations: "pm1" (h = s in {-1, +1}) and "01" (h = (s + 1) / 2 in {0, 1})
 STATES = ("pm1", "01")
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _pair(name: str, value: Any, lo: int) -> tuple[int, int]:
@@ -231,7 +229,8 @@ class SBNConv2d(_States, nn.Module):
 
 
 SBNLayer = SBNLinear | SBNConv2d
-_LAYER_TYPES = (SBNLinear, SBNConv2d)
+#: the hidden layer types an SBN takes
+LAYER_TYPES = (SBNLinear, SBNConv2d)
 
 
 class SBN(nn.Module):
@@ -251,7 +250,7 @@ class SBN(nn.Module):
         if not hidden:
             raise ConfigError("SBN needs at least one stochastic hidden layer, got none")
         for i, layer in enumerate(hidden):
-            if not isinstance(layer, _LAYER_TYPES):
+            if not isinstance(layer, LAYER_TYPES):
                 raise StelabTypeError(
                     f"SBN hidden layer {i} must be SBNLinear or SBNConv2d, "
                     f"got {type(layer).__name__}"
@@ -312,16 +311,30 @@ class SBN(nn.Module):
         generator: torch.Generator | int | None = None,
         **options: Any,
     ) -> Tensor:
-        """A scalar whose ``backward()`` fills ``.grad`` with a gradient estimate.
+        """A scalar whose ``backward()`` fills ``.grad`` with a gradient estimate of
 
-        Its value is a detached estimate of ``E_Z[mean_n loss_fn(eta_n, y_n)]``
-        (averaged over ``samples`` noise draws per example); its gradient is the
-        chosen estimator's estimate of the gradient of that expectation. See
-        :func:`stelab.sbn.estimators.surrogate_loss`.
+            L(theta) = E_Z[ (1/N) sum_n loss_fn(eta_n, y_n) ]
+
+        averaged over ``samples`` (M >= 1) independent noise draws per example;
+        its value is a detached estimate of ``L`` (a sampled-path average; for
+        ``exact`` the exact value). ``loss_fn(eta, y)`` must return per-example
+        losses (shape (N,)). ``estimator``: a name of
+        :mod:`stelab.sbn.estimators` or an :class:`SBNEstimator`; ``options`` are
+        its parameters (e.g. ``tau=0.1``). ``generator``: a ``torch.Generator``, an
+        integer seed or None (torch's global RNG).
         """
-        from .estimators import surrogate_loss
-
-        return surrogate_loss(self, x, y, loss_fn, estimator, samples, generator, **options)
+        est = get_estimator(estimator, **options)
+        samples = check_int("samples", samples, 1, 2**31 - 1)
+        est.check(self, samples)
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise StelabTypeError("x and y must be tensors")
+        if x.shape[0] != y.shape[0]:
+            raise ConfigError(
+                f"x and y must have the same batch size, got {x.shape[0]} and {y.shape[0]}"
+            )
+        g = as_generator(generator, x.device)
+        value, sur = est.estimate(self, x, y, loss_fn, samples, g)
+        return value.detach() + (sur - sur.detach())
 
     def data_init(
         self, x: Tensor, generator: torch.Generator | int | None = None, eps: float = 1e-6

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, check_int
 from .estimators import LossFn, SBNEstimator, per_example_loss, register, replicate, sample_path
-from .kernels import _check_kernel, ratio
+from .kernels import check_kernel, ratio
 from .layers import SBN
 
 __all__ = ["PSA"]
@@ -85,7 +85,7 @@ class PSA(SBNEstimator):
             )
         self.output = output
         self.chunk_elements = check_int("chunk_elements", chunk_elements, 1, 2**40)
-        self.kernel = _check_kernel(kernel)
+        self.kernel = check_kernel(kernel)
 
     def params(self) -> dict[str, Any]:
         return {"output": self.output, "chunk_elements": self.chunk_elements, "kernel": self.kernel}
