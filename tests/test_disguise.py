@@ -635,3 +635,68 @@ def test_M_whole_chunks_with_one_step_equal_the_buffered_path(monkeypatch, dtype
         fast, ref = eq.M(w, step), eq.M(w, per_weight)
         bits_of = torch.int32 if dtype == torch.float32 else torch.int64
         assert torch.equal(fast.view(bits_of), ref.view(bits_of))
+
+
+# --- asymmetric estimators on a clipped quantizer; the monotone-table guard
+
+
+def test_asymmetric_estimator_on_clipped_quantizer_against_numeric_integration():
+    """q̂'(w) = 1 + a·sin(2πw/Δ) is cyclical but not symmetric about the bin centre, so
+    M moves the centres of the outermost levels (noted). Truth: Φ(r) = α ∫_{-1/2}^r
+    dρ/q̂'(Δρ) by scipy quadrature, α = sqrt(1 - a²); M(w) = Δ(n - 1/2 + Φ(r)) on
+    [lo·Δ, hi·Δ], the identity outside; Q(M(w)) == Q(w) exactly everywhere, also at the
+    change points and in the outermost (clipped) bins."""
+    from scipy import integrate
+
+    step, a, bits = 0.1, 0.6, 3  # levels -4Δ .. 3Δ
+
+    def qhat(w):
+        return 1 + a * torch.sin(2 * math.pi * w / step)
+
+    eq = equivalent_ste(qhat, step, bits=bits)
+    assert not eq.symmetric and any("not symmetric" in n for n in eq.notes)
+    assert eq.alpha == pytest.approx(math.sqrt(1 - a * a), rel=1e-10)
+    w = dense_grid(step, 6, F64)
+    q = Quantizer("uniform", "ste", bits=bits, step=step)
+    m = eq.M(w, step=q.step)
+    assert torch.equal(q(m), q(w))
+    # outside the range, by the quantizer's own w/Δ: the identity (so M jumps back down at
+    # the top: M(hi·Δ) = Δ(hi - 1/2 + Φ(0)) > hi·Δ when Φ(0) > 1/2, the noted caveat)
+    outside = (w / step < -4) | (w / step > 3)
+    assert torch.equal(m[outside], w[outside])
+    inside = ~outside
+    assert bool((m[inside][1:] >= m[inside][:-1]).all())
+    assert float(m[inside].max()) > 3 * step + 0.01
+    # M⁻¹ undoes M where M(w) stays within [lo·Δ, hi·Δ] (above it M⁻¹ is the identity)
+    back = inside & (m / step <= 3)
+    assert int((inside & ~back).sum()) > 100
+    torch.testing.assert_close(eq.M_inv(m[back], step=q.step), w[back], rtol=0, atol=1e-12)
+    assert torch.equal(q(eq.M_inv(w, step=q.step)), q(w))
+    pts = [-3.999 * step, -3.9 * step, -3.5 * step, -0.77 * step, 0.0, 0.31 * step]
+    pts += [2.6 * step, 2.95 * step, 2.999 * step]
+    alpha = math.sqrt(1 - a * a)
+    for x in pts:
+        n = max(-4, min(3, round(x / step)))
+        r = x / step - n
+        phi = alpha * integrate.quad(lambda p: 1 / (1 + a * math.sin(2 * math.pi * p)), -0.5, r,
+                                     epsabs=1e-14, epsrel=1e-13)[0]  # fmt: skip
+        got = float(eq.M(torch.tensor([x], dtype=F64))[0])
+        assert got == pytest.approx(step * (n - 0.5 + phi), abs=1e-12), x
+
+
+def test_table_guard_keeps_every_panel_monotone():
+    """The Hermite table is refined until every panel's cubic is monotone (Fritsch-Carlson
+    slopes in [0, 3] secants), not only until the midpoint error is small: with a loose
+    tolerance a narrow spike of 1/q̂' would otherwise leave overshooting panels."""
+    from stelab.disguise.equivalence import _build_table
+
+    def inv_g(r):
+        return 1.0 + 400.0 * torch.exp(-(((r - 0.1) / 0.002) ** 2))
+
+    table = _build_table(inv_g, 1e6)  # the error check alone would stop at 128 panels
+    assert table is not None and table.n > 128
+    u = torch.linspace(0, 1, 101, dtype=F64)
+    c1, c2, c3 = table.coef[:, 1:2], table.coef[:, 2:3], table.coef[:, 3:4]
+    slope = c1 + 2 * c2 * u + 3 * c3 * u * u  # dΦ/du on every panel
+    assert bool((slope >= -1e-15).all())
+    assert bool((table.phi[1:] >= table.phi[:-1]).all())
