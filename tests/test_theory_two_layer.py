@@ -520,3 +520,60 @@ def test_ste_names_map_to_library_estimators():
     assert set(tl.LIBRARY_ESTIMATOR) == set(tl.STES)
     for name in tl.LIBRARY_ESTIMATOR.values():
         assert name in estimators.names()
+
+
+# --------------------------------------------------------------------------- descent ratio
+
+
+@pytest.mark.parametrize("ste", tl.STES)
+def test_coarse_descent_ratio_vs_monte_carlo(mc_case, ste):
+    """R = |E g_mu|^2 / (|df/dv|^2 + <E g_mu, df/dw>) from independent pieces: E g_mu and
+    df/dv = E[dl/dv] by Monte Carlo (1e6 draws), df/dw by central differences of the
+    population loss (itself checked against Monte Carlo above). Tolerance: 5 standard
+    errors of R, propagated to first order with absolute values (a bound that ignores
+    the sign of correlations), plus the O(SE^2) bias of |mean|^2."""
+    (v, w, vs, ws), mc = mc_case
+    a, se_a = mc[ste]
+    b, se_b = mc["gv"]
+    h = 1e-6
+    c = torch.zeros_like(w)
+    for i in range(w.shape[0]):
+        e = torch.zeros_like(w)
+        e[i] = h
+        c[i] = (tl.population_loss(v, w + e, vs, ws) - tl.population_loss(v, w - e, vs, ws)) / (
+            2 * h
+        )
+    num, den = (a * a).sum(), (b * b).sum() + (a * c).sum()
+    want = num / den
+    d_a = (2 * a * den - num * c) / den**2
+    d_b = -2 * b * num / den**2
+    se = (d_a.abs() * se_a).sum() + (d_b.abs() * se_b).sum()
+    bias = (se_a**2).sum() / den.abs()
+    got = tl.coarse_descent_ratio(v, w, vs, ws, ste)
+    assert abs(float(got) - float(want)) <= 5 * float(se) + float(bias), (got, want, se)
+    assert float(se) < 0.05 * abs(float(want))  # the check has teeth
+
+
+@pytest.mark.parametrize("ste", tl.STES)
+def test_coarse_descent_ratio_is_the_documented_ratio_of_the_checked_gradients(ste):
+    """Exactly (1e-12) the ratio of the pieces that are checked against Monte Carlo and
+    finite differences above: a Monte-Carlo test alone cannot see a few-% change of a
+    term (its SE is ~1 %); batched over a grid of points."""
+    g = _gen(9)
+    vs, ws = torch.randn(3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    v = torch.randn(6, 3, generator=g, dtype=F64)
+    w = torch.randn(6, 4, generator=g, dtype=F64) * torch.tensor([0.3, 1, 2, 5, 0.7, 1.5])[:, None]
+    gv, gw = tl.expected_coarse_grad(v, w, vs, ws, ste)
+    _, gw_true = tl.population_grad(v, w, vs, ws)
+    want = (gw * gw).sum(-1) / ((gv * gv).sum(-1) + (gw * gw_true).sum(-1))
+    torch.testing.assert_close(tl.coarse_descent_ratio(v, w, vs, ws, ste), want, rtol=1e-12, atol=0)
+
+
+def test_coarse_descent_ratio_is_inf_where_the_denominator_vanishes():
+    """At the global minimum (v, w) = (v*, w*) both gradients vanish: 0/0 -> +inf."""
+    g = _gen(8)
+    vs, ws = torch.randn(3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    for ste in tl.STES:
+        assert float(tl.coarse_descent_ratio(vs, ws, vs, ws, ste)) == math.inf
+    r = tl.coarse_descent_ratio(torch.stack([vs, vs + 1]), ws, vs, ws, "identity")
+    assert r[0] == math.inf and math.isfinite(float(r[1]))
