@@ -700,3 +700,39 @@ def test_table_guard_keeps_every_panel_monotone():
     slope = c1 + 2 * c2 * u + 3 * c3 * u * u  # dΦ/du on every panel
     assert bool((slope >= -1e-15).all())
     assert bool((table.phi[1:] >= table.phi[:-1]).all())
+
+
+def test_to_ste_adam_moments_divided_by_qhat_and_its_square():
+    """Adam's first moment is an average of gradients q̂'(w)·G, its second of their
+    squares: after conversion (gradients G) they are m/q̂'(w) and v/q̂'(w)²; the step
+    count and the parameters that were not converted keep their state as is."""
+    torch.manual_seed(2)
+    net = Net(F64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.randn(8, 1, 4, 4, dtype=F64)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        opt.step()
+    new, opt2, _ = to_ste(net, opt)
+    qd = 1 + 0.5 * torch.cos(2 * math.pi * net.conv.weight / 0.05)  # cosine, a = 0.5
+    old, st = opt.state[net.conv.weight], opt2.state[new.conv.weight]
+    torch.testing.assert_close(st["exp_avg"], old["exp_avg"] / qd, rtol=1e-13, atol=0)
+    torch.testing.assert_close(st["exp_avg_sq"], old["exp_avg_sq"] / qd**2, rtol=1e-13, atol=0)
+    assert torch.equal(st["step"], old["step"])
+    for a, b in ((net.plain.weight, new.plain.weight), (net.conv.bias, new.conv.bias)):
+        assert torch.equal(opt2.state[b]["exp_avg"], opt.state[a]["exp_avg"])
+
+
+def test_to_ste_sgd_scales_a_schedulers_initial_lr_too():
+    net = Net(F64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=5)  # sets initial_lr = 0.1
+    _, opt2, _ = to_ste(net, opt)
+    alpha = math.sqrt(0.75)  # cosine, a = 0.5
+    ini = {id(p): g["initial_lr"] for g in opt2.param_groups for p in g["params"]}
+    lr = {id(p): g["lr"] for g in opt2.param_groups for p in g["params"]}
+    new_conv = next(p for g in opt2.param_groups for p in g["params"] if p.shape == (3, 1, 3, 3))
+    assert ini[id(new_conv)] == pytest.approx(0.1 * alpha, rel=1e-9)
+    assert lr[id(new_conv)] == pytest.approx(0.1 * alpha, rel=1e-9)
+    assert sorted(set(ini.values()))[-1] == 0.1  # the unconverted parameters
