@@ -13,8 +13,8 @@ recorded draw was used and had the documented shape, so a changed draw order fai
 
 Net: 2 -> 3 -> 3 -> 2 -> 1 (so ARM's continuations cross two layers), 3 examples, M = 2
 draws each (rows ``m*N + n``; also M = 3 for REINFORCE-LOO), logistic loss
-``f = log(1 + exp(-eta t))``, logistic and Gaussian noise, both state parametrisations
-``h = c0 + c1 s``.
+``f = log(1 + exp(-eta t))``, logistic and Gaussian noise (and uniform noise for the
+pathwise rules and PSA), both state parametrisations ``h = c0 + c1 s``.
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _F(noise, a):
+    if noise == "uniform":  # on [-1, 1]
+        return np.clip((a + 1.0) / 2.0, 0.0, 1.0)
     return 1.0 / (1.0 + np.exp(-a)) if noise == "logistic" else special.ndtr(a)
 
 
 def _pdf(noise, a):
+    if noise == "uniform":
+        return np.where(np.abs(a) < 1.0, 0.5, 0.0)
     if noise == "logistic":
         s = 1.0 / (1.0 + np.exp(-a))
         return s * (1.0 - s)
@@ -52,6 +56,8 @@ def _pdf(noise, a):
 
 
 def _quantile(noise, u):
+    if noise == "uniform":
+        return 2.0 * u - 1.0
     return np.log(u / (1.0 - u)) if noise == "logistic" else special.ndtri(u)
 
 
@@ -350,9 +356,11 @@ def ref_psa(pb, draws, output):
 # --- tests -----------------------------------------------------------------------------
 
 CASES = [(n, s) for n in ("logistic", "gaussian") for s in ("pm1", "01")]
+# uniform noise has P(s) = 0 states (log F = -inf), so only for the pathwise rules and PSA
+WITH_UNIFORM = CASES + [("uniform", "pm1"), ("uniform", "01")]
 
 
-@pytest.mark.parametrize("noise,states", CASES)
+@pytest.mark.parametrize("noise,states", WITH_UNIFORM)
 @pytest.mark.parametrize(
     "name,opt",
     [
@@ -395,7 +403,7 @@ def test_arm_shared_equals_its_formula_on_one_draw(recorded, noise, states):
     _compare(_library(pb, "arm_shared"), ref_arm_shared(pb, Draws(recorded)))
 
 
-@pytest.mark.parametrize("noise,states", CASES)
+@pytest.mark.parametrize("noise,states", WITH_UNIFORM)
 @pytest.mark.parametrize("output", ["local", "sample"])
 def test_psa_equals_its_formula_on_one_draw(recorded, noise, states, output):
     pb = Problem(noise, states)
