@@ -577,3 +577,48 @@ def test_coarse_descent_ratio_is_inf_where_the_denominator_vanishes():
         assert float(tl.coarse_descent_ratio(vs, ws, vs, ws, ste)) == math.inf
     r = tl.coarse_descent_ratio(torch.stack([vs, vs + 1]), ws, vs, ws, "identity")
     assert r[0] == math.inf and math.isfinite(float(r[1]))
+
+
+def test_trajectory_records_equal_the_gradients_at_the_recorded_iterates():
+    """Every recorded quantity recomputed at the iterate of its step (a manual loop):
+    f, theta, |w|, <E g_mu, df/dw>, |E g_mu| and their cosine."""
+    v, w, vs, ws = _point(61, 3, 4, 1.2, 1.9)
+    for ste in tl.STES:
+        tr = tl.coarse_gradient_descent(v, w, vs, ws, ste, 0.07, 5, record_every=2)
+        vm, wm, rec = v.clone(), w.clone(), {}
+        for t in range(6):
+            gv, gw = tl.expected_coarse_grad(vm, wm, vs, ws, ste)
+            _, gt = tl.population_grad(vm, wm, vs, ws)
+            rec[t] = (vm, wm, gw, gt)
+            vm, wm = vm - 0.07 * gv, wm - 0.07 * gw
+        for i, t in enumerate(tr.step.tolist()):
+            vm, wm, gw, gt = rec[t]
+            assert float(tr.loss[i]) == pytest.approx(float(tl.population_loss(vm, wm, vs, ws)))
+            assert float(tr.theta[i]) == pytest.approx(float(tl.theta(wm, ws)), rel=1e-12)
+            assert float(tr.w_norm[i]) == pytest.approx(float(wm.norm()), rel=1e-12)
+            inner = float(gw @ gt)
+            assert float(tr.inner[i]) == pytest.approx(inner, rel=1e-10)
+            assert float(tr.coarse_norm[i]) == pytest.approx(float(gw.norm()), rel=1e-12)
+            cos = inner / float(gw.norm() * gt.norm())
+            assert float(tr.cosine[i]) == pytest.approx(cos, rel=1e-10)
+
+
+def test_w_at_angle_turns_towards_the_given_direction():
+    ws = torch.tensor([2.0, 0.0, 0.0], dtype=F64)
+    d = torch.tensor([0.3, 1.0, 0.0], dtype=F64)
+    w = tl.w_at_angle(ws, 0.4, norm=2.5, direction=d)
+    want = 2.5 * torch.tensor([math.cos(0.4), math.sin(0.4), 0.0], dtype=F64)
+    torch.testing.assert_close(w, want, rtol=0, atol=1e-15)
+
+
+def test_batch_loss_over_a_grid_of_students_equals_one_at_a_time():
+    v, w, vs, ws = _point(62, 3, 4, 1.0, 1.1)
+    z = torch.randn(50, 3, 4, generator=_gen(63), dtype=F64)
+    vg = torch.stack([v, 2 * v, -v]).reshape(3, 1, 3).expand(3, 2, 3)
+    wg = torch.stack([w, w + 0.3]).reshape(1, 2, 4).expand(3, 2, 4)
+    got = tl.batch_loss(z, vg, wg, vs, ws)
+    assert got.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            one = tl.batch_loss(z, vg[i, j], wg[i, j], vs, ws)
+            assert float(got[i, j]) == pytest.approx(float(one), rel=1e-13)
