@@ -11,6 +11,7 @@ mutant (no observable change) or a hole in the tests. See docs/testing.md.
     python scripts/mutate.py --per-area 12 -j 2 --seed 0 \\
         --report docs/testing.md --json mutants.json         # sample, run, report
     python scripts/mutate.py --area sbn --per-area 20
+    python scripts/mutate.py --rerun mutants.json        # only the survivors, again
 
 Operators: ``cmp-negate`` (``<`` -> ``>=``, ``==`` -> ``!=``, ``in`` -> ``not in`` ...),
 ``cmp-boundary`` (``<`` <-> ``<=``, ``>`` <-> ``>=``), ``const`` (a number times
@@ -352,9 +353,13 @@ def baseline(area: str, tests: list[str]) -> float:
 
 
 def report_md(results: dict[str, list[Mutant]], args: argparse.Namespace) -> str:
+    how = (
+        f"--rerun {args.rerun}" if args.rerun else f"--per-area {args.per_area} --seed {args.seed}"
+    )
+    areas = "".join(f" --area {a}" for a in results)
     lines = [
-        f"Run: `python scripts/mutate.py --per-area {args.per_area} --seed {args.seed} "
-        f"-j {args.jobs}` ({time.strftime('%Y-%m-%d')}).",
+        f"Run: `python scripts/mutate.py {how} -j {args.jobs}{areas}` "
+        f"({time.strftime('%Y-%m-%d')}).",
         "",
         "| area | sampled | caught | timeout | survived | caught % |",
         "|---|---:|---:|---:|---:|---:|",
@@ -401,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--list", action="store_true", help="count candidates and exit")
     p.add_argument("--report", type=Path, help="markdown file whose mutate section to rewrite")
     p.add_argument("--json", type=Path, help="write every sampled mutant and its outcome")
+    p.add_argument(
+        "--rerun",
+        type=Path,
+        help="a --json file of an earlier run: run its survivors again (after adding tests)",
+    )
     args = p.parse_args(argv)
     if args.per_area < 1 or args.jobs < 1:
         p.error(f"--per-area and -j must be >= 1, got {args.per_area} and {args.jobs}")
@@ -413,14 +423,27 @@ def main(argv: list[str] | None = None) -> int:
                 ops[m.op] = ops.get(m.op, 0) + 1
             print(f"{area}: {len(ms)} candidates {dict(sorted(ops.items()))}")
         return 0
+    rerun: dict[str, list[Mutant]] = {}
+    if args.rerun:
+        fields = set(Mutant.__dataclass_fields__)
+        for d in json.loads(args.rerun.read_text()):
+            if d["status"] == "survived" and d["area"] in areas:
+                m = Mutant(**{k: v for k, v in d.items() if k in fields})
+                m.status, m.seconds, m.detail = "", 0.0, ""
+                rerun.setdefault(m.area, []).append(m)
+        areas = [a for a in areas if a in rerun]
     results: dict[str, list[Mutant]] = {}
     for area in areas:
         tests = _tests(area)
-        pool = candidates(area)
+        pool = rerun.get(area) or candidates(area)
         if not tests or not pool:
             print(f"{area}: no tests or no candidates, skipped", file=sys.stderr)
             continue
-        sample = random.Random(f"{args.seed}:{area}").sample(pool, min(args.per_area, len(pool)))
+        if area in rerun:
+            sample = pool
+        else:
+            rng = random.Random(f"{args.seed}:{area}")
+            sample = rng.sample(pool, min(args.per_area, len(pool)))
         base = baseline(area, tests)
         timeout = args.timeout or max(60.0, 3.0 * base)
         print(
