@@ -736,3 +736,35 @@ def test_to_ste_sgd_scales_a_schedulers_initial_lr_too():
     assert ini[id(new_conv)] == pytest.approx(0.1 * alpha, rel=1e-9)
     assert lr[id(new_conv)] == pytest.approx(0.1 * alpha, rel=1e-9)
     assert sorted(set(ini.values()))[-1] == 0.1  # the unconverted parameters
+
+
+def test_clipped_cyclicity_check_covers_the_inner_bins():
+    """With bits, the estimator must repeat on every bin inside the range, not only next
+    to its ends: a bump on bin 2 alone (of -8..7) is refused."""
+
+    def bumped(w):
+        base = 1 + 0.5 * torch.cos(2 * math.pi * w / 0.1)
+        return base + 0.3 * ((w > 0.15) & (w < 0.25)).to(w.dtype)
+
+    with pytest.raises(ConfigError, match="not cyclical.*on bin 2"):
+        equivalent_ste(bumped, 0.1, bits=4)
+
+
+def test_symmetric_estimator_is_symmetric_and_gets_no_asymmetry_note():
+    for bits in (None, 4):
+        eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=bits)
+        assert eq.symmetric
+        assert not any("not symmetric" in n for n in eq.notes)
+
+
+def test_to_ste_notes_the_clipped_ste_only_when_a_quantizer_is_clipped():
+    m = nn.Sequential(
+        QuantLinear(3, 2, weight_quantizer=Quantizer("uniform", "cosine", step=0.1, a=0.5))
+    )
+    _, _, report = to_ste(m)
+    assert report.layers and not any("clipped quantizers" in n for n in report.notes)
+    m2 = nn.Sequential(
+        QuantLinear(3, 2, weight_quantizer=Quantizer("uniform", "cosine", bits=4, step=0.1, a=0.5))
+    )
+    _, _, report2 = to_ste(m2)
+    assert sum("clipped quantizers" in n for n in report2.notes) == 1
