@@ -418,3 +418,22 @@ def test_the_recorder_sees_every_draw(recorded):
     _library(pb, "dst")
     assert [u.shape for u in recorded] == [(pb.R, 3), (pb.R, 3), (pb.R, 2)]
     assert all(((u > 0) & (u < 1)).all() for u in recorded)
+
+
+def test_noise_density_and_cdf_at_the_uniform_kinks():
+    """F' and F of uniform noise at and next to its kinks |a| = 1 (the draws above rarely
+    land there): 1/2 strictly inside, 0 from |a| = 1 on."""
+    from stelab.sbn.noise import get_noise
+
+    a = torch.tensor([-1.5, -1.0, -0.999, -0.98, 0.0, 0.98, 0.999, 1.0, 1.5], dtype=D)
+    noise = get_noise("uniform")
+    np.testing.assert_array_equal(noise.pdf(a).numpy(), _pdf("uniform", a.numpy()))
+    np.testing.assert_allclose(noise.cdf(a).numpy(), _F("uniform", a.numpy()), rtol=0, atol=0)
+
+
+def test_samples_default_to_one_draw(recorded):
+    """Both entry points (the function and the SBN method) draw once per example."""
+    pb = Problem("logistic", "pm1")
+    sbn_estimators.surrogate_loss(pb.model, pb.x, pb.t, logistic_loss, "psa", generator=3)
+    pb.model.surrogate_loss(pb.x, pb.t, logistic_loss, "psa", generator=3)
+    assert [u.shape for u in recorded] == [(N, 3), (N, 3), (N, 2)] * 2
