@@ -758,3 +758,136 @@ def test_M_and_M_inv_bit_for_bit_as_the_plain_formulation(bits, dtype, monkeypat
             assert torch.equal(eq.M(wv, per).isnan(), _ref_map(eq, wv, per, False).isnan())
             a, b = eq.M(wv, per), _ref_map(eq, wv, per, False)
             assert bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+# --- asymmetric estimators on a clipped quantizer; the monotone-table guard
+
+
+def test_asymmetric_estimator_on_clipped_quantizer_against_numeric_integration():
+    """q̂'(w) = 1 + a·sin(2πw/Δ) is cyclical but not symmetric about the bin centre, so
+    M moves the centres of the outermost levels (noted). Truth: Φ(r) = α ∫_{-1/2}^r
+    dρ/q̂'(Δρ) by scipy quadrature, α = sqrt(1 - a²); M(w) = Δ(n - 1/2 + Φ(r)) on
+    [lo·Δ, hi·Δ], the identity outside; Q(M(w)) == Q(w) exactly everywhere, also at the
+    change points and in the outermost (clipped) bins."""
+    from scipy import integrate
+
+    step, a, bits = 0.1, 0.6, 3  # levels -4Δ .. 3Δ
+
+    def qhat(w):
+        return 1 + a * torch.sin(2 * math.pi * w / step)
+
+    eq = equivalent_ste(qhat, step, bits=bits)
+    assert not eq.symmetric and any("not symmetric" in n for n in eq.notes)
+    assert eq.alpha == pytest.approx(math.sqrt(1 - a * a), rel=1e-10)
+    w = dense_grid(step, 6, F64)
+    q = Quantizer("uniform", "ste", bits=bits, step=step)
+    m = eq.M(w, step=q.step)
+    assert torch.equal(q(m), q(w))
+    # outside the range, by the quantizer's own w/Δ: the identity (so M jumps back down at
+    # the top: M(hi·Δ) = Δ(hi - 1/2 + Φ(0)) > hi·Δ when Φ(0) > 1/2, the noted caveat)
+    outside = (w / step < -4) | (w / step > 3)
+    assert torch.equal(m[outside], w[outside])
+    inside = ~outside
+    assert bool((m[inside][1:] >= m[inside][:-1]).all())
+    assert float(m[inside].max()) > 3 * step + 0.01
+    # M⁻¹ undoes M where M(w) stays within [lo·Δ, hi·Δ] (above it M⁻¹ is the identity)
+    back = inside & (m / step <= 3)
+    assert int((inside & ~back).sum()) > 100
+    torch.testing.assert_close(eq.M_inv(m[back], step=q.step), w[back], rtol=0, atol=1e-12)
+    assert torch.equal(q(eq.M_inv(w, step=q.step)), q(w))
+    pts = [-3.999 * step, -3.9 * step, -3.5 * step, -0.77 * step, 0.0, 0.31 * step]
+    pts += [2.6 * step, 2.95 * step, 2.999 * step]
+    alpha = math.sqrt(1 - a * a)
+    for x in pts:
+        n = max(-4, min(3, round(x / step)))
+        r = x / step - n
+        phi = alpha * integrate.quad(lambda p: 1 / (1 + a * math.sin(2 * math.pi * p)), -0.5, r,
+                                     epsabs=1e-14, epsrel=1e-13)[0]  # fmt: skip
+        got = float(eq.M(torch.tensor([x], dtype=F64))[0])
+        assert got == pytest.approx(step * (n - 0.5 + phi), abs=1e-12), x
+
+
+def test_table_guard_keeps_every_panel_monotone():
+    """The Hermite table is refined until every panel's cubic is monotone (Fritsch-Carlson
+    slopes in [0, 3] secants), not only until the midpoint error is small: with a loose
+    tolerance a narrow spike of 1/q̂' would otherwise leave overshooting panels."""
+    from stelab.disguise.table import build_table
+
+    def inv_g(r):
+        return 1.0 + 400.0 * torch.exp(-(((r - 0.1) / 0.002) ** 2))
+
+    table = build_table(inv_g, 1e6)  # the error check alone would stop at 128 panels
+    assert table is not None and table.n > 128
+    u = torch.linspace(0, 1, 101, dtype=F64)
+    c1, c2, c3 = table.coef[:, 1:2], table.coef[:, 2:3], table.coef[:, 3:4]
+    slope = c1 + 2 * c2 * u + 3 * c3 * u * u  # dΦ/du on every panel
+    assert bool((slope >= -1e-15).all())
+    assert bool((table.phi[1:] >= table.phi[:-1]).all())
+
+
+def test_to_ste_adam_moments_divided_by_qhat_and_its_square():
+    """Adam's first moment is an average of gradients q̂'(w)·G, its second of their
+    squares: after conversion (gradients G) they are m/q̂'(w) and v/q̂'(w)²; the step
+    count and the parameters that were not converted keep their state as is."""
+    torch.manual_seed(2)
+    net = Net(F64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.randn(8, 1, 4, 4, dtype=F64)
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).square().sum().backward()
+        opt.step()
+    new, opt2, _ = to_ste(net, opt)
+    qd = 1 + 0.5 * torch.cos(2 * math.pi * net.conv.weight / 0.05)  # cosine, a = 0.5
+    old, st = opt.state[net.conv.weight], opt2.state[new.conv.weight]
+    torch.testing.assert_close(st["exp_avg"], old["exp_avg"] / qd, rtol=1e-13, atol=0)
+    torch.testing.assert_close(st["exp_avg_sq"], old["exp_avg_sq"] / qd**2, rtol=1e-13, atol=0)
+    assert torch.equal(st["step"], old["step"])
+    for a, b in ((net.plain.weight, new.plain.weight), (net.conv.bias, new.conv.bias)):
+        assert torch.equal(opt2.state[b]["exp_avg"], opt.state[a]["exp_avg"])
+
+
+def test_to_ste_sgd_scales_a_schedulers_initial_lr_too():
+    net = Net(F64)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=5)  # sets initial_lr = 0.1
+    _, opt2, _ = to_ste(net, opt)
+    alpha = math.sqrt(0.75)  # cosine, a = 0.5
+    ini = {id(p): g["initial_lr"] for g in opt2.param_groups for p in g["params"]}
+    lr = {id(p): g["lr"] for g in opt2.param_groups for p in g["params"]}
+    new_conv = next(p for g in opt2.param_groups for p in g["params"] if p.shape == (3, 1, 3, 3))
+    assert ini[id(new_conv)] == pytest.approx(0.1 * alpha, rel=1e-9)
+    assert lr[id(new_conv)] == pytest.approx(0.1 * alpha, rel=1e-9)
+    assert sorted(set(ini.values()))[-1] == 0.1  # the unconverted parameters
+
+
+def test_clipped_cyclicity_check_covers_the_inner_bins():
+    """With bits, the estimator must repeat on every bin inside the range, not only next
+    to its ends: a bump on bin 2 alone (of -8..7) is refused."""
+
+    def bumped(w):
+        base = 1 + 0.5 * torch.cos(2 * math.pi * w / 0.1)
+        return base + 0.3 * ((w > 0.15) & (w < 0.25)).to(w.dtype)
+
+    with pytest.raises(ConfigError, match="not cyclical.*on bin 2"):
+        equivalent_ste(bumped, 0.1, bits=4)
+
+
+def test_symmetric_estimator_is_symmetric_and_gets_no_asymmetry_note():
+    for bits in (None, 4):
+        eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=bits)
+        assert eq.symmetric
+        assert not any("not symmetric" in n for n in eq.notes)
+
+
+def test_to_ste_notes_the_clipped_ste_only_when_a_quantizer_is_clipped():
+    m = nn.Sequential(
+        QuantLinear(3, 2, weight_quantizer=Quantizer("uniform", "cosine", step=0.1, a=0.5))
+    )
+    _, _, report = to_ste(m)
+    assert report.layers and not any("clipped quantizers" in n for n in report.notes)
+    m2 = nn.Sequential(
+        QuantLinear(3, 2, weight_quantizer=Quantizer("uniform", "cosine", bits=4, step=0.1, a=0.5))
+    )
+    _, _, report2 = to_ste(m2)
+    assert sum("clipped quantizers" in n for n in report2.notes) == 1

@@ -157,6 +157,29 @@ def test_backward_matches_formula(qargs, est, params, formula, extra, dtype):
     torch.testing.assert_close(grad.double(), expect, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(
+    "qargs,est,params,formula,extra",
+    [c for c in CASES if c[1] != "ste"],
+    ids=[f"{c[0]['fn']}-{c[1]}-{i}" for i, c in enumerate(CASES) if c[1] != "ste"],
+)
+def test_derivative_matches_formula_at_the_edges(qargs, est, params, formula, extra):
+    """``derivative()`` is a second code path (the disguise map and the conversion call
+    it; backward uses fused kernels): the same formula at the same points, including
+    the edges 0, ±1 and the levels, where an open/closed interval flip shows."""
+    qargs = dict(qargs)
+    q = Quantizer(qargs.pop("fn"), est, **qargs, **params)
+    xs = grid(extra)
+    d = q.estimator.derivative(torch.tensor(xs, dtype=torch.float64), q.context())
+    expect = torch.tensor([formula(x) for x in xs], dtype=torch.float64)
+    torch.testing.assert_close(d.double(), expect, rtol=1e-12, atol=1e-12)
+
+
+def test_relu_derivative_is_zero_at_zero_and_one_just_above():
+    q = Quantizer("heaviside", "relu")
+    x = torch.tensor([-1e-300, 0.0, -0.0, 5e-324, 1e-300], dtype=torch.float64)
+    assert q.estimator.derivative(x, q.context()).tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+
+
 def test_ewgs_uses_gradient_sign_and_quantization_error():
     q = Quantizer("uniform", "ewgs", bits=4, step=0.5, delta=0.3)
     xs = [0.1, 0.2, -0.1, 0.74, 3.9, -4.2, 0.0]

@@ -214,3 +214,33 @@ def test_cuda_matches_cpu(make):
     torch.testing.assert_close(xc.grad.cpu(), x.grad)
     if q.learn_step:
         torch.testing.assert_close(qc.step.grad.cpu(), q.step.grad)
+
+
+@pytest.mark.parametrize(
+    "fn,kw",
+    [
+        ("sign", {}),
+        ("heaviside", {}),
+        ("ternary", {"threshold": 0.3}),
+        ("uniform", {"bits": 3, "step": 0.5}),
+        ("act", {"bits": 2, "step": 0.5}),
+    ],
+)
+def test_context_levels_and_jumps_are_where_the_forward_jumps(fn, kw):
+    """The Context an estimator sees, against the forward function itself: lo/hi are its
+    lowest/highest outputs, first/last_jump where it first/last changes value (located on
+    a 1e-4 grid), and every jump sits at jump_offset + i·step."""
+    q = Quantizer(fn, "ste", **kw)
+    ctx = q.context()
+    x = torch.linspace(-6, 6, 120001, dtype=torch.float64)
+    with torch.no_grad():
+        y = q(x)
+    change = (y[1:] != y[:-1]).nonzero().flatten()
+    jumps = ((x[change] + x[change + 1]) / 2).tolist()
+    assert float(ctx.lo) == float(y.min()) and float(ctx.hi) == float(y.max())
+    assert float(ctx.first_jump) == pytest.approx(jumps[0], abs=1e-4)
+    assert float(ctx.last_jump) == pytest.approx(jumps[-1], abs=1e-4)
+    step, off = float(ctx.step), float(ctx.jump_offset)
+    for j in jumps:
+        k = round((j - off) / step)
+        assert j == pytest.approx(off + k * step, abs=1e-4), (j, off, step)

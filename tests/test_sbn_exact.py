@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
+import stelab.sbn.exact
 from stelab.errors import ConfigError
 from stelab.sbn import (
     all_states,
@@ -18,6 +19,7 @@ from stelab.sbn import (
     exact_gradient,
     logistic_loss,
     mc_reference,
+    per_example_loss,
     sbn_conv8,
     sbn_mlp,
 )
@@ -117,13 +119,24 @@ def test_exact_gradient_matches_finite_differences():
             assert torch.allclose(ref.grads[name], fd, rtol=1e-6, atol=1e-9), name
 
 
-def test_exact_blocks_over_data_give_same_result():
+def test_exact_blocks_over_data_give_same_result(monkeypatch):
     m = _net(hidden=(3, 2), seed=2)
     x = torch.randn(7, 2, dtype=D)
     t = torch.ones(7, dtype=D)
     full = exact_expected_loss(m, x, t, logistic_loss)
-    blocked = exact_expected_loss(m, x, t, logistic_loss, max_states=64)  # 2 rows per block
+    # widths (3, 2): the largest table is 8 x 4 = 32 entries, so max_states=32 is allowed
+    # and leaves 32 // 2^3 = 4 rows per data block: the 7 rows take blocks of 4 and 3
+    blocks = []
+
+    def spy(loss_fn, eta, y):
+        blocks.append(eta.shape[0] // 4)  # rows of the block x 2^2 last-layer states
+        return per_example_loss(loss_fn, eta, y)
+
+    monkeypatch.setattr(stelab.sbn.exact, "per_example_loss", spy)
+    blocked = exact_expected_loss(m, x, t, logistic_loss, max_states=32)
+    assert blocks == [4, 3]
     assert torch.allclose(full, blocked, rtol=1e-13)
+    assert torch.allclose(full, brute_force_loss(m, x, t, logistic_loss, "logistic"), rtol=1e-12)
 
 
 def test_all_states_enumerates_each_state_once():

@@ -315,3 +315,19 @@ def test_kernel_choice_is_validated():
         flip_rows(a, e, x, w, get_noise("logistic"), kernel="fast")
     with pytest.raises(ConfigError, match="kernel must be one of"):
         sbn_mlp().surrogate_loss(torch.randn(2, 2), torch.ones(2), logistic_loss, kernel="gpu")
+
+
+@pytest.mark.parametrize(
+    "nj,width,chunk", [(3, 4, 5), (7, 3, 2), (10, 10, 1000), (5, 1, 1), (2, 8, 15)]
+)
+def test_flip_blocks_keep_each_temporary_within_the_budget(nj, width, chunk):
+    """(rows, j) blocks: rows * j * width <= chunk_elements whenever one j fits
+    (width <= chunk); at least one row and one j otherwise; never more j than there are."""
+    from stelab.sbn.kernels import _blocks
+
+    rc, jc = _blocks(nj, width, chunk)
+    assert 1 <= jc <= nj and rc >= 1
+    if width <= chunk:
+        assert rc * jc * width <= chunk
+    else:
+        assert (rc, jc) == (1, 1)

@@ -520,3 +520,105 @@ def test_ste_names_map_to_library_estimators():
     assert set(tl.LIBRARY_ESTIMATOR) == set(tl.STES)
     for name in tl.LIBRARY_ESTIMATOR.values():
         assert name in estimators.names()
+
+
+# --------------------------------------------------------------------------- descent ratio
+
+
+@pytest.mark.parametrize("ste", tl.STES)
+def test_coarse_descent_ratio_vs_monte_carlo(mc_case, ste):
+    """R = |E g_mu|^2 / (|df/dv|^2 + <E g_mu, df/dw>) from independent pieces: E g_mu and
+    df/dv = E[dl/dv] by Monte Carlo (1e6 draws), df/dw by central differences of the
+    population loss (itself checked against Monte Carlo above). Tolerance: 5 standard
+    errors of R, propagated to first order with absolute values (a bound that ignores
+    the sign of correlations), plus the O(SE^2) bias of |mean|^2."""
+    (v, w, vs, ws), mc = mc_case
+    a, se_a = mc[ste]
+    b, se_b = mc["gv"]
+    h = 1e-6
+    c = torch.zeros_like(w)
+    for i in range(w.shape[0]):
+        e = torch.zeros_like(w)
+        e[i] = h
+        c[i] = (tl.population_loss(v, w + e, vs, ws) - tl.population_loss(v, w - e, vs, ws)) / (
+            2 * h
+        )
+    num, den = (a * a).sum(), (b * b).sum() + (a * c).sum()
+    want = num / den
+    d_a = (2 * a * den - num * c) / den**2
+    d_b = -2 * b * num / den**2
+    se = (d_a.abs() * se_a).sum() + (d_b.abs() * se_b).sum()
+    bias = (se_a**2).sum() / den.abs()
+    got = tl.coarse_descent_ratio(v, w, vs, ws, ste)
+    assert abs(float(got) - float(want)) <= 5 * float(se) + float(bias), (got, want, se)
+    assert float(se) < 0.05 * abs(float(want))  # the check has teeth
+
+
+@pytest.mark.parametrize("ste", tl.STES)
+def test_coarse_descent_ratio_is_the_documented_ratio_of_the_checked_gradients(ste):
+    """Exactly (1e-12) the ratio of the pieces that are checked against Monte Carlo and
+    finite differences above: a Monte-Carlo test alone cannot see a few-% change of a
+    term (its SE is ~1 %); batched over a grid of points."""
+    g = _gen(9)
+    vs, ws = torch.randn(3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    v = torch.randn(6, 3, generator=g, dtype=F64)
+    w = torch.randn(6, 4, generator=g, dtype=F64) * torch.tensor([0.3, 1, 2, 5, 0.7, 1.5])[:, None]
+    gv, gw = tl.expected_coarse_grad(v, w, vs, ws, ste)
+    _, gw_true = tl.population_grad(v, w, vs, ws)
+    want = (gw * gw).sum(-1) / ((gv * gv).sum(-1) + (gw * gw_true).sum(-1))
+    torch.testing.assert_close(tl.coarse_descent_ratio(v, w, vs, ws, ste), want, rtol=1e-12, atol=0)
+
+
+def test_coarse_descent_ratio_is_inf_where_the_denominator_vanishes():
+    """At the global minimum (v, w) = (v*, w*) both gradients vanish: 0/0 -> +inf."""
+    g = _gen(8)
+    vs, ws = torch.randn(3, generator=g, dtype=F64), torch.randn(4, generator=g, dtype=F64)
+    for ste in tl.STES:
+        assert float(tl.coarse_descent_ratio(vs, ws, vs, ws, ste)) == math.inf
+    r = tl.coarse_descent_ratio(torch.stack([vs, vs + 1]), ws, vs, ws, "identity")
+    assert r[0] == math.inf and math.isfinite(float(r[1]))
+
+
+def test_trajectory_records_equal_the_gradients_at_the_recorded_iterates():
+    """Every recorded quantity recomputed at the iterate of its step (a manual loop):
+    f, theta, |w|, <E g_mu, df/dw>, |E g_mu| and their cosine."""
+    v, w, vs, ws = _point(61, 3, 4, 1.2, 1.9)
+    for ste in tl.STES:
+        tr = tl.coarse_gradient_descent(v, w, vs, ws, ste, 0.07, 5, record_every=2)
+        vm, wm, rec = v.clone(), w.clone(), {}
+        for t in range(6):
+            gv, gw = tl.expected_coarse_grad(vm, wm, vs, ws, ste)
+            _, gt = tl.population_grad(vm, wm, vs, ws)
+            rec[t] = (vm, wm, gw, gt)
+            vm, wm = vm - 0.07 * gv, wm - 0.07 * gw
+        for i, t in enumerate(tr.step.tolist()):
+            vm, wm, gw, gt = rec[t]
+            assert float(tr.loss[i]) == pytest.approx(float(tl.population_loss(vm, wm, vs, ws)))
+            assert float(tr.theta[i]) == pytest.approx(float(tl.theta(wm, ws)), rel=1e-12)
+            assert float(tr.w_norm[i]) == pytest.approx(float(wm.norm()), rel=1e-12)
+            inner = float(gw @ gt)
+            assert float(tr.inner[i]) == pytest.approx(inner, rel=1e-10)
+            assert float(tr.coarse_norm[i]) == pytest.approx(float(gw.norm()), rel=1e-12)
+            cos = inner / float(gw.norm() * gt.norm())
+            assert float(tr.cosine[i]) == pytest.approx(cos, rel=1e-10)
+
+
+def test_w_at_angle_turns_towards_the_given_direction():
+    ws = torch.tensor([2.0, 0.0, 0.0], dtype=F64)
+    d = torch.tensor([0.3, 1.0, 0.0], dtype=F64)
+    w = tl.w_at_angle(ws, 0.4, norm=2.5, direction=d)
+    want = 2.5 * torch.tensor([math.cos(0.4), math.sin(0.4), 0.0], dtype=F64)
+    torch.testing.assert_close(w, want, rtol=0, atol=1e-15)
+
+
+def test_batch_loss_over_a_grid_of_students_equals_one_at_a_time():
+    v, w, vs, ws = _point(62, 3, 4, 1.0, 1.1)
+    z = torch.randn(50, 3, 4, generator=_gen(63), dtype=F64)
+    vg = torch.stack([v, 2 * v, -v]).reshape(3, 1, 3).expand(3, 2, 3)
+    wg = torch.stack([w, w + 0.3]).reshape(1, 2, 4).expand(3, 2, 4)
+    got = tl.batch_loss(z, vg, wg, vs, ws)
+    assert got.shape == (3, 2)
+    for i in range(3):
+        for j in range(2):
+            one = tl.batch_loss(z, vg[i, j], wg[i, j], vs, ws)
+            assert float(got[i, j]) == pytest.approx(float(one), rel=1e-13)
