@@ -61,7 +61,7 @@ AREAS: dict[str, dict[str, list[str]]] = {
         ],
     },
     "theory": {
-        "sources": ["src/stelab/theory/two_layer.py"],
+        "sources": ["src/stelab/theory/two_layer/*.py"],
         "tests": ["tests/test_theory_two_layer.py"],
     },
     "sbn": {
@@ -71,25 +71,40 @@ AREAS: dict[str, dict[str, list[str]]] = {
             "src/stelab/sbn/exact.py",
             "src/stelab/sbn/kernels.py",
             "src/stelab/sbn/noise.py",
-            "src/stelab/sbn/estimators.py::sample_path|replicate|surrogate_loss|_bcast",
+            "src/stelab/sbn/estimators.py::sample_path|replicate|surrogate_loss|bcast",
+            "src/stelab/sbn/base.py",
         ],
         "tests": ["tests/test_sbn_fixed_draws.py", "tests/test_sbn_*.py"],
     },
     "disguise": {
-        "sources": ["src/stelab/disguise/equivalence.py", "src/stelab/disguise/convert.py"],
+        "sources": [
+            "src/stelab/disguise/equivalence.py",
+            "src/stelab/disguise/derive.py",
+            "src/stelab/disguise/table.py",
+            "src/stelab/disguise/convert.py",
+        ],
         "tests": ["tests/test_disguise.py"],
     },
     "resume": {
         "sources": [
             "src/stelab/train/checkpoint.py",
             "src/stelab/io.py",
-            "src/stelab/train/loop.py::*resume*|*restore*|*checkpoint*",
+            "src/stelab/train/loop.py::*resume*|*restore*|*checkpoint*|*state*|*save*",
         ],
-        "tests": ["tests/test_io.py", "tests/test_runfolder.py", "tests/test_train.py"],
+        "tests": [
+            "tests/test_resume_guarantees.py",
+            "tests/test_io.py",
+            "tests/test_fit.py",
+            "tests/test_runfolder.py",
+            "tests/test_train.py",
+        ],
     },
     "verdicts": {
-        "sources": ["src/stelab/experiments/**/*.py::*verdict*|*claim*|*effect*"],
+        "sources": ["src/stelab/experiments/*/*_claims.py"],
         "tests": [
+            "tests/test_yin2019_verdicts.py",
+            "tests/test_psa2020_verdicts.py",
+            "tests/test_disguise2024_verdicts.py",
             "tests/test_yin2019*.py",
             "tests/test_psa2020*.py",
             "tests/test_disguise2024*.py",
