@@ -291,7 +291,7 @@ def train_sbn(
         if run_dir is None:
             run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "run"
         run_dir = Path(run_dir)
-        stack.enter_context(_global_rngs_kept(dev))
+        stack.enter_context(global_rngs_kept(dev))
         try:
             fit(
                 model,
@@ -368,7 +368,7 @@ def train_sbn(
 
 
 @contextlib.contextmanager
-def _global_rngs_kept(dev: torch.device) -> Iterator[None]:
+def global_rngs_kept(dev: torch.device) -> Iterator[None]:
     """torch's, numpy's and Python's global RNG states as before, after the block
     (:func:`stelab.train.fit` seeds them; the [S20] runs draw from their own generators)."""
     import random

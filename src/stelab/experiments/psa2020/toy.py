@@ -74,7 +74,7 @@ def _train(
     from ...data import Split, Splits
     from ...sbn import exact_expected_loss, logistic_loss, surrogate_loss
     from ...train import fit
-    from .sbn_training import _global_rngs_kept
+    from .sbn_training import global_rngs_kept
 
     x, y = data()
     net = model(seed)
@@ -98,7 +98,7 @@ def _train(
     curve = [point(0)]
     _save_state(checkpoint_path(out_dir, 0), net.state_dict())
     t0 = time.perf_counter()
-    with _global_rngs_kept(torch.device("cpu")):
+    with global_rngs_kept(torch.device("cpu")):
         fit(
             net,
             splits,
