@@ -17,6 +17,7 @@ of the resolved config unless set)::
     augment = "none"                  # none | flip_crop (flip + pad-4 crop) | crop (no flip)
     standardize = true
     download = true
+    drop_last = false                 # drop an incomplete last batch (always with devices > 1)
 
     [model]
     name = "lenet5"                   # stelab.models.names()
@@ -56,6 +57,7 @@ of the resolved config unless set)::
     init_from = ...                   # a run dir or checkpoint of a float model ([Y19])
     eval_every = 1                    # validate every n epochs (and after the last)
     save_best = true                  # keep checkpoints/best.pt (best validation accuracy)
+    max_steps = ...                   # stop after this many optimizer steps (mid-epoch too)
 
 Entry points: :func:`load_config` (file + ``--set`` overrides), :func:`parse_config`
 (a dict), :func:`dump_config` (resolved TOML, round-trips), :func:`config_to_dict`,
@@ -127,6 +129,7 @@ class DataConfig:
     augment: str = "none"
     standardize: bool = True
     download: bool = True
+    drop_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,7 @@ class LoopConfig:
     init_from: str | None = None
     eval_every: int = 1
     save_best: bool = True
+    max_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -356,7 +360,7 @@ def _data(raw: Mapping[str, Any]) -> DataConfig:
         if isinstance(a, bool):  # augment = true / false
             a = "flip_crop" if a else "none"
         kw["augment"] = _choice("data.augment", a, AUGMENTS, "augmentation")
-    for key in ("standardize", "download"):
+    for key in ("standardize", "download", "drop_last"):
         if key in raw:
             kw[key] = _bool(f"data.{key}", raw[key])
     return dataclasses.replace(d, **kw)
@@ -543,6 +547,8 @@ def _loop(raw: Mapping[str, Any]) -> LoopConfig:
         kw["init_from"] = s
     if "eval_every" in raw:
         kw["eval_every"] = _int("train.eval_every", raw["eval_every"], 1)
+    if raw.get("max_steps") is not None:
+        kw["max_steps"] = _int("train.max_steps", raw["max_steps"], 1)
     return LoopConfig(**kw)
 
 
