@@ -106,7 +106,7 @@ collectives.
 
 from .checkpoint import check_state, load_checkpoint, load_model
 from .launch import fit, train
-from .loop import Evaluate, Step
+from .loop import Evaluate, OnStep, Step
 from .parts import (
     TrainingDiverged,
     TrainingInterrupted,
@@ -122,6 +122,7 @@ from .parts import (
 
 __all__ = [
     "Evaluate",
+    "OnStep",
     "Step",
     "TrainingDiverged",
     "TrainingInterrupted",
