@@ -150,3 +150,79 @@ def test_fit_param_groups_each_take_their_learning_rate(tmp_path):
     assert [g["lr"] for g in groups] == [0.0, 0.05]  # after epoch 2: 0.1 * 0.5
     with pytest.raises(StelabTypeError, match="param_groups must be a list of dicts"):
         fit(model, d, epochs=1, param_groups=[model.parameters()])
+
+
+def test_fit_max_steps_drop_last_and_on_step_rows(tmp_path):
+    """Step-based training in the one loop: ``max_steps`` stops inside an epoch,
+    ``drop_last`` drops the short batch, ``on_step`` rows hold the mean of the step
+    metrics since the previous row. Truth: the batch order drawn here from a generator
+    seeded like fit's (a fresh permutation per epoch, full batches only), and the losses
+    the step itself saw."""
+    d = data.load("digits", seed=0, limit=200, progress=False)
+    n, b = len(d.train), 48
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    seen, losses, calls = [], [], []
+
+    def step(m, batch):
+        seen.append(batch[0].clone())
+        loss = torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+        losses.append(float(loss.detach()))
+        return loss
+
+    def on_step(t, m):
+        calls.append(t)
+        assert m is model
+        return {"w": float(m[1].weight.detach().abs().sum())}
+
+    kw = dict(step=step, batch_size=b, drop_last=True, seed=5, threads=1, on_step=on_step)
+    kw.update(every_n_steps=3, optimizer=OptimConfig(lr=0.1, momentum=0.0))
+    metrics = fit(model, d, run_dir=tmp_path / "run", max_steps=10, **kw)
+    per_epoch = n // b
+    g = torch.Generator().manual_seed(5)
+    order = []
+    for _ in range(3):
+        perm = torch.randperm(n, generator=g)
+        order += [perm[i * b : (i + 1) * b] for i in range(per_epoch)]
+    assert len(seen) == 10 and all(
+        torch.equal(x, d.train.x[i]) for x, i in zip(seen, order[:10], strict=True)
+    )
+    assert calls == [3, 6, 9, 10]
+    rows = metrics["steps"]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(3, 1), (6, 2), (9, 3), (10, 3)]
+    for r, (lo, hi) in zip(rows, [(0, 3), (3, 6), (6, 9), (9, 10)], strict=True):
+        window = losses[lo:hi]
+        assert r["train_loss"] == sum(window) / len(window)
+    assert rows[-1]["w"] == float(model[1].weight.detach().abs().sum())
+    c = ckpt(tmp_path / "run")
+    assert c["global_step"] == 10 and c["epoch"] == 3 and metrics["epochs"] == 3
+    assert [len(c["history"]), c["step_history"]] == [3, rows]
+    assert c["config"]["train"]["max_steps"] == 10 and c["config"]["data"]["drop_last"]
+    with pytest.raises(ConfigError, match=r"train\.max_steps"):  # a new order from here
+        fit(model, d, run_dir=tmp_path / "run", max_steps=12, resume=True, **kw)
+    plain = fit(model, d, epochs=1, threads=1, batch_size=b)
+    assert "steps" not in plain
+
+
+def test_train_config_max_steps_stops_inside_an_epoch(tmp_path):
+    metrics = train(quick_cfg("train.max_steps=6"), tmp_path / "run", progress=False)
+    c = ckpt(tmp_path / "run")  # 4 steps per epoch: epoch 2 stops after 2 of its 4
+    assert c["global_step"] == 6 and c["epoch"] == 2 and metrics["epochs"] == 2
+    assert len(_rows(tmp_path / "run")) == 2 and metrics["final_val_acc"] is not None
+
+
+def test_fit_step_options_bad_values_name_what_is_wrong():
+    d = data.load("digits", seed=0, limit=64, progress=False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with pytest.raises(ConfigError, match=r"train\.max_steps.*0"):
+        fit(model, d, epochs=1, max_steps=0)
+    with pytest.raises(ConfigError, match="needs epochs, or max_steps"):
+        fit(model, d)
+    with pytest.raises(ConfigError, match=r"every_n_steps must be an integer >= 1, got 0"):
+        fit(model, d, max_steps=2, on_step=lambda t, m: None, every_n_steps=0)
+    with pytest.raises(ConfigError, match=r"data\.batch_size = 1000.*drop_last = True"):
+        fit(model, d, max_steps=2, batch_size=1000, drop_last=True, threads=1)
+    with pytest.raises(StelabTypeError, match="on_step must return None or a dict.*list"):
+        fit(model, d, max_steps=2, threads=1, on_step=lambda t, m: [1.0])
+    with pytest.raises(StelabTypeError, match="on_step must be callable"):
+        fit(model, d, max_steps=2, on_step=3)

@@ -17,6 +17,7 @@ of the resolved config unless set)::
     augment = "none"                  # none | flip_crop (flip + pad-4 crop) | crop (no flip)
     standardize = true
     download = true
+    drop_last = false                 # drop an incomplete last batch (always with devices > 1)
 
     [model]
     name = "lenet5"                   # stelab.models.names()
@@ -56,6 +57,7 @@ of the resolved config unless set)::
     init_from = ...                   # a run dir or checkpoint of a float model ([Y19])
     eval_every = 1                    # validate every n epochs (and after the last)
     save_best = true                  # keep checkpoints/best.pt (best validation accuracy)
+    max_steps = ...                   # stop after this many optimizer steps (mid-epoch too)
 
 Entry points: :func:`load_config` (file + ``--set`` overrides), :func:`parse_config`
 (a dict), :func:`dump_config` (resolved TOML, round-trips), :func:`config_to_dict`,

@@ -27,6 +27,7 @@ class DataConfig:
     augment: str = "none"
     standardize: bool = True
     download: bool = True
+    drop_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class LoopConfig:
     init_from: str | None = None
     eval_every: int = 1
     save_best: bool = True
+    max_steps: int | None = None
 
 
 @dataclass(frozen=True)

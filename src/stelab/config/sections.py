@@ -66,7 +66,7 @@ def _data(raw: Mapping[str, Any]) -> DataConfig:
         if isinstance(a, bool):  # augment = true / false
             a = "flip_crop" if a else "none"
         kw["augment"] = choice("data.augment", a, AUGMENTS, "augmentation")
-    for key in ("standardize", "download"):
+    for key in ("standardize", "download", "drop_last"):
         if key in raw:
             kw[key] = as_bool(f"data.{key}", raw[key])
     return dataclasses.replace(d, **kw)
@@ -231,6 +231,8 @@ def _loop(raw: Mapping[str, Any]) -> LoopConfig:
         kw["init_from"] = s
     if "eval_every" in raw:
         kw["eval_every"] = as_int("train.eval_every", raw["eval_every"], 1)
+    if raw.get("max_steps") is not None:
+        kw["max_steps"] = as_int("train.max_steps", raw["max_steps"], 1)
     return LoopConfig(**kw)
 
 

@@ -73,6 +73,14 @@ What it does:
   metric and best.pt, every RNG state, metrics.csv (tests/test_resume_guarantees.py).
   Ctrl-C keeps the last checkpoint and says how to resume; a NaN/inf loss raises
   :class:`TrainingDiverged` and keeps the last good checkpoint.
+* Step-based runs: ``train.max_steps`` stops after that many optimizer steps, inside
+  an epoch if need be (Lightning's ``max_steps``; the cut epoch gets its row,
+  validation and checkpoint like a full one), ``data.drop_last`` drops an epoch's short
+  batch, and ``fit(on_step=..., every_n_steps=n)`` calls a hook every n steps and
+  after the last, logging its floats with the mean step metrics since the previous
+  call (``metrics["steps"]``; Lightning's ``val_check_interval`` counted in steps).
+  Checkpoints stay at epoch ends: a resumed run repeats the steps after the last
+  one and equals a run that never stopped, step rows included.
 * Validation every ``train.eval_every`` epochs, test at the end; metrics.csv per
   epoch (a custom step's or evaluation's other metrics as extra columns
   ``train_<name>``/``val_<name>``), metrics.json at the end, TensorBoard
@@ -98,7 +106,7 @@ collectives.
 
 from .checkpoint import check_state, load_checkpoint, load_model
 from .launch import fit, train
-from .loop import Evaluate, Step
+from .loop import Evaluate, OnStep, Step
 from .parts import (
     TrainingDiverged,
     TrainingInterrupted,
@@ -114,6 +122,7 @@ from .parts import (
 
 __all__ = [
     "Evaluate",
+    "OnStep",
     "Step",
     "TrainingDiverged",
     "TrainingInterrupted",

@@ -23,7 +23,7 @@ from ..config import (
 )
 from ..errors import ConfigError, DataError, StelabError, StelabTypeError, check_int
 from . import files
-from .loop import Evaluate, Job, Session, Step
+from .loop import Evaluate, Job, OnStep, Session, Step
 from .parts import TrainingDiverged, TrainingInterrupted, classifier_step, quiet_lightning
 
 __all__ = ["fit", "train"]
@@ -215,7 +215,7 @@ def fit(
     model: nn.Module,
     data: Any,
     *,
-    epochs: int,
+    epochs: int | None = None,
     run_dir: str | os.PathLike[str] | None = None,
     step: Step = classifier_step,
     evaluate: Evaluate | None = None,
@@ -237,6 +237,10 @@ def fit(
     generators: Mapping[str, torch.Generator] | None = None,
     param_groups: list[dict[str, Any]] | None = None,
     on_epoch: Callable[[dict[str, Any]], Any] | None = None,
+    max_steps: int | None = None,
+    drop_last: bool = False,
+    on_step: OnStep | None = None,
+    every_n_steps: int = 1,
     name: str = "",
     resume: bool = False,
     overwrite: bool = False,
@@ -252,7 +256,8 @@ def fit(
             (``batch_size`` rows, the shuffling generator seeded by ``seed``), ``val``
             is evaluated every ``eval_every`` epochs and ``test`` at the end (either may
             be empty).
-        epochs: epochs in all (a resumed run continues up to this many).
+        epochs: epochs in all (a resumed run continues up to this many); None: as many as
+            ``max_steps`` needs.
         run_dir: the run folder (layout as :func:`train`); None: a temporary folder,
             removed at the end (no resume).
         step: ``step(model, (x, y))`` returns the loss, a scalar tensor, or a dict with
@@ -282,6 +287,21 @@ def fit(
             every parameter of ``model`` in one group.
         on_epoch: called with each epoch's metrics row (as in metrics.csv) after its
             checkpoint is written.
+        max_steps: stop after this many optimizer steps in all, inside an epoch if need
+            be (as Lightning's ``Trainer(max_steps=...)``; training ends at ``epochs`` or
+            ``max_steps``, whichever comes first). The epoch it stops in is cut short:
+            its row, validation and checkpoint follow as after a full epoch.
+        drop_last: leave out the last batch of an epoch when it has fewer than
+            ``batch_size`` rows (as a DataLoader's ``drop_last``).
+        on_step: ``on_step(step, model)`` after optimizer step ``step`` (1, 2, ... over
+            the whole run) when ``step`` is a multiple of ``every_n_steps``, and after the
+            last step. It may return a dict of floats (e.g. a test accuracy), logged
+            in that step's row: ``{"step", "epoch", "train_<name>": the mean of the step
+            metrics over the steps since the previous row, **returned}``. The rows are returned (and
+            written to metrics.json) as ``"steps"``, and kept in the checkpoints.
+            Checkpoints are written at epoch ends only, so a resumed run repeats the
+            steps after the last one, and ``on_step`` is called for them again; the
+            rows, like everything else, equal those of a run that never stopped.
         resume, overwrite, progress: as for :func:`train`. ``batch_size`` ...
             ``accelerator``: the keys of ``[data]`` and ``[train]`` of the same names.
 
@@ -301,7 +321,12 @@ def fit(
         raise StelabTypeError(
             f"data must be a stelab.data.Splits (train/val/test), got {type(data).__name__}"
         )
-    for what, fn in (("step", step), ("evaluate", evaluate), ("on_epoch", on_epoch)):
+    for what, fn in (
+        ("step", step),
+        ("evaluate", evaluate),
+        ("on_epoch", on_epoch),
+        ("on_step", on_step),
+    ):
         if fn is not None and not callable(fn):
             raise StelabTypeError(f"{what} must be callable, got {type(fn).__name__}")
     gens = dict(generators or {})
@@ -326,9 +351,18 @@ def fit(
             raise StelabTypeError(
                 f"{what} must be a stelab.config.{cls.__name__}, got {type(obj).__name__}"
             )
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ConfigError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+    if epochs is None:
+        epochs = _epochs_for(max_steps, len(data.train), batch_size, drop_last)
     raw = TrainConfig(
         name=name,
-        data=DataConfig(batch_size=batch_size, eval_batch_size=eval_batch_size, augment=augment),
+        data=DataConfig(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            augment=augment,
+            drop_last=drop_last,
+        ),
         optim=optimizer or OptimConfig(),
         schedule=schedule or ScheduleConfig(),
         train=LoopConfig(
@@ -341,6 +375,7 @@ def fit(
             grad_clip_norm=grad_clip_norm,
             eval_every=eval_every,
             save_best=save_best,
+            max_steps=max_steps,
         ),
     )
     if shuffle_seed is not None:
@@ -349,7 +384,11 @@ def fit(
         augment_seed = check_int("augment_seed", augment_seed, 0, 2**64 - 1)
     cfg = parse_config(config_to_dict(raw))  # the checks of load_config, naming the key
     groups = None if param_groups is None else [dict(g) for g in param_groups]
-    job = Job(model, data, step, evaluate, gens, on_epoch, groups, shuffle_seed, augment_seed)
+    job = Job(
+        model, data, step, evaluate, gens, on_epoch, groups,
+        on_step=on_step, every_n_steps=every_n_steps,
+        shuffle_seed=shuffle_seed, augment_seed=augment_seed,
+    )  # fmt: skip
     if run_dir is None:
         import tempfile
 
@@ -358,6 +397,21 @@ def fit(
         with tempfile.TemporaryDirectory(prefix="stelab-fit-") as tmp:
             return _fit(cfg, job, Path(tmp) / "run", False, False, progress)
     return _fit(cfg, job, Path(run_dir), resume, overwrite, progress)
+
+
+def _epochs_for(max_steps: Any, n: int, batch_size: Any, drop_last: bool) -> Any:
+    """The epochs ``max_steps`` steps take (fit's ``epochs=None``); bad values are left
+    for parse_config to name."""
+    if max_steps is None:
+        raise ConfigError(
+            "fit needs epochs, or max_steps (then epochs=None runs as many as it needs)"
+        )
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (max_steps, batch_size)
+    ):
+        return 1
+    per_epoch = n // batch_size if drop_last else -(-n // batch_size)
+    return max(1, -(-max_steps // max(per_epoch, 1)))
 
 
 def _fit(

@@ -55,6 +55,9 @@ Step = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], Any]
 #: ``evaluate(model, split)``: a dict of floats, ``"loss"`` and ``"acc"`` among them
 #: (``val_loss``/``val_acc``; ``acc`` picks best.pt), other keys logged as ``val_<name>``
 Evaluate = Callable[[nn.Module, Any], Mapping[str, Any]]
+#: ``on_step(step, model)``: called after optimizer step ``step`` (counted from 1 over the
+#: run); returns None or a dict of floats for that step's row (``fit(on_step=...)``)
+OnStep = Callable[[int, nn.Module], Mapping[str, Any] | None]
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Job:
     generators: Mapping[str, torch.Generator] = field(default_factory=dict)
     on_epoch: Callable[[dict[str, Any]], Any] | None = None
     param_groups: list[dict[str, Any]] | None = None  # torch's format; None: all parameters
+    on_step: OnStep | None = None  # every ``every_n_steps`` steps and after the last
+    every_n_steps: int = 1
     shuffle_seed: int | None = None  # seed of the shuffling generator; None: train.seed
     augment_seed: int | None = None  # seed of the augmentation generator; None: from train.seed
 
@@ -146,6 +151,10 @@ class Session:
         self.best: dict[str, Any] = {"val_acc": None, "epoch": None}
         self.epoch = 0  # finished epochs
         self.global_step = 0
+        # fit's on_step rows; the sums of the step metrics and the steps since the last row
+        self.step_history: list[dict[str, Any]] = []
+        self.step_sums: dict[str, torch.Tensor] = {}
+        self.step_seen = 0
         self.elapsed_before = 0.0
         self.t_start = time.perf_counter()
 
@@ -231,10 +240,11 @@ class Session:
                     raise type(e)(f"[data] (data.name = {cfg.data.name!r}): {e}") from None
         d = self.data
         n = len(d.train)
-        if n == 0 or (self.world > 1 and n < cfg.data.batch_size):
+        if n == 0 or ((self.world > 1 or cfg.data.drop_last) and n < cfg.data.batch_size):
             raise ConfigError(
                 f"the training split has {n} rows; it needs at least data.batch_size = "
-                f"{cfg.data.batch_size} with {self.world} processes (and at least 1 row)"
+                f"{cfg.data.batch_size} with {self.world} processes and data.drop_last = "
+                f"{cfg.data.drop_last} (and at least 1 row)"
             )
         self.model_args = None
         if self.job is None:
@@ -351,6 +361,9 @@ class Session:
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.epoch = int(ckpt["epoch"])
         self.global_step = int(ckpt.get("global_step", 0))
+        self.step_history = [dict(r) for r in ckpt.get("step_history", [])]
+        self.step_sums = {k: v.clone() for k, v in ckpt.get("step_sums", {}).items()}
+        self.step_seen = int(ckpt.get("step_seen", 0))
         self.history = [dict(r) for r in ckpt.get("history", [])]
         self.best = dict(ckpt.get("best", self.best))
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
@@ -413,6 +426,8 @@ class Session:
         epoch = self.epoch
         try:
             for epoch in range(self.epoch, t.epochs):
+                if self._max_steps_reached():
+                    break
                 self._epoch(epoch)
         except KeyboardInterrupt:
             msg = self._interrupt_message(epoch)
@@ -443,7 +458,7 @@ class Session:
         self.model.train()
         lr = float(self.opt.param_groups[0]["lr"])
         x, y = self.train_xy
-        steps = num_steps(len(x), cfg.data.batch_size, self.world)
+        steps = num_steps(len(x), cfg.data.batch_size, self.world, cfg.data.drop_last)
         batches = shard_batches(
             x,
             y,
@@ -452,6 +467,7 @@ class Session:
             rank=self.rank,
             world=self.world,
             augment=self.augment,
+            drop_last=cfg.data.drop_last,
         )
         bar = None
         if self.progress and self.main and sys.stderr.isatty():
@@ -462,6 +478,7 @@ class Session:
         dev = f.device
         sums: dict[str, torch.Tensor] = {}  # row-weighted sums of the step's batch means
         seen = 0
+        hook = None if self.job is None else self.job.on_step
         try:
             for i, batch in enumerate(batches):
                 loss, metrics = _step(self, batch)
@@ -471,13 +488,24 @@ class Session:
                     v = torch.as_tensor(v, device=dev).detach().double().reshape(())
                     sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=dev))
                     sums[k] += v * rows
+                    if hook is not None:
+                        self.step_sums[k] = self.step_sums.get(k, torch.zeros_like(sums[k]))
+                        self.step_sums[k] += v
                 seen += rows
-                if (i + 1) % check_every == 0 or i + 1 == steps:
+                self.step_seen += 1
+                stop = self._max_steps_reached()
+                if (i + 1) % check_every == 0 or i + 1 == steps or stop:
                     self._check_finite(loss, epoch, i + 1, steps, lr)
+                if hook is not None:
+                    last = stop or (epoch + 1 == t.epochs and i + 1 == steps)
+                    if last or self.global_step % self.job.every_n_steps == 0:
+                        self._step_row(hook, epoch)
                 if bar is not None:
                     bar.update(1)
                     if i % 10 == 0:
                         bar.set_postfix(loss=f"{float(loss):.4g}")
+                if stop:  # max_steps: the run ends inside this epoch
+                    break
         finally:
             if bar is not None:
                 bar.close()
@@ -490,7 +518,7 @@ class Session:
             self._sync_buffers()
         train = {f"train_{k}": float(tot[i] / tot[-1]) for i, k in enumerate(names)}
         val: dict[str, Any] = {}
-        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
+        if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs or self._max_steps_reached():
             val = self._validate(self.data.val)
         val_loss, val_acc = val.get("loss"), val.get("acc")
         self.sched.step()
@@ -532,6 +560,25 @@ class Session:
                 row["seconds"],
             )
             self._tensorboard(row)
+
+    def _max_steps_reached(self) -> bool:
+        m = self.cfg.train.max_steps
+        return m is not None and self.global_step >= m
+
+    def _step_row(self, hook: OnStep, epoch: int) -> None:
+        """Append fit's row for this step: the means of the step metrics over the steps
+        since the last row (``train_<name>``) and what ``on_step`` returns."""
+        n = max(self.step_seen, 1)
+        row = {"step": self.global_step, "epoch": epoch + 1}
+        row.update({f"train_{k}": float(v / n) for k, v in self.step_sums.items()})
+        out = hook(self.global_step, self.raw_model)
+        if out is not None and not isinstance(out, Mapping):
+            raise StelabTypeError(
+                f"on_step must return None or a dict of floats, got {type(out).__name__}"
+            )
+        row.update({str(k): None if v is None else float(v) for k, v in (out or {}).items()})
+        self.step_history.append(row)
+        self.step_sums, self.step_seen = {}, 0
 
     def _check_finite(
         self, loss: torch.Tensor, epoch: int, step: int, steps: int, lr: float
@@ -664,6 +711,10 @@ class Session:
         }
         if self.model_args is None:
             del state["model_args"]
+        if self.job is not None and self.job.on_step is not None:
+            state["step_history"] = [dict(r) for r in self.step_history]
+            state["step_sums"] = {k: v.detach().cpu() for k, v in self.step_sums.items()}
+            state["step_seen"] = self.step_seen
         return state
 
     def _save(self, best: bool) -> None:
@@ -725,6 +776,8 @@ class Session:
             "ranks_in_sync": in_sync,
             "device": str(self.fabric.device),
         }
+        if self.job is not None and self.job.on_step is not None:
+            metrics["steps"] = [dict(r) for r in self.step_history]
         if self.main:
             with files.writing(self.run_dir):
                 files.write_json(self.run_dir / files.METRICS_JSON, metrics)

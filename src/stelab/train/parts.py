@@ -213,6 +213,7 @@ def shard_batches(
     rank: int = 0,
     world: int = 1,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    drop_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of this process's mini-batches.
 
@@ -220,14 +221,14 @@ def shard_batches(
     global batch k is ``order[k·B : (k+1)·B]`` and process ``rank`` takes its
     ``rank``-th slice of ``B / world`` rows. With one process the last batch may be
     smaller; with several, an incomplete last batch is dropped (every process must
-    take the same number of steps).
+    take the same number of steps); ``drop_last`` drops it with one process too.
     """
     n = int(x.shape[0])
     order = torch.randperm(n, generator=generator)
     if order.device != x.device:
         order = order.to(x.device)
     per = batch_size // world
-    stop = n if world == 1 else n - n % batch_size
+    stop = n if world == 1 and not drop_last else n - n % batch_size
     for start in range(0, stop, batch_size):
         lo = start + rank * per
         idx = order[lo : min(lo + per, n)]
@@ -237,9 +238,9 @@ def shard_batches(
         yield xb, yb
 
 
-def num_steps(n: int, batch_size: int, world: int) -> int:
+def num_steps(n: int, batch_size: int, world: int, drop_last: bool = False) -> int:
     """Optimizer steps per epoch of :func:`shard_batches`."""
-    return math.ceil(n / batch_size) if world == 1 else n // batch_size
+    return math.ceil(n / batch_size) if world == 1 and not drop_last else n // batch_size
 
 
 # --- contexts -----------------------------------------------------------------------

@@ -1,45 +1,66 @@
 """The [S24] lockstep: the custom-estimator model and its STE twins trained on the same
 batches, compared after every ``eval_every`` steps.
 
-The training (one optimizer per model, :func:`make_optimizer`; the step loop of
-:func:`lockstep`) is kept here, behind one function, so that moving it onto
-``stelab.train`` is a change to this module only.
+The models train as one :class:`torch.nn.ModuleDict` through :func:`stelab.train.fit`:
+the step sums their cross-entropies, and as no two models share a parameter, each
+parameter's gradient is that of its own model's loss alone; one optimizer with a
+parameter group per model and role (:func:`param_groups`) keeps a per-parameter state
+(momentum buffer, Adam moments and step count), so every model follows the trajectory
+it would follow with an optimizer of its own on the same batches
+(tests/test_disguise2024_lockstep.py checks this against separate torch optimizers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...config import OptimConfig
 from ...disguise import equivalent_ste, to_ste
+from ...errors import ConfigError
 from .config import Config
 from .metrics import accuracy, compare
 from .model import build, weight_layers
 
-__all__ = ["batches", "lockstep", "make_optimizer"]
+__all__ = ["lockstep", "optim_config", "param_groups"]
+
+_DEFAULTS = {"momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
 
 
-def make_optimizer(kind: str, model: nn.Module, lr: float, alpha: float, hp: dict) -> Any:
-    """``torch.optim.<kind>`` with lr·alpha on the quantized weights, lr on the rest."""
-    qw = [m.weight for m in weight_layers(model)]
-    ids = {id(p) for p in qw}
-    rest = [p for p in model.parameters() if id(p) not in ids]
-    groups = [{"params": qw, "lr": lr * alpha}, {"params": rest, "lr": lr}]
-    return getattr(torch.optim, kind)(groups, lr=lr, **hp)
+def optim_config(kind: str, lr: float, hp: dict) -> OptimConfig:
+    """``torch.optim.<kind>(lr=lr, **hp)`` as an :class:`~stelab.config.OptimConfig`:
+    ``kind`` "SGD" (hp: momentum, nesterov, weight_decay) or "Adam" (hp: betas, eps,
+    weight_decay); a missing hyperparameter takes torch's default."""
+    names = {"SGD": ("sgd", ("momentum", "nesterov", "weight_decay")),
+             "Adam": ("adam", ("betas", "eps", "weight_decay"))}  # fmt: skip
+    if kind not in names:
+        raise ConfigError(f"optimizer kind must be one of {sorted(names)}, got {kind!r}")
+    name, allowed = names[kind]
+    extra = sorted(set(hp) - set(allowed))
+    if extra:
+        raise ConfigError(
+            f"hyperparameters {extra} are not used by {kind} here (allowed: {list(allowed)})"
+        )
+    kw = {k: hp[k] if k in hp else _DEFAULTS[k] for k in allowed if k in hp or k in _DEFAULTS}
+    if "betas" in kw:
+        kw["betas"] = tuple(kw["betas"])
+    return OptimConfig(name=name, lr=lr, **kw)
 
 
-def batches(n: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Endless row indices: a fresh permutation of ``range(n)`` per epoch (seeded), cut
-    into full batches (the last partial batch dropped)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield perm[i : i + batch_size]
+def param_groups(models: nn.ModuleDict, lr: float, factors: dict[str, float]) -> list[dict]:
+    """Per model: its quantized weights at ``lr · factors[name]``, its other parameters
+    at the optimizer's ``lr`` (torch's parameter-group format)."""
+    groups: list[dict] = []
+    for name, m in models.items():
+        qw = [layer.weight for layer in weight_layers(m)]
+        ids = {id(p) for p in qw}
+        groups.append({"params": qw, "lr": lr * factors[name]})
+        groups.append({"params": [p for p in m.parameters() if id(p) not in ids]})
+    return groups
 
 
 def lockstep(
@@ -55,72 +76,85 @@ def lockstep(
     seed: int,
     eval_every: int | None,
     bar: Any = None,
+    *,
+    run_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train the custom model (estimator ``est``) and the STE ``variants`` ("i", "ii",
     "iii"; see :mod:`.trajectories`) on identical batches for ``steps`` steps.
 
+    ``data``: a :class:`stelab.data.Splits` (accuracy is measured on ``test``). The
+    batches: ``cfg.batch_size`` rows, a fresh permutation of the training rows per
+    epoch drawn from a generator seeded ``seed + 1``, the incomplete last batch dropped.
     Records step 0, every ``eval_every`` steps and the last step (only the last when
     ``eval_every`` is None): per model the mean train loss since the last record and the
     test accuracy; per variant :func:`~.metrics.compare`; and how far the custom weights
     moved. Returns the run's settings, ``history`` and its last values ``final``.
+    ``run_dir``/``resume``: as for :func:`stelab.train.fit` (None: a temporary folder).
     """
+    from ...train import fit
+
     custom = build(cfg, data, est, params, seed)
     eq = equivalent_ste(est, 1.0, params=params, bits=cfg.bits)  # scale-free: step per layer
     alpha = eq.alpha
     models: dict[str, nn.Module] = {"custom": custom}
-    opts: dict[str, Any] = {"custom": make_optimizer(opt_kind, custom, lr, 1.0, hp)}
+    factors = {"custom": 1.0}
     for v in variants:
-        conv = to_ste(custom, map_weights=(v == "iii"))
-        models[v] = conv.model
-        opts[v] = make_optimizer(opt_kind, conv.model, lr, 1.0 if v == "i" else alpha, hp)
-    xtr, ytr, xte, yte = data.train.x, data.train.y, data.test.x, data.test.y
-    hist: dict[str, list] = {"step": []}
-    for name in models:
-        hist[f"loss_{name}"] = []
-        hist[f"acc_{name}"] = []
-    for v in variants:
-        for k in ("flips", "gap_M_mean", "gap_M_max", "gap_id_mean", "gap_id_max"):
-            hist[f"{k}_{v}"] = []
-    hist["moved"] = []  # mean |w_custom(t) - w_custom(0)| / Δ: how far training went
+        models[v] = to_ste(custom, map_weights=(v == "iii")).model
+        factors[v] = 1.0 if v == "i" else alpha
+    net = nn.ModuleDict(models)
+    xte, yte = data.test.x, data.test.y
     w_init = [m.weight.detach().clone() for m in weight_layers(custom)]
-    losses = {name: 0.0 for name in models}
-    count = 0
 
-    def record(t: int) -> None:
-        hist["step"].append(t)
+    def step(m: nn.ModuleDict, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+        xb, yb = batch
+        losses = {name: F.cross_entropy(model(xb), yb) for name, model in m.items()}
+        if bar is not None:
+            bar.update(len(losses))
+        return {
+            "loss": sum(losses.values()),
+            **{f"loss_{name}": loss.detach() for name, loss in losses.items()},
+        }
+
+    def measure(t: int, m: nn.Module) -> dict[str, float]:
         with torch.no_grad():
             moved = [
-                ((m.weight - w0).abs() / m.weight_quantizer.step).flatten()
-                for m, w0 in zip(weight_layers(custom), w_init, strict=True)
+                ((layer.weight - w0).abs() / layer.weight_quantizer.step).flatten()
+                for layer, w0 in zip(weight_layers(custom), w_init, strict=True)
             ]
-        hist["moved"].append(float(torch.cat(moved).mean()))
-        for name, m in models.items():
-            hist[f"loss_{name}"].append(losses[name] / max(count, 1))
-            hist[f"acc_{name}"].append(accuracy(m, xte, yte))
+        out = {"moved": float(torch.cat(moved).mean())}
+        out.update({f"acc_{name}": accuracy(model, xte, yte) for name, model in models.items()})
         for v in variants:
-            for k, val in compare(custom, models[v], eq).items():
-                hist[f"{k}_{v}"].append(val)
+            out.update({f"{k}_{v}": val for k, val in compare(custom, models[v], eq).items()})
+        return out
 
-    order = batches(len(ytr), cfg.batch_size, seed + 1)
-    record(0)
-    for t in range(1, steps + 1):
-        idx = next(order)
-        xb, yb = xtr[idx], ytr[idx]
-        for name, m in models.items():
-            opts[name].zero_grad(set_to_none=True)
-            loss = F.cross_entropy(m(xb), yb)
-            loss.backward()
-            opts[name].step()
-            losses[name] += float(loss.detach())
-        count += 1
-        if eval_every and (t % eval_every == 0 or t == steps):
-            record(t)
-            losses = {name: 0.0 for name in models}
-            count = 0
-        elif not eval_every and t == steps:
-            record(t)
-        if bar is not None:
-            bar.update(len(models))
+    rows = [{"step": 0, **{f"train_loss_{name}": 0.0 for name in models}, **measure(0, net)}]
+    metrics = fit(
+        net,
+        data,
+        max_steps=steps,
+        step=step,
+        optimizer=optim_config(opt_kind, lr, hp),
+        param_groups=param_groups(net, lr, factors),
+        batch_size=cfg.batch_size,
+        drop_last=True,
+        seed=seed + 1,
+        threads=1,
+        save_best=False,
+        on_step=measure,
+        every_n_steps=eval_every or steps,
+        run_dir=run_dir,
+        resume=resume,
+    )
+    rows += metrics["steps"]
+    hist: dict[str, list] = {"step": [r["step"] for r in rows]}
+    for name in models:
+        hist[f"loss_{name}"] = [r[f"train_loss_{name}"] for r in rows]
+        hist[f"acc_{name}"] = [r[f"acc_{name}"] for r in rows]
+    for v in variants:
+        for k in ("flips", "gap_M_mean", "gap_M_max", "gap_id_mean", "gap_id_max"):
+            hist[f"{k}_{v}"] = [r[f"{k}_{v}"] for r in rows]
+    hist["moved"] = [r["moved"] for r in rows]  # mean |w_custom(t) - w_custom(0)| / Δ
     return {
         "estimator": est,
         "params": params,

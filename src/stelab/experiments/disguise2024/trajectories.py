@@ -36,7 +36,7 @@ This module runs the experiment; the presets are in :mod:`.config`, the network 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +71,8 @@ def run(out_dir: Path, *, quick: bool = False, seed: int = 0, progress: bool = T
 
 
 def _data(cfg: Config, seed: int, progress: bool) -> tuple[Any, Any]:
-    """``(splits, data)``: the loaded splits and the train / test tensors in the run's dtype
-    (test rows cut to ``cfg.test_limit``)."""
+    """``(splits, data)``: the loaded splits, and a copy for training: train and test in
+    the run's dtype (test rows cut to ``cfg.test_limit``), no validation rows."""
     from ... import data as _data
 
     dt = getattr(torch, cfg.dtype)
@@ -80,14 +80,14 @@ def _data(cfg: Config, seed: int, progress: bool) -> tuple[Any, Any]:
     test_x, test_y = splits.test.x, splits.test.y
     if cfg.test_limit is not None:
         test_x, test_y = test_x[: cfg.test_limit], test_y[: cfg.test_limit]
-
-    class _D:  # the splits in the run's dtype
-        train = type("S", (), {"x": splits.train.x.to(dt), "y": splits.train.y})()
-        test = type("S", (), {"x": test_x.to(dt), "y": test_y})()
-        input_shape = splits.input_shape
-        num_classes = splits.num_classes
-
-    return splits, _D()
+    x = splits.train.x.to(dt)
+    data = replace(
+        splits,
+        train=_data.Split(x, splits.train.y),
+        val=_data.Split(x[:0], splits.train.y[:0]),
+        test=_data.Split(test_x.to(dt), test_y),
+    )
+    return splits, data
 
 
 def _run(out: Path, cfg: Config, quick: bool, seed: int, progress: bool) -> PartResult:
