@@ -105,10 +105,6 @@ AREAS: dict[str, dict[str, list[str]]] = {
             "tests/test_yin2019_verdicts.py",
             "tests/test_psa2020_verdicts.py",
             "tests/test_disguise2024_verdicts.py",
-            "tests/test_yin2019*.py",
-            "tests/test_psa2020*.py",
-            "tests/test_disguise2024*.py",
-            "tests/test_reproduce.py",
         ],
     },
 }
