@@ -82,12 +82,12 @@ def test_per_copy_gradients_equal_one_call_per_draw_with_the_same_noise(monkeypa
     if spec == "psa":
         # PSA uses V outside model.output(...): the forward hook misses that term and the
         # check says so; the Jacobian mode (mixed derivative in the copy weights) is exact
-        with pytest.raises(draws_mod._Inconsistent) as err:
-            eng._batched(copies, m)
+        with pytest.raises(draws_mod.Inconsistent) as err:
+            eng.batched(copies, m)
         assert err.value.key == "output"
         eng.output_mode = "jacobian"
         fake.recorded.clear()
-    batched = eng._batched(copies, m)
+    batched = eng.batched(copies, m)
     layers = layer_params(model)
     params = [p for prs in layers.values() for _, p in prs]
     names = [nm for prs in layers.values() for nm, _ in prs]
@@ -129,7 +129,7 @@ def test_per_copy_gradients_of_a_conv_sbn(monkeypatch):
         est = parse_estimator(spec).estimator
         eng = DrawEngine(model, x, y, ce, est, torch.Generator().manual_seed(0))
         eng.output_mode = "jacobian" if spec == "psa" else "hook"
-        batched = eng._batched(2, 1)
+        batched = eng.batched(2, 1)
         recorded = list(fake.recorded)
         for c in range(2):
             fake.replay = [u[c * 3 : (c + 1) * 3] for u in recorded]
@@ -489,9 +489,9 @@ def test_engine_falls_back_to_a_loop_when_the_check_fails(monkeypatch):
     )
 
     def broken(*a, **k):
-        raise draws_mod._Inconsistent("forced")
+        raise draws_mod.Inconsistent("forced")
 
-    monkeypatch.setattr(eng, "_batched", broken)
+    monkeypatch.setattr(eng, "batched", broken)
     chunks = list(eng.draws(5))
     assert eng.engine == "loop" and eng.fallback_reason == "forced"
     assert sum(c["hidden.0"].shape[0] for c in chunks) == 5

@@ -221,7 +221,7 @@ def test_M_many_across_chunks_dtypes_and_per_channel_steps(monkeypatch):
     # chunk edges. It must equal per-element closed form and the quantizer's bins.
     import stelab.disguise.equivalence as dg
 
-    monkeypatch.setattr(dg, "_CHUNK", 37)
+    monkeypatch.setattr(dg, "CHUNK", 37)
     eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=4)
     g = torch.Generator().manual_seed(0)
     ws = [
@@ -625,7 +625,7 @@ def test_M_whole_chunks_with_one_step_equal_the_buffered_path(monkeypatch, dtype
     the same bits, at chunk edges, change points, NaN and ±inf alike."""
     import stelab.disguise.equivalence as dg
 
-    monkeypatch.setattr(dg, "_CHUNK", 64)
+    monkeypatch.setattr(dg, "CHUNK", 64)
     eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, bits=bits)
     g = torch.Generator().manual_seed(1)
     special = torch.tensor([0.05, -0.05, 0.75, -0.85, 0.7, 1e30, -math.inf, math.inf, math.nan])
@@ -734,13 +734,13 @@ def test_M_and_M_inv_bit_for_bit_as_the_plain_formulation(bits, dtype, monkeypat
     are not."""
     import stelab.disguise.equivalence as dg
 
-    chunk = dg._CHUNK
+    chunk = dg.CHUNK
     g = torch.Generator().manual_seed(1)
     for name, params in [("cosine", {"a": 0.5}), ("dsq", {"k": 3.0}), ("dsq", {"k": 20.0})]:
         eq = equivalent_ste(name, 0.01, params=params, bits=bits)
         for trial in range(6):
             # trials 3-5 in chunks of 257 elements (the general and the chunk path mixed)
-            monkeypatch.setattr(dg, "_CHUNK", 257 if trial >= 3 else chunk)
+            monkeypatch.setattr(dg, "CHUNK", 257 if trial >= 3 else chunk)
             w = _edge_weights(0.01, dtype, g)
             w = w[torch.randperm(w.numel(), generator=g)]
             if trial % 2:  # finite, and (trial 1) inside the clipped range: the fast path

@@ -298,13 +298,13 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(kernels, "_compiled", None)
-    monkeypatch.setattr(kernels, "_compile_broken", False)
+    monkeypatch.setattr(kernels, "compiled_kernel", None)
+    monkeypatch.setattr(kernels, "compile_broken", False)
     monkeypatch.setattr(torch, "compile", broken)
     a, e, x, w = _flip_problem(torch.float32)
     with pytest.warns(RuntimeWarning, match="torch.compile of the PSA flip kernel failed"):
         got = flip_rows(a, e, x, w, get_noise("logistic"), kernel="compiled")
-    assert kernels._compile_broken
+    assert kernels.compile_broken
     want = flip_rows(a, e, x, w, get_noise("logistic"), kernel="eager")
     assert torch.equal(got, want)
 

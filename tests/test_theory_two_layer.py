@@ -372,7 +372,7 @@ def test_sample_coarse_grad_mean_matches_expected(ste):
 def test_sample_coarse_grad_chunks_large_batches(monkeypatch):
     v, w, vs, ws = _point(50, 3, 4, 1.0, 1.0)
     one = tl.sample_coarse_grad(v, w, vs, ws, "relu", 1000, generator=_gen(1))
-    monkeypatch.setattr(tl.sampling, "_CHUNK_ELEMS", 12 * 128)  # 128 samples per chunk
+    monkeypatch.setattr(tl.sampling, "CHUNK_ELEMS", 12 * 128)  # 128 samples per chunk
     many = tl.sample_coarse_grad(v, w, vs, ws, "relu", 1000, generator=_gen(1))
     for a, b in zip(one, many, strict=True):
         torch.testing.assert_close(a, b)

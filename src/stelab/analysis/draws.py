@@ -119,7 +119,7 @@ def _units_per_example(model: SBN, x: Tensor) -> int:
     return total
 
 
-class _Inconsistent(Exception):
+class Inconsistent(Exception):
     """The per-copy decomposition does not add up to the batched gradient (of layer ``key``)."""
 
     def __init__(self, message: str, key: str = "") -> None:
@@ -253,8 +253,8 @@ class DrawEngine:
             k = min(count - done, self.max_copies, max(1, self.row_budget // (self.n * m)))
             if self.engine == "vectorised":
                 try:
-                    chunk = self._batched(k, m)
-                except _Inconsistent as e:
+                    chunk = self.batched(k, m)
+                except Inconsistent as e:
                     p_out = sum(p.numel() for _, p in self.layers["output"])
                     if e.key == "output" and self.output_mode == "hook" and p_out <= JACOBIAN_MAX:
                         self.output_mode = "jacobian"  # these draws are dropped, not reused
@@ -281,7 +281,7 @@ class DrawEngine:
         rows = [self._single(m) for _ in range(k)]
         return {key: torch.stack([r[key] for r in rows]) for key in self.layers}
 
-    def _batched(self, copies: int, m: int) -> dict[str, Tensor]:
+    def batched(self, copies: int, m: int) -> dict[str, Tensor]:
         model = self.model
         x_rep = self.x.repeat((copies,) + (1,) * (self.x.dim() - 1))
         y_shape, y_dtype = self.y.shape[1:], self.y.dtype
@@ -346,7 +346,7 @@ class DrawEngine:
                 continue
             rows = h.shape[0]
             if rows % (copies * self.n):
-                raise _Inconsistent(
+                raise Inconsistent(
                     f"{layer_label(key)} saw {rows} rows, not a multiple of copies x examples",
                     key,
                 )
@@ -406,7 +406,7 @@ class DrawEngine:
                 blocks.append(blk)
         except RuntimeError as e:  # e.g. an op without a batching rule
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise _Inconsistent(f"batched output-layer Jacobian failed: {msg}", "output") from None
+            raise Inconsistent(f"batched output-layer Jacobian failed: {msg}", "output") from None
         return torch.cat(blocks).detach().t().to(dtype) * copies
 
     def _check(self, per_copy: dict[str, Tensor], total: dict[str, Tensor]) -> None:
@@ -416,7 +416,7 @@ class DrawEngine:
             scale = float(t.norm()) + float(pc.norm(dim=1).mean()) / math.sqrt(pc.shape[0])
             err = float((pc.mean(0) - t).norm())
             if not err <= tol * scale + 1e-30:
-                raise _Inconsistent(
+                raise Inconsistent(
                     f"per-draw gradients of {layer_label(key)} do not add up to the batched "
                     f"gradient (error {err:.3g}, scale {scale:.3g})",
                     key,

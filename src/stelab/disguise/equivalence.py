@@ -35,7 +35,7 @@ __all__ = ["Equivalence", "describe_r"]
 
 _F64 = torch.float64
 # elements per pass of M: one chunk's temporaries (~1.5 MB) stay near L2 (measured best)
-_CHUNK = 1 << 15
+CHUNK = 1 << 15
 
 
 def describe_r(r: float) -> str:
@@ -200,7 +200,7 @@ class Equivalence:
         if len(steps) != len(ws):
             raise ConfigError(f"M_many got {len(ws)} tensors but {len(steps)} steps")
         # Tensors that compute in the same dtype on the same device are mapped together,
-        # in chunks of _CHUNK elements copied into two reused buffers: a few dozen
+        # in chunks of CHUNK elements copied into two reused buffers: a few dozen
         # kernels per chunk instead of per tensor, no large allocations (page faults),
         # and each chunk's float64 temporaries stay in L2.
         groups: dict[tuple[torch.dtype, torch.dtype, torch.device], list[int]] = {}
@@ -219,7 +219,7 @@ class Equivalence:
         for (dtype, cdt, device), idx in groups.items():
             sizes = [ws[i].numel() for i in idx]
             res = torch.empty(sum(sizes), dtype=dtype, device=device)
-            chunk = min(_CHUNK, res.numel())
+            chunk = min(CHUNK, res.numel())
             w_buf = torch.empty(chunk, dtype=cdt, device=device)
             st_buf = torch.empty_like(w_buf)
             done = fill = 0  # elements mapped / in the chunk buffers

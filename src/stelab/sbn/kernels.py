@@ -46,8 +46,9 @@ KERNELS = ("auto", "eager", "compiled")
 #: with kernel="auto", layers with at least this many terms (rows x J x I) use the compiled kernel
 AUTO_MIN_TERMS = 2**25
 
-_compiled: Any = None
-_compile_broken = False
+#: the compiled flip kernel, built on first use; compile_broken: torch.compile failed here once
+compiled_kernel: Any = None
+compile_broken = False
 
 
 def check_kernel(kernel: str) -> str:
@@ -61,7 +62,7 @@ def _fast_logistic(noise: Noise, dtype: torch.dtype) -> bool:
 
 
 def _use_compiled(kernel: str, noise: Noise, dtype: torch.dtype, terms: int) -> bool:
-    if kernel == "eager" or _compile_broken or not _fast_logistic(noise, dtype):
+    if kernel == "eager" or compile_broken or not _fast_logistic(noise, dtype):
         return False
     return kernel == "compiled" or terms >= AUTO_MIN_TERMS
 
@@ -174,21 +175,21 @@ def _flip_rows_compiled(
 ) -> Tensor | None:
     """The fused kernel, on blocks of rows (``rows x I x J`` terms <= 32 ``chunk_elements``:
     the fused loop forms no such tensor, but this bounds it should the compiler not fuse)."""
-    global _compiled, _compile_broken
+    global compiled_kernel, compile_broken
     b, pp, pm = _shifted(a, w)
     eb, ppt, pmt = e * b, pp.t().contiguous(), pm.t().contiguous()
     rows, nj = a.shape
     step = max(1, 32 * chunk_elements // (nj * x.shape[1]))
     try:
-        if _compiled is None:
-            _compiled = torch.compile(_fused_logistic, dynamic=True)
+        if compiled_kernel is None:
+            compiled_kernel = torch.compile(_fused_logistic, dynamic=True)
         parts = [
-            _compiled(eb[r0 : r0 + step], b[r0 : r0 + step], x[r0 : r0 + step], ppt, pmt)
+            compiled_kernel(eb[r0 : r0 + step], b[r0 : r0 + step], x[r0 : r0 + step], ppt, pmt)
             for r0 in range(0, rows, step)
         ]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
     except Exception as err:  # no C++ compiler, unsupported platform, ...
-        _compile_broken = True
+        compile_broken = True
         warnings.warn(
             f"torch.compile of the PSA flip kernel failed ({type(err).__name__}: {err}); "
             f"using the eager kernel from now on",

@@ -17,7 +17,7 @@ from stelab.theory.two_layer.model import LIBRARY_ESTIMATOR, ArrayLike, check_st
 
 __all__ = ["batch_loss", "coarse_grad_on_batch", "sample_coarse_grad"]
 
-_CHUNK_ELEMS = 1 << 22  # Z entries per chunk in sample_coarse_grad (32 MiB in float64)
+CHUNK_ELEMS = 1 << 22  # Z entries per chunk in sample_coarse_grad (32 MiB in float64)
 
 
 def _quantizer(ste: str) -> Any:
@@ -133,7 +133,7 @@ def sample_coarse_grad(
         )
     m, n = v_t.shape[0], w_t.shape[0]
     act = _quantizer(ste)
-    chunk = max(1, _CHUNK_ELEMS // (m * n))
+    chunk = max(1, CHUNK_ELEMS // (m * n))
     gv = torch.zeros(m, dtype=torch.float64)
     gw = torch.zeros(n, dtype=torch.float64)
     done = 0
