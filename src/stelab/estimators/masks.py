@@ -10,6 +10,8 @@ from torch import Tensor
 
 from ..errors import ConfigError, check_positive
 from .base import Context, Estimator, register
+
+# the shared helpers (public in base), under the names the bodies below have always used
 from .base import finite as _finite
 from .base import indicator as _indicator
 from .base import next_float as _next

@@ -11,6 +11,8 @@ from torch import Tensor
 
 from ..errors import ConfigError, check_positive
 from .base import Context, Estimator, register
+
+# the shared helpers (public in base), under the names the bodies below have always used
 from .base import bin_coordinate as _bin_coordinate
 from .base import finite as _finite
 from .base import indicator as _indicator
