@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 AREAS: dict[str, dict[str, list[str]]] = {
     "estimators+quantizers": {
-        "sources": ["src/stelab/estimators.py", "src/stelab/quantizers.py"],
+        "sources": ["src/stelab/estimators/*.py", "src/stelab/quantizers/*.py"],
         "tests": [
             "tests/test_estimators.py",
             "tests/test_quantizers.py",

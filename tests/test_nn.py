@@ -60,6 +60,53 @@ def test_state_dict_round_trip_and_dtype():
     assert md(x.double()).dtype == torch.float64
 
 
+def test_whole_model_pickle_round_trips_and_names_public_modules_only(tmp_path):
+    """torch.save of a whole quantized LeNet-5 loads back with the same output and input
+    gradient, and the pickle names stelab classes only by their public modules
+    (stelab.nn, stelab.quantizers, stelab.estimators), never by the files inside those
+    packages, so moving code between those files does not break saved models."""
+    import io
+    import pickle
+
+    from stelab import models
+
+    torch.manual_seed(0)
+    weights = {"fn": "uniform", "bits": 4, "step": "auto", "estimator": "dsq"}
+    m = quantize(models.LeNet5(act={"bits": 2}), weights=weights)
+    m.classifier[-1].weight_quantizer = Quantizer("sign", "swish_sign")
+    extra = [Quantizer("ternary", "ewgs"), Quantizer("heaviside"), Quantizer("sign", "logistic"),
+             Quantizer("uniform", "cosine", step=0.1), Quantizer("uniform", "periodic", step=0.5),
+             QuantAct("act", "relu", bits=2, step=0.5)]  # fmt: skip
+    x = torch.randn(4, 1, 28, 28)
+    z = torch.linspace(-2, 2, 41)
+
+    def run(model):
+        xi, zi = x.clone().requires_grad_(), z.clone().requires_grad_()
+        y = model(xi)
+        ys = [q(zi) for q in model.extra]
+        (y.sum() + sum(v.square().sum() for v in ys)).backward()
+        return [y.detach(), *[v.detach() for v in ys], xi.grad, zi.grad]
+
+    m.extra = nn.ModuleList(extra)
+    before = run(m)  # also fills the quantizers' cached estimator contexts, pickled too
+    torch.save(m, tmp_path / "model.pt")
+    after = run(torch.load(tmp_path / "model.pt", weights_only=False))
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+    named = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            named.add((module, name))
+            return super().find_class(module, name)
+
+    Recorder(io.BytesIO(pickle.dumps(m))).load()
+    modules = {mod for mod, _ in named if mod.split(".")[0] == "stelab"}
+    assert modules == {"stelab.models", "stelab.nn", "stelab.quantizers", "stelab.estimators"}
+    assert {("stelab.estimators", "DSQ"), ("stelab.estimators", "Context"),
+            ("stelab.quantizers", "_Sign"), ("stelab.nn", "QuantConv2d")} <= named  # fmt: skip
+
+
 def test_quantize_with_identity_preserves_outputs_and_gradients():
     ref = plain_net()
     q = quantize(ref, weights="identity")

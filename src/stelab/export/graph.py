@@ -1,73 +1,6 @@
-"""Quantized ONNX export: integer weights and QuantizeLinear/DequantizeLinear pairs.
-
-``stelab.export(model, example_input, "model.onnx")`` writes an ONNX file (opset
-21) in which every quantizer of ``model`` is an ONNX quantization pattern instead
-of float ``Div/Round/Clip/Mul`` arithmetic, and every quantized weight is stored
-as an integer initialiser with its scale::
-
-    quantizer          ONNX pattern (s: the step Δ or α, float32; codes k)
-    -----------------  ------------------------------------------------------------
-    weight uniform/act W = DequantizeLinear(K, s, 0[, axis])      K int8 (int16 for
-                       9..16 bits; int8/16/32 by range when unclipped), uint8/16 (act)
-    weight sign,       W = DequantizeLinear(K, 1, 0)               K int8 in {-1, 0, 1}
-    heaviside, ternary
-    uniform (b bits)   y = DequantizeLinear(Clip(QuantizeLinear(x, s, z), lo+z, hi+z), s, z)
-                       k = clamp(round(x/s), lo, hi), lo = -2^(b-1), hi = 2^(b-1) - 1,
-                       stored as uint8 k + z, z = 128 (uint16, z = 2^15, for 9..16 bits);
-                       the Clip (integer domain) only when b < 8
-    act (b bits)       y = DequantizeLinear(Clip(QuantizeLinear(Ceil(x/s), 1, 0), 0, hi), s, 0)
-                       k = clamp(ceil(x/s), 0, 2^b - 1) uint8 (uint16) ([Y19]'s σ_α;
-                       the integer ceil(x/s) passes QuantizeLinear unchanged)
-    9..15 bits         as above, but the clamp comes before QuantizeLinear, in float
-                       (onnxruntime has no 16-bit Clip): Clip(x, fl(lo·s), fl(hi·s))
-                       for uniform, Clip(Ceil(x/s), 0, hi) for act; equally exact
-    uniform, bits=None y = Round(x/s)·s   (float: QuantizeLinear has no unclipped type)
-    sign               y = Where(x >= 0, 1, -1)
-    heaviside          y = CastLike(x > 0, x)
-    ternary            y = Sign(Shrink(x, lambd=t))
-    identity           nothing
-
-Per-channel steps (one non-singleton axis) become 1-D scales with ``axis``;
-learned (LSQ) steps export their current value. Layers without a quantizer stay
-float. Batch norm, pooling and the rest go through ``torch.onnx.export``.
-
-Why the torch.export-based exporter (``torch.onnx.export(..., dynamo=True)``) with
-custom ops and a translation table: the TorchScript exporter is deprecated (slated
-for removal) and stops at opset 20, which lacks int16/uint16 QuantizeLinear. Each
-pattern above is a ``torch.library`` custom op (``stelab::quantize_linear`` ...)
-whose eager kernel has the ONNX operator's semantics and whose translation emits
-exactly that operator, so nothing is re-derived by pattern matching. The
-exporter's optimiser runs (it removes shape plumbing) and keeps
-QuantizeLinear/DequantizeLinear (onnxscript >= 0.6); :func:`to_onnx` checks that
-every integer weight reached the file. Signed activation codes are stored as
-uint8 with zero point 128 rather than int8: onnxruntime (1.32) turns an int8
-pair followed by Reshape/Unsqueeze into an invalid graph at session creation.
-
-Exactness: QuantizeLinear computes round_half_even(x/s) in float32 and
-DequantizeLinear k·s in float32, the same operations as stelab's forward (whose
-float64 step buffers are cast to float32 for a float32 input), so a quantizer's
-output is bit-identical for the same input; the test suite checks this at bin
-edges, ties and clip limits in onnxruntime. The layers between quantizers are
-another matter: onnxruntime's convolutions (and its Conv+BatchNorm fusion) add
-in another order than torch's, so a pre-activation within a few ulp of a jump
-can land on the other side and move by one level. Trained networks rarely put
-values there; a freshly initialised network with bias-free convolutions and
-batch norm at mean 0 does: sums of quantized terms that cancel exactly give 0,
-the first jump of [Y19]'s act, and the rounding residue (±1e-9) decides. NaN
-inputs are the other exception: stelab propagates them, ONNX QuantizeLinear does
-not define them.
-
-Runtimes may do more than the graph says: onnxruntime's default session fuses
-DequantizeLinear → Conv/Gemm → QuantizeLinear into integer kernels (QLinearConv)
-and rounds a float bias to int32 at scale s_in·s_w, which moves outputs by whole
-levels where that scale is coarse (sign weights have scale 1). Run with the session
-option ``session.disable_quant_qdq=1`` (what :func:`run_onnx` does by default) for
-stelab's exact semantics.
-
-``onnx``, ``onnxscript`` and ``onnxruntime`` are optional (``pip install
-stelab[export]``) and imported inside the functions that need them;
-:func:`exported_size` needs none of them.
-"""
+"""The export-time model (every quantizer replaced by its ONNX pattern, integer weight
+codes) and :func:`export` / :func:`to_onnx`, which run ``torch.onnx.export`` on it
+(see :mod:`stelab.export`)."""
 
 from __future__ import annotations
 
@@ -77,11 +10,8 @@ import inspect
 import logging
 import math
 import os
-import sys
-import types
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,161 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError, StelabError, StelabTypeError
-from .nn import QuantConv2d, QuantLinear
-from .quantizers import FORWARDS, Quantizer
-
-__all__ = [
-    "OPSET",
-    "ExportDependencyError",
-    "ExportSize",
-    "export",
-    "exported_size",
-    "count_ops",
-    "run_onnx",
-]
-
-OPSET = 21
-_INSTALL = "pip install stelab[export]"
-
-
-class ExportDependencyError(StelabError, ImportError):
-    """onnx / onnxscript / onnxruntime is not installed."""
-
-
-def require(*modules: str) -> list[types.ModuleType]:
-    import importlib
-
-    out = []
-    for name in modules:
-        try:
-            out.append(importlib.import_module(name))
-        except ImportError:
-            raise ExportDependencyError(
-                f"ONNX export needs the {name!r} package, which is not installed: {_INSTALL}"
-            ) from None
-    return out
-
-
-# ---------------------------------------------------------------------------
-# Custom ops: eager kernels with the ONNX operators' semantics
-# ---------------------------------------------------------------------------
-
-
-def _bcast(scale: Tensor, ndim: int, axis: int) -> Tensor:
-    """A 1-D per-axis scale reshaped to broadcast along ``axis`` of an ``ndim`` tensor."""
-    if scale.dim() == 0:
-        return scale
-    shape = [1] * ndim
-    shape[axis] = scale.numel()
-    return scale.reshape(shape)
-
-
-@torch.library.custom_op("stelab::quantize_linear", mutates_args=())
-def _quantize_linear(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
-    """ONNX QuantizeLinear: saturate(round_half_even(x / scale) + zero_point)."""
-    info = torch.iinfo(zero_point.dtype)
-    u = torch.round(x / _bcast(scale, x.dim(), axis)) + zero_point.to(x.dtype)
-    return u.clamp(info.min, info.max).to(zero_point.dtype)
-
-
-@_quantize_linear.register_fake
-def _(x, scale, zero_point, axis):
-    return torch.empty(x.shape, dtype=zero_point.dtype, device=x.device)
-
-
-@torch.library.custom_op("stelab::dequantize_linear", mutates_args=())
-def _dequantize_linear(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int) -> Tensor:
-    """ONNX DequantizeLinear: (q - zero_point) · scale."""
-    diff = q.to(scale.dtype) - zero_point.to(scale.dtype)
-    return diff * _bcast(scale, q.dim(), axis)
-
-
-@_dequantize_linear.register_fake
-def _(q, scale, zero_point, axis):
-    return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
-
-
-@torch.library.custom_op("stelab::clip_int", mutates_args=())
-def _clip_int(q: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """ONNX Clip in the integer domain: clamp(q, lo, hi) (0-d bounds of q's type)."""
-    return torch.clamp(q, lo, hi)
-
-
-@_clip_int.register_fake
-def _(q, lo, hi):
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op("stelab::sign", mutates_args=())
-def _sign(x: Tensor) -> Tensor:
-    """+1 if x >= 0 else -1."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
-
-
-@_sign.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("stelab::heaviside", mutates_args=())
-def _heaviside(x: Tensor) -> Tensor:
-    """1{x > 0}."""
-    return (x > 0).to(x.dtype)
-
-
-@_heaviside.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("stelab::ternary", mutates_args=())
-def _ternary(x: Tensor, threshold: float) -> Tensor:
-    """sign(x)·1{|x| > t}."""
-    return torch.sign(F.hardshrink(x, threshold))
-
-
-@_ternary.register_fake
-def _(x, threshold):
-    return torch.empty_like(x)
-
-
-def _translation_table() -> dict[Any, Any]:
-    """The ONNX translation of each custom op (onnxscript, imported here)."""
-    from onnxscript import opset21 as op
-
-    def quantize_linear(x, scale, zero_point, axis: int):
-        return op.QuantizeLinear(x, scale, zero_point, axis=axis)
-
-    def dequantize_linear(q, scale, zero_point, axis: int):
-        return op.DequantizeLinear(q, scale, zero_point, axis=axis)
-
-    def clip_int(q, lo, hi):
-        return op.Clip(q, lo, hi)
-
-    def sign(x):
-        zero = op.CastLike(op.Constant(value_float=0.0), x)
-        one = op.CastLike(op.Constant(value_float=1.0), x)
-        minus_one = op.CastLike(op.Constant(value_float=-1.0), x)
-        return op.Where(op.GreaterOrEqual(x, zero), one, minus_one)
-
-    def heaviside(x):
-        zero = op.CastLike(op.Constant(value_float=0.0), x)
-        return op.CastLike(op.Greater(x, zero), x)
-
-    def ternary(x, threshold: float):
-        return op.Sign(op.Shrink(x, lambd=threshold, bias=0.0))
-
-    ops = torch.ops.stelab
-    return {
-        ops.quantize_linear.default: quantize_linear,
-        ops.dequantize_linear.default: dequantize_linear,
-        ops.clip_int.default: clip_int,
-        ops.sign.default: sign,
-        ops.heaviside.default: heaviside,
-        ops.ternary.default: ternary,
-    }
-
+from ..errors import ConfigError, StelabError, StelabTypeError
+from ..nn import QuantConv2d, QuantLinear
+from ..quantizers import FORWARDS, Quantizer
+from .ops import OPSET, ExportDependencyError, require, translation_table
 
 # ---------------------------------------------------------------------------
 # Quantizer -> integer codes, scale, axis
@@ -306,7 +85,7 @@ def _check_exportable(q: Quantizer, where: str) -> None:
         )
 
 
-def _weight_codes(q: Quantizer, w: Tensor, where: str) -> tuple[Tensor, Tensor, int]:
+def weight_codes(q: Quantizer, w: Tensor, where: str) -> tuple[Tensor, Tensor, int]:
     """(integer codes, scale, axis) with DequantizeLinear(codes, scale, 0, axis) equal
     to ``q``'s forward of the weight ``w``."""
     _check_exportable(q, where)
@@ -424,7 +203,7 @@ class _DQWeight(nn.Module):
 
     def __init__(self, q: Quantizer, w: Tensor, where: str):
         super().__init__()
-        codes, scale, axis = _weight_codes(q, w, where)
+        codes, scale, axis = weight_codes(q, w, where)
         self.register_buffer("codes", codes)
         self.register_buffer("scale", scale.to(torch.float32))
         self.register_buffer("zero_point", torch.zeros(scale.shape, dtype=codes.dtype))
@@ -552,7 +331,7 @@ def to_onnx(model: nn.Module, example_input: Tensor, *, dynamic_batch: bool = Tr
                 (x,),
                 dynamo=True,
                 opset_version=OPSET,
-                custom_translation_table=_translation_table(),
+                custom_translation_table=translation_table(),
                 dynamic_shapes=dyn,
                 input_names=["input"],
                 output_names=["output"],
@@ -611,108 +390,6 @@ def export(
             f"{str(path)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it"
         )
     proto = to_onnx(model, example_input, dynamic_batch=dynamic_batch)
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     return atomic_write_bytes(path, proto.SerializeToString())
-
-
-# ---------------------------------------------------------------------------
-# Inspection: operator counts, sizes, running the file
-# ---------------------------------------------------------------------------
-
-
-def count_ops(onnx_model: Any) -> dict[str, int]:
-    """Operator type -> number of nodes in an ONNX model (a path or a ModelProto)."""
-    (onnx,) = require("onnx")
-    proto = onnx.load(str(onnx_model)) if isinstance(onnx_model, (str, os.PathLike)) else onnx_model
-    counts: dict[str, int] = {}
-    for node in proto.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return counts
-
-
-def run_onnx(path: str | os.PathLike[str], x: Tensor, *, fuse_qdq: bool = False) -> Tensor:
-    """Run an exported file in onnxruntime (CPU provider) on ``x``; the first output.
-
-    ``fuse_qdq=False`` (default) runs the graph as written (the session option
-    ``session.disable_quant_qdq=1``), which is stelab's eval forward. With its default
-    options onnxruntime fuses DequantizeLinear → Conv/Gemm → QuantizeLinear into an
-    integer kernel (QLinearConv) and rounds a float bias to int32 at scale
-    s_in·s_w on the way: outputs can then move by whole levels where s_in·s_w is
-    coarse against the next quantizer's step (e.g. sign weights, scale 1).
-    """
-    (ort,) = require("onnxruntime")
-    opts = ort.SessionOptions()
-    if not fuse_qdq:
-        opts.add_session_config_entry("session.disable_quant_qdq", "1")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    (out, *_) = sess.run(None, {name: x.detach().cpu().numpy()})
-    return torch.from_numpy(out)
-
-
-@dataclass(frozen=True)
-class ExportSize:
-    """Bytes of a model's tensors: all float32 vs as exported (integer weights)."""
-
-    float_bytes: int  #: every parameter and floating-point buffer at 4 bytes
-    exported_bytes: int  #: the same with quantized weights as integer codes + scales
-    integer_weight_bytes: int  #: the integer codes alone
-    quantized_weights: int  #: weight tensors stored as integers
-
-    @property
-    def compression(self) -> float:
-        return self.float_bytes / self.exported_bytes if self.exported_bytes else 1.0
-
-
-def exported_size(model: nn.Module) -> ExportSize:
-    """Size of the tensors :func:`export` stores for ``model``, next to the float size.
-
-    ``float_bytes`` = 4 · (elements of every parameter and floating-point buffer:
-    weights, biases, batch-norm statistics, steps). ``exported_bytes``: the same
-    with each quantized weight W (and its step) replaced by its integer codes
-    (n_W · itemsize: int8/uint8 up to 8 bits, int16/uint16 up to 16,
-    sign/heaviside/ternary int8, unclipped weights the smallest signed type
-    holding their codes), its float32 scale and its zero point. Computed from the
-    quantizers, without onnx. The exported file adds a few constants: activation
-    zero points and clip bounds, and the unit scale / zero shift ONNX
-    BatchNormalization needs for a batch norm without affine parameters (LeNet-5:
-    +2.7%, ResNet-20: +0.3%).
-    """
-    if not isinstance(model, nn.Module):
-        raise StelabTypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
-    float_bytes = exported = codes_bytes = nq = 0
-    seen: set[int] = set()
-    for name, m in model.named_modules():
-        if not isinstance(m, (QuantLinear, QuantConv2d)):
-            continue
-        wq = m.weight_quantizer
-        if wq is None or wq.kind == "identity" or id(m.weight) in seen:
-            continue
-        codes, scale, _ = _weight_codes(wq, m.weight, name or "model")
-        nbytes = codes.numel() * codes.element_size()
-        codes_bytes += nbytes
-        exported += nbytes + scale.numel() * (4 + codes.element_size())
-        float_bytes += 4 * m.weight.numel()
-        seen.add(id(m.weight))
-        if wq.step is not None and id(wq.step) not in seen:  # becomes the scale above
-            float_bytes += 4 * wq.step.numel()
-            seen.add(id(wq.step))
-        nq += 1
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) in seen or not t.is_floating_point():
-            continue
-        seen.add(id(t))
-        float_bytes += 4 * t.numel()
-        exported += 4 * t.numel()
-    return ExportSize(float_bytes, exported, codes_bytes, nq)
-
-
-# ``stelab.export(model, example_input, path)`` calls :func:`export` while
-# ``stelab.export.exported_size`` etc. stay reachable: the module is callable.
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
