@@ -73,3 +73,23 @@ def test_atomic_open_fsyncs_the_file_then_its_folder(tmp_path, monkeypatch):
         with atomic_open(p, "wb") as f:
             raise RuntimeError("interrupted")
     assert synced == []  # nothing was replaced, nothing to make durable
+
+
+def test_interrupts_deferred_holds_ctrl_c_until_the_block_ends(tmp_path):
+    import os
+    import signal
+
+    from stelab.io import interrupts_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            for name in ("a", "b"):  # both writes happen although Ctrl-C came first
+                atomic_write_text(tmp_path / name, name)
+                done.append(name)
+    assert done == ["a", "b"] and (tmp_path / "b").read_text() == "b"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with interrupts_deferred():  # no signal: nothing raised
+        done.append("c")
+    assert done[-1] == "c"

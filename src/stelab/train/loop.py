@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import TrainConfig, config_to_dict
 from ..errors import ConfigError, StelabError, StelabTypeError
-from ..io import atomic_open
+from ..io import atomic_open, interrupts_deferred
 from . import files
 from .checkpoint import (
     FORMAT,
@@ -720,7 +720,8 @@ class Session:
     def _save(self, best: bool) -> None:
         state = self._state()  # collective under DDP: every process takes part
         if self.main:
-            with files.writing(self.run_dir):
+            # the checkpoint and metrics.csv describe the same epoch, even after a Ctrl-C
+            with files.writing(self.run_dir), interrupts_deferred():
                 for name in (files.LAST, files.BEST) if best else (files.LAST,):
                     with atomic_open(self.ckpt_dir / name, "wb") as fh:
                         torch.save(state, fh)
