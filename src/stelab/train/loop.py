@@ -6,6 +6,7 @@ See :mod:`stelab.train` for the overview and the run-directory layout.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -408,10 +409,12 @@ class Session:
                 rows = len(batch[1])
                 for k, v in {"loss": loss, **metrics}.items():
                     v = torch.as_tensor(v, device=dev).detach().double().reshape(())
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=dev))
+                    if k not in sums:  # (not sums.get(k, zeros): no new zeros every step)
+                        sums[k] = torch.zeros((), dtype=torch.float64, device=dev)
                     sums[k] += v * rows
                     if hook is not None:
-                        self.step_sums[k] = self.step_sums.get(k, torch.zeros_like(sums[k]))
+                        if k not in self.step_sums:
+                            self.step_sums[k] = torch.zeros_like(sums[k])
                         self.step_sums[k] += v
                 seen += rows
                 self.step_seen += 1
@@ -492,10 +495,10 @@ class Session:
     def _check_finite(
         self, loss: torch.Tensor, epoch: int, step: int, steps: int, lr: float
     ) -> None:
-        bad = ~torch.isfinite(loss)
-        if self.world > 1:
-            bad = self.fabric.all_reduce(bad.float(), reduce_op="sum") > 0
-        if not bool(bad):
+        if self.world == 1:  # a float is cheaper than tensor ops per step
+            if math.isfinite(float(loss)):
+                return
+        elif not bool(self.fabric.all_reduce((~torch.isfinite(loss)).float(), reduce_op="sum")):
             return
         last = self.ckpt_dir / files.LAST
         kept = (
