@@ -287,7 +287,7 @@ def fit(
             ``"lr"`` takes ``optimizer.lr``; the schedule scales every group); None:
             every parameter of ``model`` in one group.
         on_epoch: called with each epoch's metrics row (as in metrics.csv) after its
-            checkpoint is written.
+            checkpoint, if it has one, is written.
         max_steps: stop after this many optimizer steps in all, inside an epoch if need
             be (as Lightning's ``Trainer(max_steps=...)``; training ends at ``epochs`` or
             ``max_steps``, whichever comes first). The epoch it stops in is cut short:
