@@ -89,6 +89,7 @@ AREAS: dict[str, dict[str, list[str]]] = {
         "sources": [
             "src/stelab/train/checkpoint.py",
             "src/stelab/io.py",
+            "src/stelab/train/state.py",
             "src/stelab/train/loop.py::*resume*|*restore*|*checkpoint*|*state*|*save*",
         ],
         "tests": [

@@ -196,7 +196,7 @@ def test_cifar10_preset_runs_on_random_cifar_shaped_data():
     assert 0 <= r["test"]["acc1"] <= 1 and 0 <= r["test"]["acc_avg"] <= 1
     # PSA through the same code path (narrow, one step)
     r = training.train_sbn(
-        replace(cfg, estimator="psa", channels=(4, 8), batch_size=16), _random_cifar()
+        replace(cfg, estimator="psa", channels=(4, 8), max_steps=1), _random_cifar()
     )
     assert r["steps"] == 1 and math.isfinite(r["history"][0]["train_loss"])
 
@@ -290,9 +290,27 @@ def test_training_part_tiny_run(tmp_path, monkeypatch):
     assert all(run["reused"] for run in res2["runs"].values())
 
 
-def test_train_sbn_refuses_max_steps_it_cannot_honour():
-    with pytest.raises(ConfigError, match="max_steps = 3"):
-        training.train_sbn(training.SBNTrainConfig(max_steps=3), _random_cifar())
+@pytest.mark.parametrize(("epochs", "max_steps", "rows"), [(2, 3, 1), (2, 6, 2), (2, 50, 2)])
+def test_train_sbn_max_steps_limits_the_steps(monkeypatch, epochs, max_steps, rows):
+    """16 rows in batches of 4: 4 steps per epoch; training ends at ``epochs`` or
+    ``max_steps``, whichever comes first (counted: the surrogate losses computed)."""
+    import stelab.sbn as sbn
+
+    real, calls = sbn.surrogate_loss, [0]
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(sbn, "surrogate_loss", counted)
+    cfg = training.SBNTrainConfig(
+        channels=(2, 4), padding=1, epochs=epochs, batch_size=4, eval_samples=2,
+        device="cpu", max_steps=max_steps,
+    )  # fmt: skip
+    r = training.train_sbn(cfg, _random_cifar(n_train=16))
+    assert calls[0] == r["steps"] == min(max_steps, 4 * epochs)
+    assert [h["epoch"] for h in r["history"]] == list(range(1, rows + 1))
+    assert not r["diverged"] and 0 <= r["val"]["acc_avg"] <= 1  # validated at the end
 
 
 def test_train_sbn_reports_a_nan_parameter_as_divergence(monkeypatch):

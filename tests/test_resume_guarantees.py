@@ -191,6 +191,28 @@ def test_sbn_custom_step_resume_after_ctrl_c_restores_every_field(tmp_path):
     assert_same_run(ref, run)
 
 
+def test_checkpoint_every_skips_checkpoints_and_resume_still_matches(tmp_path):
+    """``checkpoint_every=3`` of 4 epochs: last.pt after epoch 1 (best.pt is written
+    there, and last.pt with it), not after epoch 2, then after 3 and the last; a run
+    stopped in epoch 3 resumes from epoch 1 and ends as the run that checkpointed every
+    epoch, in every field."""
+    ref, run = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    _fit_sbn(ref, _Step())
+    steps, saved = 80 // 16, []
+
+    def on_epoch(row):
+        saved.append((row["epoch"], ckpt(run)["epoch"]))
+
+    with pytest.raises(TrainingInterrupted, match=r"epoch 3/4; the last checkpoint \(epoch 1\)"):
+        _fit_sbn(run, _Step(stop_at=2 * steps + 2), checkpoint_every=3, on_epoch=on_epoch)
+    assert saved == [(1, 1), (2, 1)]
+    _fit_sbn(run, _Step(), resume=True, checkpoint_every=3, on_epoch=on_epoch)
+    assert saved[2:] == [(2, 1), (3, 3), (4, 4)]  # epoch 2 is trained again
+    assert_same_run(ref, run)
+    with pytest.raises(ConfigError, match=r"checkpoint_every must be an integer in \[1, .*got 0"):
+        _fit_sbn(tmp_path / "c", _Step(), checkpoint_every=0)
+
+
 def test_fit_resume_needs_the_same_generators(tmp_path):
     run = tmp_path / "run"
     model, data = _sbn_problem()

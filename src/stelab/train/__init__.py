@@ -62,7 +62,8 @@ What it does:
   shuffling generator and the augmentation generator; ``train.deterministic`` turns on
   ``torch.use_deterministic_algorithms``. On CPU two runs with one seed are equal
   bit for bit.
-* A checkpoint after every epoch, written atomically (temporary file +
+* A checkpoint after every epoch (``fit(checkpoint_every=N)``: every N epochs and the
+  last), written atomically (temporary file +
   ``os.replace``, file and folder fsynced), holding model, optimizer, scheduler,
   epoch, step count, best-so-far, the RNG states of torch, numpy, Python and of
   the shuffling/augmentation generators (of every process) and of ``fit``'s named

@@ -241,6 +241,7 @@ def fit(
     drop_last: bool = False,
     on_step: OnStep | None = None,
     every_n_steps: int = 1,
+    checkpoint_every: int = 1,
     name: str = "",
     resume: bool = False,
     overwrite: bool = False,
@@ -286,7 +287,7 @@ def fit(
             ``"lr"`` takes ``optimizer.lr``; the schedule scales every group); None:
             every parameter of ``model`` in one group.
         on_epoch: called with each epoch's metrics row (as in metrics.csv) after its
-            checkpoint is written.
+            checkpoint, if it has one, is written.
         max_steps: stop after this many optimizer steps in all, inside an epoch if need
             be (as Lightning's ``Trainer(max_steps=...)``; training ends at ``epochs`` or
             ``max_steps``, whichever comes first). The epoch it stops in is cut short:
@@ -302,6 +303,12 @@ def fit(
             Checkpoints are written at epoch ends only, so a resumed run repeats the
             steps after the last one, and ``on_step`` is called for them again; the
             rows, like everything else, equal those of a run that never stopped.
+        checkpoint_every: write last.pt (and metrics.csv) after every this many epochs,
+            after the last epoch, and whenever best.pt is written; 1: after every epoch.
+            Each checkpoint holds the whole history, so a long run of short epochs
+            spends less time writing with a larger value. A resumed run repeats the
+            epochs after the last checkpoint (``on_epoch`` is called for them again)
+            and ends as a run that never stopped.
         resume, overwrite, progress: as for :func:`train`. ``batch_size`` ...
             ``accelerator``: the keys of ``[data]`` and ``[train]`` of the same names.
 
@@ -353,6 +360,7 @@ def fit(
             )
     if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
         raise ConfigError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1, 2**31)
     if epochs is None:
         epochs = _epochs_for(max_steps, len(data.train), batch_size, drop_last)
     raw = TrainConfig(
@@ -386,7 +394,7 @@ def fit(
     groups = None if param_groups is None else [dict(g) for g in param_groups]
     job = Job(
         model, data, step, evaluate, gens, on_epoch, groups,
-        on_step=on_step, every_n_steps=every_n_steps,
+        on_step=on_step, every_n_steps=every_n_steps, checkpoint_every=checkpoint_every,
         shuffle_seed=shuffle_seed, augment_seed=augment_seed,
     )  # fmt: skip
     if run_dir is None:

@@ -6,7 +6,7 @@ See :mod:`stelab.train` for the overview and the run-directory layout.
 from __future__ import annotations
 
 import contextlib
-import copy
+import math
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -15,29 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..config import TrainConfig, config_to_dict
+from ..config import TrainConfig
 from ..errors import ConfigError, StelabError, StelabTypeError
-from ..io import atomic_open, interrupts_deferred
 from . import files
-from .checkpoint import (
-    FORMAT,
-    check_state,
-    load_checkpoint,
-    model_from_checkpoint,
-    numpy_rng_state,
-    python_rng_state,
-    set_numpy_rng_state,
-    set_python_rng_state,
-)
+from .checkpoint import FORMAT, check_state, load_checkpoint, model_from_checkpoint
+from .metrics import finish, step_row, tensorboard, validate
 from .parts import (
     TrainingDiverged,
     TrainingInterrupted,
     build_model,
     build_optimizer,
     build_scheduler,
+    check_single_row_batches,
     classifier_step,
     determinism,
     load_data,
@@ -48,6 +39,7 @@ from .parts import (
     shard_batches,
     torch_threads,
 )
+from .state import need_bytes, restore, save_checkpoint
 
 #: ``step(model, (x, y))``: the loss (a scalar tensor), or a dict with ``"loss"`` and
 #: other scalars (batch means, logged per epoch as ``train_<name>``)
@@ -77,6 +69,7 @@ class Job:
     every_n_steps: int = 1
     shuffle_seed: int | None = None  # seed of the shuffling generator; None: train.seed
     augment_seed: int | None = None  # seed of the augmentation generator; None: from train.seed
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always has one
 
 
 # --- the session --------------------------------------------------------------------
@@ -150,6 +143,8 @@ class Session:
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_acc": None, "epoch": None}
         self.epoch = 0  # finished epochs
+        self.saved_epoch = 0  # the epoch of the last checkpoint (last.pt)
+        self.checkpoint_every = 1 if job is None else job.checkpoint_every
         self.global_step = 0
         # fit's on_step rows; the sums of the step metrics and the steps since the last row
         self.step_history: list[dict[str, Any]] = []
@@ -157,6 +152,8 @@ class Session:
         self.step_seen = 0
         self.elapsed_before = 0.0
         self.t_start = time.perf_counter()
+        self.tb: Any = None  # the TensorBoard logger, once tried (tensorboard installed)
+        self.tb_tried = False
 
     # -- setup --
 
@@ -179,7 +176,7 @@ class Session:
         failure: StelabError | None = None
         if self.main:
             try:
-                lock = files.commit(self.plan, self.cfg, need_bytes=self._need_bytes())
+                lock = files.commit(self.plan, self.cfg, need_bytes=need_bytes(self))
             except StelabError as e:
                 failure, err = e, (type(e).__name__, str(e))
             else:
@@ -192,40 +189,6 @@ class Session:
             raise StelabError(err[1])
         if self.runlog is not None:
             self.runlog.open(self.run_dir / files.LOG)
-
-    def _need_bytes(self) -> int:
-        """About what the run folder needs on disk: last.pt (and best.pt), each with a
-        second copy while it is replaced, plus 1 MiB for logs and metrics."""
-        model = sum(v.numel() * v.element_size() for v in self.raw_model.state_dict().values())
-        o = self.cfg.optim
-        slots = 2 if o.name in ("adam", "adamw") else int(o.momentum > 0)
-        files_kept = 2 if self.cfg.train.save_best else 1
-        return model * (1 + slots) * (files_kept + 1) + 2**20
-
-    def _check_single_row_batches(self, model: nn.Module, n: int) -> None:
-        """A ConfigError if a training batch would hold one row and the model's batch norm
-        cannot normalise it (torch: "Expected more than 1 value per channel")."""
-        b, world = self.cfg.data.batch_size, self.world
-        sizes = {b // world} if world > 1 else {min(b, n), n % b or b}
-        if 1 not in sizes or not any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        ):
-            return
-        try:
-            probe = copy.deepcopy(model).train()  # a copy: its BN statistics may change
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                probe(self.data.train.x[:1])
-        except Exception as e:
-            if not (isinstance(e, ValueError) and "more than 1 value per channel" in str(e)):
-                return  # not this problem: training reports it
-            d = self.cfg.data
-            limit = f" (data.limit = {d.limit})" if d.limit is not None else ""
-            raise ConfigError(
-                f"a training batch would hold a single row: {n} training rows{limit} with "
-                f"data.batch_size = {b} and {world} process(es); model {self.cfg.model.name!r} "
-                "has batch norm, which needs at least 2 rows per batch. Raise data.limit or "
-                "choose a data.batch_size for which no batch has exactly one row"
-            ) from None
 
     def _setup(self) -> None:
         f, cfg, t = self.fabric, self.cfg, self.cfg.train
@@ -265,7 +228,7 @@ class Session:
                 model = build_model(cfg.model, d.num_classes, d.input_shape, init_from=init)
             except StelabError as e:
                 raise type(e)(f"[model] (model.name = {cfg.model.name!r}): {e}") from None
-            self._check_single_row_batches(model, n)
+            check_single_row_batches(cfg, model, d.train.x[:1], n, self.world)
         if ckpt is not None:
             check_state(model, ckpt["model"], str(self.resume_from))
             model.load_state_dict(ckpt["model"])
@@ -299,7 +262,7 @@ class Session:
                 )
             opt.load_state_dict(ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
-            self._restore(ckpt)
+            restore(self, ckpt)
         self.opt = f.setup_optimizers(opt)
         dev = f.device
         self.train_xy = (d.train.x.to(dev), d.train.y.to(dev))
@@ -358,46 +321,6 @@ class Session:
             log.info("initialised from %s (epoch %s)", source, src.get("epoch", "?"))
         return model
 
-    def _restore(self, ckpt: dict[str, Any]) -> None:
-        self.epoch = int(ckpt["epoch"])
-        self.global_step = int(ckpt.get("global_step", 0))
-        self.step_history = [dict(r) for r in ckpt.get("step_history", [])]
-        self.step_sums = {k: v.clone() for k, v in ckpt.get("step_sums", {}).items()}
-        self.step_seen = int(ckpt.get("step_seen", 0))
-        self.history = [dict(r) for r in ckpt.get("history", [])]
-        self.best = dict(ckpt.get("best", self.best))
-        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-        rng = ckpt.get("rng", {})
-        saved_world = int(ckpt.get("world_size", 1))
-        if "shuffle" in rng:
-            self.shuffle_gen.set_state(rng["shuffle"])
-        for name, gen in self.generators.items():
-            if name not in rng.get("streams", {}):
-                raise ConfigError(
-                    f"the checkpoint {self.resume_from!r} has no state of the generator "
-                    f"{name!r} (it has: {sorted(rng.get('streams', {}))}); resume with the "
-                    "generators of the run that wrote it"
-                )
-            gen.set_state(rng["streams"][name])
-        if saved_world == self.world:
-            if rng.get("torch"):
-                torch.set_rng_state(rng["torch"][self.rank])
-            if rng.get("numpy"):
-                set_numpy_rng_state(rng["numpy"][self.rank])
-            if rng.get("python"):
-                set_python_rng_state(rng["python"][self.rank])
-            if rng.get("augment"):
-                self.aug_gen.set_state(rng["augment"][self.rank])
-            if rng.get("cuda") and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"][self.rank], self.fabric.device)
-        elif self.main:
-            log.warning(
-                "resuming with %d processes from a checkpoint written by %d: the run continues "
-                "but is not bit-identical to an uninterrupted one",
-                self.world,
-                saved_world,
-            )
-
     # -- loop --
 
     def _run(self) -> dict[str, Any]:
@@ -431,8 +354,8 @@ class Session:
                 self._epoch(epoch)
         except KeyboardInterrupt:
             msg = self._interrupt_message(epoch)
-            raise TrainingInterrupted(msg, self.run_dir, self.epoch) from None
-        return self._finish()
+            raise TrainingInterrupted(msg, self.run_dir, self.saved_epoch) from None
+        return finish(self)
 
     def _write_env(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -486,10 +409,12 @@ class Session:
                 rows = len(batch[1])
                 for k, v in {"loss": loss, **metrics}.items():
                     v = torch.as_tensor(v, device=dev).detach().double().reshape(())
-                    sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=dev))
+                    if k not in sums:  # (not sums.get(k, zeros): no new zeros every step)
+                        sums[k] = torch.zeros((), dtype=torch.float64, device=dev)
                     sums[k] += v * rows
                     if hook is not None:
-                        self.step_sums[k] = self.step_sums.get(k, torch.zeros_like(sums[k]))
+                        if k not in self.step_sums:
+                            self.step_sums[k] = torch.zeros_like(sums[k])
                         self.step_sums[k] += v
                 seen += rows
                 self.step_seen += 1
@@ -499,7 +424,7 @@ class Session:
                 if hook is not None:
                     last = stop or (epoch + 1 == t.epochs and i + 1 == steps)
                     if last or self.global_step % self.job.every_n_steps == 0:
-                        self._step_row(hook, epoch)
+                        step_row(self, hook, epoch)
                 if bar is not None:
                     bar.update(1)
                     if i % 10 == 0:
@@ -519,7 +444,7 @@ class Session:
         train = {f"train_{k}": float(tot[i] / tot[-1]) for i, k in enumerate(names)}
         val: dict[str, Any] = {}
         if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs or self._max_steps_reached():
-            val = self._validate(self.data.val)
+            val = validate(self, self.data.val)
         val_loss, val_acc = val.get("loss"), val.get("acc")
         self.sched.step()
         row = {
@@ -542,7 +467,9 @@ class Session:
         )
         if improved:
             self.best = {"val_acc": val_acc, "epoch": epoch + 1}
-        self._save(best=improved and t.save_best)
+        due = (epoch + 1) % self.checkpoint_every == 0 or epoch + 1 == t.epochs
+        if due or self._max_steps_reached() or (improved and t.save_best):
+            save_checkpoint(self, best=improved and t.save_best)
         if self.job is not None and self.job.on_epoch is not None:
             self.job.on_epoch(dict(row))
         if self.main:
@@ -559,40 +486,25 @@ class Session:
                 lr,
                 row["seconds"],
             )
-            self._tensorboard(row)
+            tensorboard(self, row)
 
     def _max_steps_reached(self) -> bool:
         m = self.cfg.train.max_steps
         return m is not None and self.global_step >= m
 
-    def _step_row(self, hook: OnStep, epoch: int) -> None:
-        """Append fit's row for this step: the means of the step metrics over the steps
-        since the last row (``train_<name>``) and what ``on_step`` returns."""
-        n = max(self.step_seen, 1)
-        row = {"step": self.global_step, "epoch": epoch + 1}
-        row.update({f"train_{k}": float(v / n) for k, v in self.step_sums.items()})
-        out = hook(self.global_step, self.raw_model)
-        if out is not None and not isinstance(out, Mapping):
-            raise StelabTypeError(
-                f"on_step must return None or a dict of floats, got {type(out).__name__}"
-            )
-        row.update({str(k): None if v is None else float(v) for k, v in (out or {}).items()})
-        self.step_history.append(row)
-        self.step_sums, self.step_seen = {}, 0
-
     def _check_finite(
         self, loss: torch.Tensor, epoch: int, step: int, steps: int, lr: float
     ) -> None:
-        bad = ~torch.isfinite(loss)
-        if self.world > 1:
-            bad = self.fabric.all_reduce(bad.float(), reduce_op="sum") > 0
-        if not bool(bad):
+        if self.world == 1:  # a float is cheaper than tensor ops per step
+            if math.isfinite(float(loss)):
+                return
+        elif not bool(self.fabric.all_reduce((~torch.isfinite(loss)).float(), reduce_op="sum")):
             return
         last = self.ckpt_dir / files.LAST
         kept = (
-            f"the last good checkpoint (epoch {self.epoch}) is kept at {last}"
-            if self.epoch > 0
-            else "no checkpoint was written (it diverged in the first epoch)"
+            f"the last good checkpoint (epoch {self.saved_epoch}) is kept at {last}"
+            if self.saved_epoch > 0
+            else "no checkpoint was written yet"
         )
         msg = (
             f"training diverged: the loss became {float(loss)} in epoch {epoch + 1}/"
@@ -611,198 +523,12 @@ class Session:
         for b in self.raw_model.buffers():
             dist.broadcast(b, src=0)
 
-    @torch.no_grad()
-    def _validate(self, split: Any) -> dict[str, Any]:
-        """The metrics of ``split``: ``{"loss", "acc"}`` of the classifier (every process
-        a share), or what the job's ``evaluate`` returns; ``{}`` for an empty split, and
-        for a custom step without ``evaluate``."""
-        if len(split) == 0:
-            return {}
-        if self.job is None or (self.job.evaluate is None and self.job.step is classifier_step):
-            loss, acc = self._evaluate(split)
-            return {"loss": loss, "acc": acc}
-        if self.job.evaluate is None:
-            return {}
-        module = self.raw_model
-        was = module.training
-        module.eval()
-        try:
-            out = self.job.evaluate(module, split)
-        finally:
-            module.train(was)
-        if not isinstance(out, Mapping):
-            raise StelabTypeError(
-                f"evaluate must return a dict of floats (e.g. {{'loss': ..., 'acc': ...}}), "
-                f"got {type(out).__name__}"
-            )
-        return {str(k): None if v is None else float(v) for k, v in out.items()}
-
-    @torch.no_grad()
-    def _evaluate(self, split: Any) -> tuple[float | None, float | None]:
-        """Loss and accuracy on ``split``, each process taking a contiguous share."""
-        n = len(split)
-        if n == 0:
-            return None, None
-        f, module = self.fabric, self.raw_model
-        lo, hi = n * self.rank // self.world, n * (self.rank + 1) // self.world
-        x, y = split.x[lo:hi], split.y[lo:hi]
-        dev = f.device
-        was = module.training
-        module.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
-        bs = self.cfg.data.eval_batch_size
-        convert = f.strategy.precision.convert_input
-        try:
-            with f.autocast():
-                for s in range(0, hi - lo, bs):
-                    xb = convert(x[s : s + bs].to(dev))
-                    yb = y[s : s + bs].to(dev)
-                    out = module(xb).float()
-                    loss_sum += F.cross_entropy(out, yb, reduction="sum").double()
-                    correct += (out.argmax(1) == yb).sum()
-        finally:
-            module.train(was)
-        tot = torch.stack([loss_sum, correct.double()])
-        if self.world > 1:
-            tot = f.all_reduce(tot, reduce_op="sum")
-        return float(tot[0]) / n, float(tot[1]) / n
-
-    # -- checkpoints and outputs --
-
-    def _gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """``t`` of every process (a collective under DDP), on CPU."""
-        if self.world == 1:
-            return [t.clone()]
-        import torch.distributed as dist
-
-        t = t.to(self.fabric.device)
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t)
-        return [o.cpu() for o in out]
-
-    def _state(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {
-            "torch": self._gather(torch.get_rng_state()),
-            "shuffle": self.shuffle_gen.get_state(),
-            "augment": self._gather(self.aug_gen.get_state()),
-            "numpy": self._gather(numpy_rng_state()),
-            "python": self._gather(python_rng_state()),
-        }
-        if self.generators:
-            rng["streams"] = {k: g.get_state() for k, g in self.generators.items()}
-        if self.fabric.device.type == "cuda":
-            rng["cuda"] = self._gather(torch.cuda.get_rng_state(self.fabric.device))
-        state = {
-            "format": FORMAT,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "model": {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()},
-            "model_args": self.model_args,
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "rng": rng,
-            "config": config_to_dict(self.cfg),
-            "history": [dict(r) for r in self.history],
-            "best": dict(self.best),
-            "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t_start),
-            "world_size": self.world,
-            "threads": self.threads,
-        }
-        if self.model_args is None:
-            del state["model_args"]
-        if self.job is not None and self.job.on_step is not None:
-            state["step_history"] = [dict(r) for r in self.step_history]
-            state["step_sums"] = {k: v.detach().cpu() for k, v in self.step_sums.items()}
-            state["step_seen"] = self.step_seen
-        return state
-
-    def _save(self, best: bool) -> None:
-        state = self._state()  # collective under DDP: every process takes part
-        if self.main:
-            # the checkpoint and metrics.csv describe the same epoch, even after a Ctrl-C
-            with files.writing(self.run_dir), interrupts_deferred():
-                for name in (files.LAST, files.BEST) if best else (files.LAST,):
-                    with atomic_open(self.ckpt_dir / name, "wb") as fh:
-                        torch.save(state, fh)
-                files.write_metrics_csv(self.run_dir, self.history)
-        self.fabric.barrier()
-
-    def _tensorboard(self, row: dict[str, Any]) -> None:
-        if not hasattr(self, "_tb"):
-            self._tb = None
-            import importlib.util
-
-            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-                try:
-                    from lightning.fabric.loggers import TensorBoardLogger
-
-                    self._tb = TensorBoardLogger(
-                        root_dir=str(self.run_dir), name="tensorboard", version=""
-                    )
-                except Exception as e:  # pragma: no cover - optional dependency
-                    log.warning("TensorBoard logging is off: %s", e)
-        if self._tb is not None:
-            metrics = {k: v for k, v in row.items() if k != "epoch" and v is not None}
-            self._tb.log_metrics(metrics, step=int(row["epoch"]))
-
-    def _ranks_in_sync(self) -> bool | None:
-        if self.world == 1:
-            return None
-        flat = torch.cat([p.detach().reshape(-1).double() for p in self.raw_model.parameters()])
-        g = self._gather(flat)
-        return all(torch.equal(g[0], g[i]) for i in range(1, self.world))
-
-    def _finish(self) -> dict[str, Any]:
-        cfg = self.cfg
-        test = self._validate(self.data.test)
-        test_loss, test_acc = test.get("loss"), test.get("acc")
-        in_sync = self._ranks_in_sync()
-        last_val = next((r for r in reversed(self.history) if r.get("val_acc") is not None), {})
-        final = self.history[-1] if self.history else {}
-        metrics = {
-            "name": cfg.name or self.run_dir.name,
-            "epochs": self.epoch,
-            "final_train_loss": final.get("train_loss"),
-            "final_train_acc": final.get("train_acc"),
-            "final_val_loss": last_val.get("val_loss"),
-            "final_val_acc": last_val.get("val_acc"),
-            "best_val_acc": self.best["val_acc"],
-            "best_epoch": self.best["epoch"],
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "wall_time_s": self.elapsed_before + (time.perf_counter() - self.t_start),
-            "train_seconds": sum(float(r.get("train_seconds") or 0.0) for r in self.history),
-            "world_size": self.world,
-            "ranks_in_sync": in_sync,
-            "device": str(self.fabric.device),
-        }
-        if self.job is not None and self.job.on_step is not None:
-            metrics["steps"] = [dict(r) for r in self.step_history]
-        if self.main:
-            with files.writing(self.run_dir):
-                files.write_json(self.run_dir / files.METRICS_JSON, metrics)
-            tacc = "n/a" if test_acc is None else f"{test_acc:.4f}"
-            log.info(
-                "finished %d epochs in %.1f s: test acc %s, best val acc %s (epoch %s); %s",
-                self.epoch,
-                metrics["wall_time_s"],
-                tacc,
-                "n/a" if self.best["val_acc"] is None else f"{self.best['val_acc']:.4f}",
-                self.best["epoch"],
-                self.run_dir,
-            )
-            if getattr(self, "_tb", None) is not None:
-                self._tb.finalize("success")
-        self.fabric.barrier()
-        return metrics
-
     def _interrupt_message(self, epoch: int) -> str:
         last = self.ckpt_dir / files.LAST
         kept = (
-            f"the last checkpoint (epoch {self.epoch}) is kept at {last}"
-            if self.epoch > 0
-            else "no epoch had finished, so there is no checkpoint yet"
+            f"the last checkpoint (epoch {self.saved_epoch}) is kept at {last}"
+            if self.saved_epoch > 0
+            else "no checkpoint was written yet"
         )
         how = (
             f"stelab train {self.run_dir} --resume (Python: train(cfg, run_dir, resume=True))"

@@ -7,6 +7,7 @@ Each is usable on its own (e.g. ``build_model(cfg.model, 10, (1, 28, 28))``);
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -35,6 +36,7 @@ __all__ = [
     "run_logging",
     "torch_threads",
     "build_scheduler",
+    "check_single_row_batches",
     "evaluate",
     "load_data",
     "lr_factor",
@@ -202,6 +204,34 @@ def load_data(cfg: TrainConfig, progress: bool = False) -> Any:
             "(cross-entropy)"
         )
     return splits
+
+
+def check_single_row_batches(
+    cfg: TrainConfig, model: nn.Module, first_row: torch.Tensor, n: int, world: int
+) -> None:
+    """A ConfigError if a training batch would hold one row and the model's batch norm
+    cannot normalise it (torch: "Expected more than 1 value per channel")."""
+    b = cfg.data.batch_size
+    sizes = {b // world} if world > 1 else {min(b, n), n % b or b}
+    if 1 not in sizes or not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        return
+    try:
+        probe = copy.deepcopy(model).train()  # a copy: its BN statistics may change
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            probe(first_row)
+    except Exception as e:
+        if not (isinstance(e, ValueError) and "more than 1 value per channel" in str(e)):
+            return  # not this problem: training reports it
+        d = cfg.data
+        limit = f" (data.limit = {d.limit})" if d.limit is not None else ""
+        raise ConfigError(
+            f"a training batch would hold a single row: {n} training rows{limit} with "
+            f"data.batch_size = {b} and {world} process(es); model {cfg.model.name!r} "
+            "has batch norm, which needs at least 2 rows per batch. Raise data.limit or "
+            "choose a data.batch_size for which no batch has exactly one row"
+        ) from None
 
 
 def shard_batches(

@@ -49,8 +49,9 @@ class SBNTrainConfig:
         eval_batch: rows per evaluation batch.
         seed: init, shuffling, augmentation and noise.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        max_steps: must be None for now: :func:`train_sbn` trains whole epochs through
-            :func:`stelab.train.fit`, which has no step limit yet (short runs: ``limit``).
+        max_steps: stop after this many SGD steps in all, inside an epoch if need be
+            (training ends at ``epochs`` or ``max_steps``, whichever comes first, and is
+            validated then); None: whole epochs.
     """
 
     dataset: str = "digits"
@@ -225,11 +226,6 @@ def train_sbn(
 
     if not isinstance(cfg, SBNTrainConfig):
         raise StelabTypeError(f"cfg must be an SBNTrainConfig, got {type(cfg).__name__}")
-    if cfg.max_steps is not None:
-        raise ConfigError(
-            f"max_steps = {cfg.max_steps}: train_sbn trains whole epochs (stelab.train.fit); "
-            "use epochs and limit for a short run"
-        )
     if resume and run_dir is None:
         raise ConfigError("resume=True needs the run_dir of the run to continue")
     if data is None:
@@ -299,6 +295,7 @@ def train_sbn(
                 run_dir=run_dir,
                 resume=resume,
                 epochs=cfg.epochs,
+                max_steps=cfg.max_steps,
                 batch_size=cfg.batch_size,
                 step=step,
                 evaluate=evaluate,
@@ -323,16 +320,17 @@ def train_sbn(
         except TrainingDiverged:
             diverged = True
         last_pt = run_dir / CKPT_DIR / LAST
-        rows = load_checkpoint(last_pt)["history"] if last_pt.exists() else []
+        last_ckpt = load_checkpoint(last_pt) if last_pt.exists() else {}
+        rows, steps = last_ckpt.get("history", []), int(last_ckpt.get("global_step", 0))
     diverged = diverged or not all(bool(torch.isfinite(p).all()) for p in params)
     train_seconds = time.perf_counter() - t_start
     history = [
         {"epoch": r["epoch"], "train_loss": r["train_loss"], "lr": r["lr"], "seconds": r["seconds"]}
         for r in rows
     ]
-    steps = len(rows) * steps_per_epoch
-    if diverged:
-        steps += max(in_epoch[0] - 1, 0) - (steps_per_epoch if in_epoch[0] == 0 else 0)
+    if diverged:  # the steps before the one that made the loss or a parameter non-finite
+        last_epoch = steps - steps_per_epoch * (len(rows) - 1) if rows else 0
+        steps += max(in_epoch[0] - 1, 0) - (last_epoch if in_epoch[0] == 0 else 0)
     model.eval()
     nan = {"acc1": math.nan, "acc_avg": math.nan, "nll_avg": math.nan}
     val = test = nan
