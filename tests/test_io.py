@@ -81,6 +81,26 @@ def test_interrupts_deferred_holds_ctrl_c_until_the_block_ends(tmp_path):
 
     from stelab.io import interrupts_deferred
 
+    # Python's own handler (a background shell starts its children with SIGINT ignored,
+    # and then a deferred Ctrl-C is rightly ignored too: checked at the end)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _check_deferral(tmp_path, interrupts_deferred)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _check_deferral(tmp_path, interrupts_deferred):
+    import os
+    import signal
+
     done = []
     with pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
