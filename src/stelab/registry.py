@@ -12,6 +12,7 @@ Depends on the standard library only (``import stelab`` stays cheap).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,11 +29,15 @@ _CACHE_MAX = 256
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
-    """One registered name: the object and its constructor's signature (resolved once)."""
+    """One registered name: the object and its constructor's signature (resolved once, on
+    first use, so that registering the built-ins costs nothing at import)."""
 
     name: str
     obj: T
-    signature: inspect.Signature | None
+
+    @functools.cached_property
+    def signature(self) -> inspect.Signature | None:
+        return _signature(self.obj)
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -108,7 +113,7 @@ class Registry(Generic[T]):
             raise ConfigError(
                 f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it"
             )
-        entry = Entry(name, obj, _signature(obj))
+        entry = Entry(name, obj)
         self._entries[name] = entry
         if self._cache is not None:
             self._cache.clear()

@@ -15,10 +15,11 @@ and :mod:`~stelab.nn.summarize` (:func:`summary`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..quantizers import QuantAct
 from .convert import QuantSpec, auto_step, quantize, unconvertible  # noqa: F401  (module API)
 from .layers import QuantConv2d, QuantLinear
-from .summarize import LayerRow, Summary, summary  # noqa: F401  (module API)
 
 __all__ = [
     "QuantLinear",
@@ -35,3 +36,13 @@ __all__ = [
 for _cls in (QuantLinear, QuantConv2d):
     _cls.__module__ = __name__
 del _cls
+
+
+def __getattr__(name: str) -> Any:
+    """``summary``, ``Summary`` and ``LayerRow`` load on first use (the summary's module is
+    not needed to quantize or train, and ``stelab.quantize`` should stay cheap)."""
+    if name in ("summary", "Summary", "LayerRow"):
+        from . import summarize
+
+        return getattr(summarize, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
