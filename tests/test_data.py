@@ -804,3 +804,25 @@ def test_debian_fashion_mnist(env):
     assert ds.test.y.bincount().tolist() == [1000] * 10
     assert int(ally.min()) == 0 and int(ally.max()) == 9
     assert 0.2 < ds.mean[0] < 0.4 and os.path.isdir(DEBIAN_FMNIST)
+
+
+def test_splits_from_tensors_and_its_errors():
+    import torch
+
+    from stelab.data import Splits
+    from stelab.errors import ConfigError, StelabTypeError
+
+    x, y = torch.randn(12, 1, 4, 4), torch.arange(12) % 3
+    s = Splits.from_tensors((x[:8], y[:8]), test=(x[8:], y[8:] + 4))
+    assert (len(s.train), len(s.val), len(s.test)) == (8, 0, 4)
+    assert s.num_classes == 7 and s.input_shape == (1, 4, 4)  # max label 6 is in test
+    assert s.val.x.shape == (0, 1, 4, 4) and s.val.y.dtype == y.dtype
+    assert torch.equal(s.train.x, x[:8])
+    reg = Splits.from_tensors((x, torch.randn(12)))
+    assert reg.num_classes is None
+    with pytest.raises(ConfigError, match=r"val: x and y must have as many rows"):
+        Splits.from_tensors((x, y), val=(x, y[:3]))
+    with pytest.raises(StelabTypeError, match="test must be an"):
+        Splits.from_tensors((x, y), test=x)
+    with pytest.raises(ConfigError, match="at least one row"):
+        Splits.from_tensors((x[:0], y[:0]))

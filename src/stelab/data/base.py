@@ -83,6 +83,53 @@ class Splits:
     std: tuple[float, ...] = ()
     meta: Mapping[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_tensors(
+        cls,
+        train: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor] | None = None,
+        test: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        name: str = "tensors",
+        num_classes: int | None = None,
+    ) -> Splits:
+        """Splits of your own tensors, e.g. for :func:`stelab.train.fit`: each split an
+        ``(x, y)`` pair with as many rows in ``x`` as in ``y``; ``val``/``test`` may be
+        left out (empty). ``num_classes`` defaults to ``max(y) + 1`` over the splits
+        for integer targets, ``None`` (regression) otherwise."""
+        pairs = {"train": train, "val": val, "test": test}
+        splits: dict[str, Split] = {}
+        for what, pair in pairs.items():
+            if pair is None:
+                x0, y0 = splits["train"].x, splits["train"].y
+                splits[what] = Split(x0[:0], y0[:0])
+                continue
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise StelabTypeError(f"{what} must be an (x, y) pair of tensors, got {pair!r}")
+            x, y = pair
+            if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                raise StelabTypeError(
+                    f"{what} must be an (x, y) pair of tensors, got "
+                    f"({type(x).__name__}, {type(y).__name__})"
+                )
+            if x.dim() < 1 or y.dim() < 1 or len(x) != len(y):
+                raise ConfigError(
+                    f"{what}: x and y must have as many rows, got x {tuple(x.shape)} and "
+                    f"y {tuple(y.shape)}"
+                )
+            splits[what] = Split(x, y)
+        if len(splits["train"]) == 0:
+            raise ConfigError("train: needs at least one row, got 0")
+        if num_classes is None and not splits["train"].y.is_floating_point():
+            num_classes = 1 + max(int(s.y.max()) for s in splits.values() if len(s))
+        return cls(
+            name=name,
+            num_classes=num_classes,
+            input_shape=tuple(splits["train"].x.shape[1:]),
+            source="given as tensors",
+            **splits,
+        )
+
     def to(self, device: torch.device | str) -> Splits:
         """These splits with every tensor moved to ``device``."""
         return replace(
