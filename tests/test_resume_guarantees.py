@@ -78,7 +78,7 @@ def test_classifier_resume_after_ctrl_c_restores_every_field(tmp_path, monkeypat
     ref, run = tmp_path / "a" / "run", tmp_path / "b" / "run"  # one name: metrics.json has it
     cfg = quick_cfg(*CLASSIFIER, "train.epochs=4")
     train(cfg, ref, progress=False)
-    calls, real_step = {"n": 0}, loop._step
+    calls, real_step = {"n": 0}, loop.optimizer_step
 
     def interrupting_step(*args):
         calls["n"] += 1
@@ -86,11 +86,11 @@ def test_classifier_resume_after_ctrl_c_restores_every_field(tmp_path, monkeypat
             raise KeyboardInterrupt
         return real_step(*args)
 
-    monkeypatch.setattr(loop, "_step", interrupting_step)
+    monkeypatch.setattr(loop, "optimizer_step", interrupting_step)
     with pytest.raises(TrainingInterrupted, match="epoch 3/4"):
         train(cfg, run, progress=False)
     assert ckpt(run)["epoch"] == 2
-    monkeypatch.setattr(loop, "_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     train(cfg, run, resume=True, progress=False)
     c = ckpt(ref)
     assert c["best"]["epoch"] == 2 and c["global_step"] == 4 * STEPS  # the premise above

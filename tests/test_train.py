@@ -117,7 +117,7 @@ def test_ctrl_c_mid_epoch_keeps_checkpoint_and_resume_matches(full_run, tmp_path
     ref, _ = full_run
     run = tmp_path / "run"
     calls = {"n": 0}
-    real_step = loop._step
+    real_step = loop.optimizer_step
 
     def interrupting_step(*args):
         calls["n"] += 1
@@ -125,7 +125,7 @@ def test_ctrl_c_mid_epoch_keeps_checkpoint_and_resume_matches(full_run, tmp_path
             raise KeyboardInterrupt
         return real_step(*args)
 
-    monkeypatch.setattr(loop, "_step", interrupting_step)
+    monkeypatch.setattr(loop, "optimizer_step", interrupting_step)
     with pytest.raises(TrainingInterrupted) as e:
         train(quick_cfg(), run, progress=False)
     msg = str(e.value)
@@ -134,7 +134,7 @@ def test_ctrl_c_mid_epoch_keeps_checkpoint_and_resume_matches(full_run, tmp_path
     kept = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert kept["epoch"] == 1
     assert not list((run / "checkpoints").glob("*.tmp"))
-    monkeypatch.setattr(loop, "_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     train(quick_cfg(), run, resume=True, progress=False)
     assert_same_tensors(ckpt(ref)["model"], ckpt(run)["model"], "model")
     assert_same_tensors(ckpt(ref)["optimizer"], ckpt(run)["optimizer"], "optimizer")

@@ -105,7 +105,7 @@ def _loss_and_metrics(out: Any) -> tuple[torch.Tensor, dict[str, Any]]:
     return loss.reshape(()), metrics
 
 
-def _step(
+def optimizer_step(
     s: Session, batch: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One optimizer step; returns the (detached) loss and the step's other metrics."""
@@ -404,7 +404,7 @@ class Session:
         hook = None if self.job is None else self.job.on_step
         try:
             for i, batch in enumerate(batches):
-                loss, metrics = _step(self, batch)
+                loss, metrics = optimizer_step(self, batch)
                 self.global_step += 1
                 rows = len(batch[1])
                 for k, v in {"loss": loss, **metrics}.items():
