@@ -611,6 +611,27 @@ def test_w_at_angle_turns_towards_the_given_direction():
     torch.testing.assert_close(w, want, rtol=0, atol=1e-15)
 
 
+def test_batch_loss_with_a_teacher_per_student_against_plain_loops():
+    # different teachers along a leading dimension take the per-teacher branch; the truth
+    # is the definition, summed in plain Python
+    z = torch.randn(40, 3, 4, generator=_gen(64), dtype=F64)
+    pts = [_point(65 + k, 3, 4, 1.0, 0.7 + 0.4 * k) for k in range(3)]
+    v, w, vs, ws = (torch.stack([p[i] for p in pts]) for i in range(4))
+    got = tl.batch_loss(z, v, w, vs, ws)
+    zl = z.tolist()
+
+    def net(vk, wk, zb):
+        return sum(
+            vk[j] * (sum(a * b for a, b in zip(zb[j], wk, strict=True)) > 0) for j in range(3)
+        )
+
+    for k in range(3):
+        vk, wk, vsk, wsk = (t[k].tolist() for t in (v, w, vs, ws))
+        want = sum(0.5 * (net(vk, wk, zb) - net(vsk, wsk, zb)) ** 2 for zb in zl) / len(zl)
+        assert float(got[k]) == pytest.approx(want, rel=1e-12)
+    assert not torch.equal(got, tl.batch_loss(z, v, w, vs[:1], ws[:1]))  # teachers differ
+
+
 def test_batch_loss_over_a_grid_of_students_equals_one_at_a_time():
     v, w, vs, ws = _point(62, 3, 4, 1.0, 1.1)
     z = torch.randn(50, 3, 4, generator=_gen(63), dtype=F64)
