@@ -139,6 +139,26 @@ def test_exact_blocks_over_data_give_same_result(monkeypatch):
     assert torch.allclose(full, brute_force_loss(m, x, t, logistic_loss, "logistic"), rtol=1e-12)
 
 
+def test_state_limit_is_the_largest_table_of_adjacent_layers():
+    """Widths (10, 1, 10): the tables are 2^10, 2^10 x 2 and 2 x 2^10 = 2048 entries (the
+    first and last layers are never adjacent), so max_states=2048 enumerates and 2047
+    refuses; the result equals the one under the default limit."""
+    m = _net(hidden=(10, 1, 10), seed=5)
+    x, t = torch.randn(3, 2, dtype=D), torch.ones(3, dtype=D)
+    at_limit = exact_expected_loss(m, x, t, logistic_loss, max_states=2048)
+    assert torch.allclose(at_limit, exact_expected_loss(m, x, t, logistic_loss), rtol=1e-13)
+    with pytest.raises(ConfigError, match=r"1024 x 2 transition table .*\(2048 entries"):
+        exact_expected_loss(m, x, t, logistic_loss, max_states=2047)
+
+
+def test_width_cap_is_30():
+    from stelab.sbn.exact import check_enumerable
+
+    assert check_enumerable(sbn_mlp(2, (30,), 1), max_states=2**30) == [30]
+    with pytest.raises(ConfigError, match="too large"):
+        check_enumerable(sbn_mlp(2, (31,), 1), max_states=2**40)
+
+
 def test_all_states_enumerates_each_state_once():
     s = all_states(4, D)
     assert s.shape == (16, 4)
