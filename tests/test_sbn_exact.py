@@ -205,6 +205,31 @@ def test_mc_reference_agrees_with_exact(estimator, states):
     assert all(p.grad is None for p in m.parameters())
 
 
+def test_mc_reference_standard_error_is_the_batch_means_formula():
+    """se = std(group gradients, ddof 1) / sqrt(groups), recomputed in NumPy from the
+    group gradients drawn again with the same generator (one surrogate-loss call of
+    samples // groups draws per group)."""
+    import numpy as np
+
+    m = _net(seed=6)
+    x = torch.randn(3, 2, dtype=D)
+    t = torch.tensor([1.0, -1.0, 1.0], dtype=D)
+    groups, per = 5, 4
+    mc = mc_reference(m, x, t, logistic_loss, groups * per, torch.Generator().manual_seed(8),
+                      estimator="reinforce_loo", groups=groups)  # fmt: skip
+    g = torch.Generator().manual_seed(8)
+    names = [k for k, _ in m.named_parameters()]
+    rows = []
+    for _ in range(groups):
+        loss = m.surrogate_loss(x, t, logistic_loss, "reinforce_loo", per, generator=g)
+        rows.append([gr.numpy().copy() for gr in torch.autograd.grad(loss, list(m.parameters()))])
+    for i, k in enumerate(names):
+        st = np.stack([r[i] for r in rows])
+        np.testing.assert_allclose(mc.grads[k].numpy(), st.mean(0), rtol=1e-12, atol=1e-15)
+        se = st.std(0, ddof=1) / np.sqrt(groups)
+        np.testing.assert_allclose(mc.grads_se[k].numpy(), se, rtol=1e-10, atol=1e-15)
+
+
 def test_mc_reference_rejects_biased_estimator_and_bad_groups():
     m = _net()
     x, t = torch.randn(2, 2, dtype=D), torch.ones(2, dtype=D)
