@@ -261,5 +261,17 @@ def test_claims_read_off_the_reports():
     assert c.checks["median_arm"] == pytest.approx(arm, rel=1e-12)
     assert c.checks["median_reinforce"] == pytest.approx(100.0, rel=1e-12)
     assert f"ARM {arm:.3g}, REINFORCE 100;" in c.evidence
+    # to ST's plateau 0.85 (dst's last RMSE): ARM log-log between M = 10 and 100,
+    # REINFORCE beyond the grid, 100 (1 / 0.85)^2, marked *
+    t2 = (math.log(1.3) - math.log(0.85)) / (math.log(1.3) - math.log(0.4))
+    line = (
+        f"epoch 2 layer 1: arm {arm:.3g} (to ST's plateau {10.0 * 10.0**t2:.3g}), "
+        f"reinforce 100 (to ST's plateau {100 / 0.85**2:.3g}*)"
+    )
+    assert c.evidence.endswith(line + ".")
     assert (d.id, d.verdict, d.checks) == ("d", "reproduced", {"cases": 2, "noisy": 2})
-    assert "rel.var 50 vs PSA 2, Concrete(1) 5" in d.evidence
+    assert d.evidence.endswith("epoch 2 layer 1: rel.var 50 vs PSA 2, Concrete(1) 5.")
+    assert a.evidence.endswith("e2 layer 1: PSA lower.")
+    assert b.evidence.endswith(
+        "epoch 2 dst layer 1: RMSE 1.2 (M=1) -> 0.85 (M=100), bias 0.8 (z=10), noise alone 0.1."
+    )

@@ -429,3 +429,12 @@ def test_instability_evidence_shows_the_last_epochs_train_mode_loss() -> None:
     last = {"clipped_relu-a4": {"train_loss": 0.05}}
     [claim] = ic.claims_for(results, start, ("clipped_relu",), (4,), p, 3, "1e-05", last)
     assert "source -> 0.222, control 0.444]" in claim.evidence
+
+
+def test_published_table_has_every_cell_once():
+    """[Y19] Table 1: three nets x 2 and 4 bits x three STEs, (loss, accuracy %) each,
+    accuracies in (0, 100); keys outside that grid would never be looked up."""
+    nets, ests = ("lenet5", "vgg11", "resnet20"), ("ste", "relu", "clipped_relu")
+    assert set(tc.PUBLISHED) == {(n, b, e) for n in nets for b in (2, 4) for e in ests}
+    assert all(loss > 0 and 0 < acc < 100 for loss, acc in tc.PUBLISHED.values())
+    assert set(tc.PUBLISHED_DATA) == set(nets)
