@@ -220,6 +220,7 @@ def _report(psa_at_10=0.5):
         "psa": _layer([1.0, psa_at_10, 0.3], rel_variance=2.0),
         "dst": _layer([1.2, 0.9, 0.85], bias=0.8, bias_z=10.0),
         "arm": _layer([4.0, 1.3, 0.4]),
+        "arm_shared": _layer([4.0, 1.3, 0.4]),  # reported beside ARM, not judged
         "reinforce": _layer([10.0, 3.2, 1.0]),
         "concrete(tau=0.1)": _layer([2.0, 0.8, 0.6], rel_variance=50.0),
         "concrete(tau=1)": _layer([1.5, 0.7, 0.5], rel_variance=5.0),
@@ -260,13 +261,15 @@ def test_claims_read_off_the_reports():
     assert c.id == "c" and c.verdict == "partly"  # ARM's 16.7 is below 10^2
     assert c.checks["median_arm"] == pytest.approx(arm, rel=1e-12)
     assert c.checks["median_reinforce"] == pytest.approx(100.0, rel=1e-12)
-    assert f"ARM {arm:.3g}, REINFORCE 100;" in c.evidence
+    assert c.checks["median_arm_shared"] == pytest.approx(arm, rel=1e-12)
+    assert f"ARM {arm:.3g}, REINFORCE 100, ARM with shared noise {arm:.3g};" in c.evidence
     # to ST's plateau 0.85 (dst's last RMSE): ARM log-log between M = 10 and 100,
     # REINFORCE beyond the grid, 100 (1 / 0.85)^2, marked *
     t2 = (math.log(1.3) - math.log(0.85)) / (math.log(1.3) - math.log(0.4))
     line = (
         f"epoch 2 layer 1: arm {arm:.3g} (to ST's plateau {10.0 * 10.0**t2:.3g}), "
-        f"reinforce 100 (to ST's plateau {100 / 0.85**2:.3g}*)"
+        f"reinforce 100 (to ST's plateau {100 / 0.85**2:.3g}*), "
+        f"arm_shared {arm:.3g} (to ST's plateau {10.0 * 10.0**t2:.3g})"
     )
     assert c.evidence.endswith(line + ".")
     assert (d.id, d.verdict, d.checks) == ("d", "reproduced", {"cases": 2, "noisy": 2})
