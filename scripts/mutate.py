@@ -318,9 +318,9 @@ def candidates(area: str) -> list[Mutant]:
     return out
 
 
-def _describe(m: Mutant) -> None:
+def _describe(m: Mutant, root: Path = ROOT) -> None:
     """The changed line, before and after (for the report)."""
-    source = (ROOT / m.path).read_text()
+    source = (root / m.path).read_text()
     before = source.splitlines()
     after = apply(source, m).splitlines()
     diff = [
@@ -330,6 +330,24 @@ def _describe(m: Mutant) -> None:
     ]
     m.old_line = " ".join(d[1:].strip() for d in diff if d.startswith("-"))
     m.new_line = " ".join(d[1:].strip() for d in diff if d.startswith("+"))
+
+
+def is_stale(m: Mutant, root: Path = ROOT) -> bool:
+    """Whether a mutant read back from an earlier run's JSON no longer fits the source:
+    its file is gone, or the line it changes reads differently now (the span would land
+    on other text, e.g. after a rename)."""
+    path = root / m.path
+    if not path.exists():
+        return True
+    now = Mutant(m.area, m.path, m.op, m.line, m.col, m.end_line, m.end_col, m.new)
+    try:
+        lines = path.read_text().splitlines()
+        if m.end_line > len(lines):
+            return True
+        _describe(now, root)
+    except (IndexError, UnicodeDecodeError):
+        return True
+    return now.old_line != m.old_line
 
 
 def _pytest(
@@ -444,6 +462,13 @@ def main(argv: list[str] | None = None) -> int:
             if d["status"] in ("survived", "timeout") and d["area"] in areas:
                 m = Mutant(**{k: v for k, v in d.items() if k in fields})
                 m.status, m.seconds, m.detail = "", 0.0, ""
+                if is_stale(m):
+                    print(
+                        f"stale, skipped (the source changed since): {m.path}:{m.line} "
+                        f"{m.op}: {m.old_line}",
+                        file=sys.stderr,
+                    )
+                    continue
                 rerun.setdefault(m.area, []).append(m)
         areas = [a for a in areas if a in rerun]
     results: dict[str, list[Mutant]] = {}

@@ -891,3 +891,57 @@ def test_to_ste_notes_the_clipped_ste_only_when_a_quantizer_is_clipped():
     )
     _, _, report2 = to_ste(m2)
     assert sum("clipped quantizers" in n for n in report2.notes) == 1
+
+
+# --- survivors of a mutation sample (docs/testing.md)
+
+
+@pytest.mark.parametrize("name,params", [("cosine", {"a": 0.5}), ("dsq", {"k": 3.0})])
+def test_M_inv_against_bisection_on_M(name, params):
+    """M⁻¹ (bracket + Newton on the cubic) against an independent inverse: bisection on
+    the monotone M in float64, 80 halvings (bracket width below one ulp)."""
+    step = 0.1
+    eq = equivalent_ste(name, step, params=params)
+    g = torch.Generator().manual_seed(3)
+    w = torch.cat([torch.rand(400, generator=g, dtype=F64) * 2.4 - 1.2,
+                   (torch.arange(-5, 6, dtype=F64) + 0.25) * step])  # fmt: skip
+    n = torch.round(w / step)
+    lo, hi = (n - 0.5) * step, (n + 0.5) * step
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        below = eq.M(mid) < w
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    got = eq.M_inv(w)
+    ulp = torch.finfo(F64).eps * w.abs().clamp_min(step)
+    assert ((got - hi).abs() <= 4 * ulp).all(), float(((got - hi).abs() / ulp).max())
+
+
+def test_M_many_a_buffered_element_before_whole_chunks(monkeypatch):
+    """A one-element tensor sits in the buffer when a tensor with whole chunks follows:
+    the whole-chunk fast path must wait (else the outputs land out of order)."""
+    import stelab.disguise.equivalence as dg
+
+    monkeypatch.setattr(dg, "CHUNK", 16)
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5})
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.tensor([0.03], dtype=F64), torch.randn(16 * 3 + 5, generator=g, dtype=F64) * 0.3,
+          torch.randn(2, generator=g, dtype=F64)]  # fmt: skip
+    many = eq.M_many(ws, [0.1, 0.1, 0.1])
+    for w, m in zip(ws, many, strict=True):
+        assert torch.equal(m, eq.M(w))
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "bin_"), [(2.497, 2.4995, 2), (-7.2, -6.8, -7), (5.8, 6.2, 6)]
+)
+def test_clipped_cyclicity_check_covers_the_whole_bin_and_both_end_bins(lo, hi, bin_):
+    """A bump on w / step in (lo, hi) only: within the last 1/256 of bin 2, or on one of
+    the bins next to the clipped ends (-7 and 6 of -8..7), is refused with the bin named."""
+
+    def bumped(w):
+        base = 1 + 0.5 * torch.cos(2 * math.pi * w / 0.1)
+        r = w / 0.1
+        return base + 0.3 * ((r > lo) & (r < hi)).to(w.dtype)
+
+    with pytest.raises(ConfigError, match=f"not cyclical.*on bin {bin_}"):
+        equivalent_ste(bumped, 0.1, bits=4)

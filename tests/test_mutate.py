@@ -113,6 +113,25 @@ def test_run_mutant_mutates_a_copy_and_classifies(mutate, tmp_path):
     assert (tmp_path / "src" / "toy.py").read_text() == src  # the real tree is untouched
 
 
+def test_a_mutant_from_an_older_source_is_stale(mutate, tmp_path):
+    """--rerun skips a mutant whose line reads differently now (a rename: the recorded
+    replacement would reintroduce the old name) or whose file is gone."""
+    (tmp_path / "src").mkdir()
+    src = "def add(a, b):\n    return a + b\n"
+    path = tmp_path / "src" / "toy.py"
+    path.write_text(src)
+    m = next(
+        m for m in mutate._Collector("toy", "src/toy.py", src, None).run() if m.op == "arith-swap"
+    )
+    mutate._describe(m, tmp_path)
+    assert (m.old_line, m.new_line) == ("return a + b", "return a - b")
+    assert not mutate.is_stale(m, tmp_path)
+    path.write_text("def add(a, c):\n    return a + c\n")
+    assert mutate.is_stale(m, tmp_path)
+    path.unlink()
+    assert mutate.is_stale(m, tmp_path)
+
+
 def test_report_section_is_replaced_between_markers(mutate, tmp_path):
     doc = tmp_path / "testing.md"
     doc.write_text("# Testing\n\nintro\n")

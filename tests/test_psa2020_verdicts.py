@@ -194,3 +194,87 @@ def test_claim_e_reports_the_rule_and_the_numbers():
     assert "psa 90.0% (1 sample 80.0%)" in c.evidence and "diverged: reinforce" in c.evidence
     results["psa"] = run(0.5)
     assert tc.claim_e(results).verdict == "not"
+
+
+# --------------------------------------------------------------------------- the claims
+# read off fidelity reports: a hand-made report whose every number is chosen here, so the
+# cases, counts, medians and the evidence text are known without running anything
+
+
+def _layer(rmse, *, rel_variance=1.0, bias=0.0, bias_z=0.0, sizes=(1, 10, 100)):
+    from stelab.analysis.fidelity_report import LayerFidelity
+
+    n = len(sizes)
+    return LayerFidelity(
+        layer="hidden.0", label="", params=1, ref_norm=1.0, sample_sizes=list(sizes),
+        groups=[1] * n, rmse=list(rmse), rmse_se=[0.0] * n, cos_mean=[1.0] * n,
+        cos_lo=[1.0] * n, cos_hi=[1.0] * n, bias=bias, bias_raw=bias, bias_floor=0.0,
+        bias_z=bias_z, variance=rel_variance, rel_variance=rel_variance, snr=1.0,
+    )  # fmt: skip
+
+
+def _report(psa_at_10=0.5):
+    from stelab.analysis.fidelity_report import EstimatorFidelity, FidelityReport
+
+    layers = {
+        "psa": _layer([1.0, psa_at_10, 0.3], rel_variance=2.0),
+        "dst": _layer([1.2, 0.9, 0.85], bias=0.8, bias_z=10.0),
+        "arm": _layer([4.0, 1.3, 0.4]),
+        "arm_shared": _layer([4.0, 1.3, 0.4]),  # reported beside ARM, not judged
+        "reinforce": _layer([10.0, 3.2, 1.0]),
+        "concrete(tau=0.1)": _layer([2.0, 0.8, 0.6], rel_variance=50.0),
+        "concrete(tau=1)": _layer([1.5, 0.7, 0.5], rel_variance=5.0),
+        "tanh_mf": _layer([1.5], sizes=(1,)),
+    }
+    ests = {
+        lab: EstimatorFidelity(
+            label=lab,
+            name=lab,
+            kind="deterministic" if lab == "tanh_mf" else "stochastic",
+            engine="",
+            draws=1,
+            seconds_per_draw=None,
+            forward_equivalents=None,
+            wall_seconds=0.0,
+            layers={"hidden.0": lf},
+        )  # fmt: skip
+        for lab, lf in layers.items()
+    }
+    return FidelityReport(
+        layers=["hidden.0", "output"], reference=None, estimators=ests, draws=1,
+        sample_sizes=[1, 10, 100], examples=1,
+    )  # fmt: skip
+
+
+def test_claims_read_off_the_reports():
+    # epoch 2: PSA at M = 10 (0.75) is above Concrete(1)'s 0.7, so 3 of 4 cases hold
+    a, b, c, d = gc.claims({1: _report(), 2: _report(psa_at_10=0.75)})
+    assert (a.id, a.verdict, a.checks) == ("a", "partly", {"cases": 4, "psa_lowest": 3})
+    assert "epoch 1 layer 1: PSA 1 vs best other dst 1.2;" in a.evidence
+    assert "e1 layer 1: PSA lower, e2 layer 1: PSA lower." in a.evidence  # tanh_mf: 1.5
+    # dst: z 10 > 5, bias 0.8 >= 0.7 * 0.85, 0.85 >= 3 sqrt(1 / 100)
+    assert (b.id, b.verdict, b.checks) == ("b", "reproduced", {"cases": 2, "plateaus": 2})
+    # ARM reaches PSA's one-sample RMSE 1.0 between M = 10 (1.3) and 100 (0.4), log-log;
+    # REINFORCE exactly at M = 100
+    t = math.log(1.3) / (math.log(1.3) - math.log(0.4))
+    arm = 10.0 * 10.0**t
+    assert c.id == "c" and c.verdict == "partly"  # ARM's 16.7 is below 10^2
+    assert c.checks["median_arm"] == pytest.approx(arm, rel=1e-12)
+    assert c.checks["median_reinforce"] == pytest.approx(100.0, rel=1e-12)
+    assert c.checks["median_arm_shared"] == pytest.approx(arm, rel=1e-12)
+    assert f"ARM {arm:.3g}, REINFORCE 100, ARM with shared noise {arm:.3g};" in c.evidence
+    # to ST's plateau 0.85 (dst's last RMSE): ARM log-log between M = 10 and 100,
+    # REINFORCE beyond the grid, 100 (1 / 0.85)^2, marked *
+    t2 = (math.log(1.3) - math.log(0.85)) / (math.log(1.3) - math.log(0.4))
+    line = (
+        f"epoch 2 layer 1: arm {arm:.3g} (to ST's plateau {10.0 * 10.0**t2:.3g}), "
+        f"reinforce 100 (to ST's plateau {100 / 0.85**2:.3g}*), "
+        f"arm_shared {arm:.3g} (to ST's plateau {10.0 * 10.0**t2:.3g})"
+    )
+    assert c.evidence.endswith(line + ".")
+    assert (d.id, d.verdict, d.checks) == ("d", "reproduced", {"cases": 2, "noisy": 2})
+    assert d.evidence.endswith("epoch 2 layer 1: rel.var 50 vs PSA 2, Concrete(1) 5.")
+    assert a.evidence.endswith("e2 layer 1: PSA lower.")
+    assert b.evidence.endswith(
+        "epoch 2 dst layer 1: RMSE 1.2 (M=1) -> 0.85 (M=100), bias 0.8 (z=10), noise alone 0.1."
+    )

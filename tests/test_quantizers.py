@@ -244,3 +244,45 @@ def test_context_levels_and_jumps_are_where_the_forward_jumps(fn, kw):
     for j in jumps:
         k = round((j - off) / step)
         assert j == pytest.approx(off + k * step, abs=1e-4), (j, off, step)
+
+
+# --- survivors of a mutation sample (docs/testing.md)
+
+
+def test_ternary_default_threshold_is_one_half():
+    """sign(x)·1{|x| > t} with t = 0.5 unless given: 0.49 and 0.5 map to 0, 0.51 to 1."""
+    q = Quantizer("ternary")
+    x = torch.tensor([0.49, 0.5, 0.51, -0.49, -0.51, 2.0], dtype=torch.float64)
+    assert q(x).tolist() == [0.0, 0.0, 1.0, 0.0, -1.0, 1.0]
+    assert "threshold=0.5" in repr(q)
+    q3 = Quantizer("ternary", threshold=0.3)
+    assert q3(x).tolist() == [1.0, 1.0, 1.0, -1.0, -1.0, 1.0]
+    assert "threshold=0.3" in repr(q3)
+    from stelab.quantizers import Forward
+
+    fwd = Forward("ternary")  # the forward alone has the same default
+    assert fwd.threshold == 0.5 and fwd(x).tolist() == q(x).tolist()
+
+
+def test_repr_names_a_learned_step():
+    q = Quantizer("uniform", "ste", bits=4, step=0.1, learn_step=True)
+    assert "step=0.1" in repr(q) and "learn_step=True" in repr(q)
+    assert "learn_step" not in repr(Quantizer("uniform", "ste", bits=4, step=0.1))
+
+
+def test_a_forward_pickled_as_the_base_class_unpickles_as_its_kind():
+    """Objects pickled before the kinds were classes (type Forward, a kind field) come
+    back as their kind's class and quantize as it does."""
+    import pickle
+
+    from stelab.quantizers import Forward
+
+    new = Forward("uniform", 4)
+    legacy = object.__new__(Forward)
+    legacy.__dict__.update(new.__dict__)
+    back = pickle.loads(pickle.dumps(legacy))
+    assert type(back) is type(new) and type(back) is not Forward
+    x = torch.linspace(-2, 2, 41, dtype=torch.float64)
+    assert torch.equal(back(x, 0.25), new(x, 0.25))
+    again = pickle.loads(pickle.dumps(new))
+    assert type(again) is type(new) and torch.equal(again(x, 0.25), new(x, 0.25))

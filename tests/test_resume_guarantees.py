@@ -326,3 +326,98 @@ def test_train_sbn_interrupted_and_resumed_equals_an_uninterrupted_run(tmp_path,
     assert _without_times(ref) == _without_times(got)
     assert_same_tensors(ref_model.state_dict(), got_model.state_dict(), "model")
     assert ref["steps"] == 9 and not ref["diverged"] and 0 <= ref["test"]["acc1"] <= 1
+
+
+# --- survivors of a mutation sample (docs/testing.md)
+
+
+def test_numpy_and_python_rng_states_round_trip_with_a_cached_gaussian():
+    """numpy's MT19937 state [pos, has_gauss, gauss, *key] and random's [version,
+    has_gauss, gauss, *words] come back exactly, including the cached second normal of a
+    pair (then the next normal drawn is that cached value)."""
+    from stelab.train.checkpoint import (
+        numpy_rng_state,
+        python_rng_state,
+        set_numpy_rng_state,
+        set_python_rng_state,
+    )
+
+    np.random.seed(5)
+    np.random.standard_normal()  # leaves the pair's second value cached
+    assert np.random.get_state()[3] == 1
+    state = numpy_rng_state()
+    want = np.random.standard_normal(4)
+    np.random.seed(6)
+    set_numpy_rng_state(state)
+    assert np.array_equal(np.random.standard_normal(4), want)
+
+    random.seed(7)
+    version, words, gauss = random.getstate()
+    assert gauss is None
+    st = python_rng_state()  # no cached gaussian: written as 0, not NaN
+    assert torch.equal(st, torch.tensor([version, 0.0, 0.0, *words], dtype=torch.float64))
+    random.gauss(0.0, 1.0)
+    st = python_rng_state()
+    want = [random.gauss(0.0, 1.0) for _ in range(3)]
+    random.seed(8)
+    set_python_rng_state(st)
+    assert [random.gauss(0.0, 1.0) for _ in range(3)] == want
+
+
+def test_need_bytes_counts_checkpoint_copies_and_optimizer_slots():
+    """last.pt (and best.pt) of model + optimizer slots (Adam 2, SGD with momentum 1,
+    plain SGD 0), one more copy while a file is replaced, plus 1 MiB."""
+    from types import SimpleNamespace
+
+    from stelab.train.state import need_bytes
+
+    model = torch.nn.Linear(10, 3)  # 33 float32 numbers: 132 bytes
+
+    def s(name, momentum, save_best):
+        optim = SimpleNamespace(name=name, momentum=momentum)
+        cfg = SimpleNamespace(optim=optim, train=SimpleNamespace(save_best=save_best))
+        return SimpleNamespace(raw_model=model, cfg=cfg)
+
+    assert need_bytes(s("adam", 0.0, True)) == 132 * 3 * 3 + 2**20
+    assert need_bytes(s("adamw", 0.0, False)) == 132 * 3 * 2 + 2**20
+    assert need_bytes(s("sgd", 0.9, True)) == 132 * 2 * 3 + 2**20
+    assert need_bytes(s("sgd", 0.0, False)) == 132 * 1 * 2 + 2**20
+
+
+def _bare_session():
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        best={}, resume_from="ckpt", shuffle_gen=torch.Generator(), generators={}, world=1,
+        rank=0, aug_gen=torch.Generator(), fabric=None, main=True,
+    )  # fmt: skip
+
+
+def test_restore_of_a_minimal_checkpoint_starts_the_counters_at_zero(monkeypatch):
+    """A checkpoint with only its epoch (an older writer): step counters at 0, empty
+    histories; a CUDA generator state is set only where CUDA is available."""
+    from stelab.train.state import restore
+
+    s = _bare_session()
+    restore(s, {"epoch": 3})
+    assert (s.epoch, s.saved_epoch, s.global_step, s.step_seen) == (3, 3, 0, 0)
+    assert s.step_history == [] and s.history == [] and s.step_sums == {}
+
+    def no_cuda(*args, **kwargs):
+        raise AssertionError("CUDA generator set without CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", no_cuda)
+    restore(s, {"epoch": 1, "rng": {"cuda": [torch.zeros(16, dtype=torch.uint8)]}})
+    assert s.epoch == 1
+
+
+def test_an_unreadable_checkpoint_names_the_first_line_of_the_error(tmp_path):
+    bad = tmp_path / "last.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception) as raw:  # torch's own error: several lines
+        torch.load(bad, map_location="cpu", weights_only=True)
+    first = str(raw.value).strip().splitlines()[0]
+    with pytest.raises(ConfigError) as e:
+        load_checkpoint(bad)
+    assert str(e.value).endswith(f"weights_only=True: {first}") and "\n" not in str(e.value)

@@ -330,6 +330,18 @@ def test_unsupported_layer_type_is_refused():
         LinearOnly().check(m, 1)
 
 
+def test_estimators_are_equal_when_type_and_parameters_are():
+    """Equality (and the hash that goes with it) needs the same class and the same
+    parameters: two estimators without parameters are not equal across classes."""
+    from stelab.sbn.baselines import ARM, Concrete, Reinforce
+
+    assert Concrete(tau=0.1) == Concrete(tau=0.1)
+    assert hash(Concrete(tau=0.1)) == hash(Concrete(tau=0.1))
+    assert Concrete(tau=0.1) != Concrete(tau=1.0)  # same class, other parameters
+    assert ARM() == ARM() and ARM() != Reinforce()  # other class, same (no) parameters
+    assert Concrete(tau=0.1) != "concrete(tau=0.1)"
+
+
 def test_names_are_resolved_once():
     """A name is looked up, not rebuilt, on every call after the first (the per-call cost of
     a name equals that of a prebuilt object); different parameters give different objects,

@@ -139,6 +139,26 @@ def test_exact_blocks_over_data_give_same_result(monkeypatch):
     assert torch.allclose(full, brute_force_loss(m, x, t, logistic_loss, "logistic"), rtol=1e-12)
 
 
+def test_state_limit_is_the_largest_table_of_adjacent_layers():
+    """Widths (10, 1, 10): the tables are 2^10, 2^10 x 2 and 2 x 2^10 = 2048 entries (the
+    first and last layers are never adjacent), so max_states=2048 enumerates and 2047
+    refuses; the result equals the one under the default limit."""
+    m = _net(hidden=(10, 1, 10), seed=5)
+    x, t = torch.randn(3, 2, dtype=D), torch.ones(3, dtype=D)
+    at_limit = exact_expected_loss(m, x, t, logistic_loss, max_states=2048)
+    assert torch.allclose(at_limit, exact_expected_loss(m, x, t, logistic_loss), rtol=1e-13)
+    with pytest.raises(ConfigError, match=r"1024 x 2 transition table .*\(2048 entries"):
+        exact_expected_loss(m, x, t, logistic_loss, max_states=2047)
+
+
+def test_width_cap_is_30():
+    from stelab.sbn.exact import check_enumerable
+
+    assert check_enumerable(sbn_mlp(2, (30,), 1), max_states=2**30) == [30]
+    with pytest.raises(ConfigError, match="too large"):
+        check_enumerable(sbn_mlp(2, (31,), 1), max_states=2**40)
+
+
 def test_all_states_enumerates_each_state_once():
     s = all_states(4, D)
     assert s.shape == (16, 4)
@@ -183,6 +203,31 @@ def test_mc_reference_agrees_with_exact(estimator, states):
         assert z.abs().max() < crit, (name, z)
     assert abs((mc.value - ref.value) / mc.value_se) < crit
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_mc_reference_standard_error_is_the_batch_means_formula():
+    """se = std(group gradients, ddof 1) / sqrt(groups), recomputed in NumPy from the
+    group gradients drawn again with the same generator (one surrogate-loss call of
+    samples // groups draws per group)."""
+    import numpy as np
+
+    m = _net(seed=6)
+    x = torch.randn(3, 2, dtype=D)
+    t = torch.tensor([1.0, -1.0, 1.0], dtype=D)
+    groups, per = 5, 4
+    mc = mc_reference(m, x, t, logistic_loss, groups * per, torch.Generator().manual_seed(8),
+                      estimator="reinforce_loo", groups=groups)  # fmt: skip
+    g = torch.Generator().manual_seed(8)
+    names = [k for k, _ in m.named_parameters()]
+    rows = []
+    for _ in range(groups):
+        loss = m.surrogate_loss(x, t, logistic_loss, "reinforce_loo", per, generator=g)
+        rows.append([gr.numpy().copy() for gr in torch.autograd.grad(loss, list(m.parameters()))])
+    for i, k in enumerate(names):
+        st = np.stack([r[i] for r in rows])
+        np.testing.assert_allclose(mc.grads[k].numpy(), st.mean(0), rtol=1e-12, atol=1e-15)
+        se = st.std(0, ddof=1) / np.sqrt(groups)
+        np.testing.assert_allclose(mc.grads_se[k].numpy(), se, rtol=1e-10, atol=1e-15)
 
 
 def test_mc_reference_rejects_biased_estimator_and_bad_groups():

@@ -292,6 +292,55 @@ def test_compiled_kernel_equals_eager_kernel():
     assert torch.allclose(comp, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_kernel_blocks_rows_like_the_eager_kernel(monkeypatch):
+    """The compiled path's row blocks, without compiling (torch.compile -> the function
+    itself): many blocks of ``step`` rows give the eager kernel's result in float64."""
+    from stelab.sbn import kernels
+
+    calls = []
+
+    def no_compile(fn, **kwargs):
+        def counted(*args):
+            calls.append(args[0].shape[0])
+            return fn(*args)
+
+        return counted
+
+    monkeypatch.setattr(kernels, "compiled_kernel", None)
+    monkeypatch.setattr(kernels, "compile_broken", False)
+    monkeypatch.setattr(torch, "compile", no_compile)
+    a, e, x, w = _flip_problem(D, rows=40, nj=6, ni=20)
+    got = flip_rows(a, e, x, w, get_noise("logistic"), 13, kernel="compiled")
+    want = flip_rows(a, e, x, w, get_noise("logistic"), 13, kernel="eager")
+    assert sum(calls) == 40 and len(calls) > 1 and not kernels.compile_broken
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_auto_kernel_compiles_from_AUTO_MIN_TERMS_terms_on(monkeypatch):
+    """kernel="auto" takes the compiled kernel for rows x J x I >= AUTO_MIN_TERMS terms
+    (counted through a torch.compile that returns the function itself), else eager."""
+    from stelab.sbn import kernels
+
+    calls = []
+
+    def no_compile(fn, **kwargs):
+        def counted(*args):
+            calls.append(1)
+            return fn(*args)
+
+        return counted
+
+    monkeypatch.setattr(kernels, "compile_broken", False)
+    monkeypatch.setattr(torch, "compile", no_compile)
+    a, e, x, w = _flip_problem(D, rows=40, nj=6, ni=20)
+    for limit, compiled in [(40 * 6 * 20, True), (40 * 6 * 20 + 1, False)]:
+        monkeypatch.setattr(kernels, "compiled_kernel", None)
+        monkeypatch.setattr(kernels, "AUTO_MIN_TERMS", limit)
+        calls.clear()
+        flip_rows(a, e, x, w, get_noise("logistic"), kernel="auto")
+        assert bool(calls) is compiled, limit
+
+
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
     from stelab.sbn import kernels
 

@@ -333,6 +333,40 @@ def test_no_saddle_when_condition_fails():
 # --------------------------------------------------------------------------- sampling
 
 
+def test_batch_loss_and_coarse_grad_take_sigma_of_zero_as_zero():
+    """sigma(x) = 1{x > 0}: hidden units whose input row is exactly zero are off, for the
+    teacher and the student alike (truth: the definition in plain loops)."""
+    v, w, vs, ws = _point(66, 3, 4, 1.0, 0.9)
+    z = torch.randn(6, 3, 4, generator=_gen(67), dtype=F64)
+    z[0, 1] = 0.0
+    z[2] = 0.0
+    zl, wsn = z.tolist(), (ws / ws.norm()).tolist()
+
+    def net(vk, wk, zb):
+        return sum(
+            vk[j] * (sum(a * b for a, b in zip(zb[j], wk, strict=True)) > 0) for j in range(3)
+        )
+
+    want = sum(
+        0.5 * (net(v.tolist(), w.tolist(), zb) - net(vs.tolist(), wsn, zb)) ** 2 for zb in zl
+    )
+    want /= len(zl)
+    assert float(tl.batch_loss(z, v, w, vs, ws)) == pytest.approx(want, rel=1e-12)
+    for ste in ("identity", "relu"):
+        loss, _, _ = tl.coarse_grad_on_batch(z, v, w, vs, ws, ste)
+        assert float(loss) == pytest.approx(want, rel=1e-12)
+
+
+def test_theta_over_a_batch_of_teachers():
+    """Each row of a 2-D w_star is its own teacher: the angles are the rows' angles, and a
+    zero row is refused even when no column is zero."""
+    w = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]], dtype=F64)
+    ws = torch.tensor([[0.0, 3.0, 0.0], [2.0, 2.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(tl.theta(w, ws), torch.tensor([math.pi / 2, 0.0], dtype=F64))
+    with pytest.raises(ConfigError, match="w_star must be nonzero"):
+        tl.theta(w, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=F64))
+
+
 def test_sample_coarse_grad_is_the_coarse_gradient_of_the_batch():
     """With the same Z, the library's autograd result equals the formula for g_mu."""
     v, w, vs, ws = _point(30, 3, 5, 0.8, 1.1)
@@ -609,6 +643,27 @@ def test_w_at_angle_turns_towards_the_given_direction():
     w = tl.w_at_angle(ws, 0.4, norm=2.5, direction=d)
     want = 2.5 * torch.tensor([math.cos(0.4), math.sin(0.4), 0.0], dtype=F64)
     torch.testing.assert_close(w, want, rtol=0, atol=1e-15)
+
+
+def test_batch_loss_with_a_teacher_per_student_against_plain_loops():
+    # different teachers along a leading dimension take the per-teacher branch; the truth
+    # is the definition, summed in plain Python
+    z = torch.randn(40, 3, 4, generator=_gen(64), dtype=F64)
+    pts = [_point(65 + k, 3, 4, 1.0, 0.7 + 0.4 * k) for k in range(3)]
+    v, w, vs, ws = (torch.stack([p[i] for p in pts]) for i in range(4))
+    got = tl.batch_loss(z, v, w, vs, ws)
+    zl = z.tolist()
+
+    def net(vk, wk, zb):
+        return sum(
+            vk[j] * (sum(a * b for a, b in zip(zb[j], wk, strict=True)) > 0) for j in range(3)
+        )
+
+    for k in range(3):
+        vk, wk, vsk, wsk = (t[k].tolist() for t in (v, w, vs, ws))
+        want = sum(0.5 * (net(vk, wk, zb) - net(vsk, wsk, zb)) ** 2 for zb in zl) / len(zl)
+        assert float(got[k]) == pytest.approx(want, rel=1e-12)
+    assert not torch.equal(got, tl.batch_loss(z, v, w, vs[:1], ws[:1]))  # teachers differ
 
 
 def test_batch_loss_over_a_grid_of_students_equals_one_at_a_time():

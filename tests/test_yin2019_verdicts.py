@@ -376,3 +376,65 @@ def test_instability_claim_counts_the_paper_scaled_lr(shows_at: dict, verdict: s
     assert claim.id == "ste-leaves-clipped_relu-a4" and claim.verdict == verdict
     shown = [lr for lr, s in shows_at.items() if s]
     assert (f"shows at lr {', '.join(shown)}" if shown else "shows at none") in claim.evidence
+
+
+# --------------------------------------------------------------------------- survivors of a
+# mutation sample (docs/testing.md): the evidence text and the rules away from zero
+
+
+def test_settles_measures_the_distance_to_a_nonzero_f_spurious() -> None:
+    f_sp = 0.5
+    assert sc.settles(f_sp + sc.TOL_LOSS * DOWN, math.pi, f_sp)
+    assert sc.settles(f_sp - sc.TOL_LOSS * DOWN, math.pi, f_sp)
+    assert not sc.settles(f_sp + sc.TOL_LOSS * UP, math.pi, f_sp)
+    assert not sc.settles(0.0, math.pi, f_sp)
+
+
+@pytest.mark.parametrize(
+    ("x", "text"),
+    [
+        (None, "None"),
+        (math.nan, "nan"),
+        (math.inf, "inf"),
+        (1.23456, "1.23"),
+        (0.0, "0"),
+        (1.5e-5, "1.50e-05"),
+        (12345.0, "1.23e+04"),
+    ],
+)
+def test_fmt(x, text) -> None:
+    assert sc.fmt(x) == text
+
+
+def test_bits_order_evidence_lists_every_ste() -> None:
+    p = Protocol(net="lenet5", data="digits")
+    claims = {c.id: c for c in tc.claims_for(p, _table(GOOD))}
+    ev = claims["bits-order"].evidence
+    assert ev.startswith("6/6 comparisons hold (2-bit -> 4-bit")
+    for est in ("ste", "relu", "clipped_relu"):
+        a2, a4 = GOOD[f"a2-{est}"], GOOD[f"a4-{est}"]
+        line = (
+            f"{tc.LABELS[est]} {a2[0]:.2f} / {100 * a2[1]:.2f} -> {a4[0]:.2f} / {100 * a4[1]:.2f}"
+        )
+        assert line in ev
+
+
+def test_instability_evidence_shows_the_last_epochs_train_mode_loss() -> None:
+    p = Protocol(net="resnet20", data="digits", bits=(4,))
+    start = {"clipped_relu-a4": {"val_acc": 0.9, "train_loss": 0.1}}
+    results = _results({"1e-05": True})
+    run = results["clipped_relu-a4"]["1e-05"]
+    run["ste"]["history"] = [{"train_loss": 0.111}, {"train_loss": 0.222}]
+    run["clipped_relu"]["history"] = [{"train_loss": 0.333}, {"train_loss": 0.444}]
+    last = {"clipped_relu-a4": {"train_loss": 0.05}}
+    [claim] = ic.claims_for(results, start, ("clipped_relu",), (4,), p, 3, "1e-05", last)
+    assert "source -> 0.222, control 0.444]" in claim.evidence
+
+
+def test_published_table_has_every_cell_once():
+    """[Y19] Table 1: three nets x 2 and 4 bits x three STEs, (loss, accuracy %) each,
+    accuracies in (0, 100); keys outside that grid would never be looked up."""
+    nets, ests = ("lenet5", "vgg11", "resnet20"), ("ste", "relu", "clipped_relu")
+    assert set(tc.PUBLISHED) == {(n, b, e) for n in nets for b in (2, 4) for e in ests}
+    assert all(loss > 0 and 0 < acc < 100 for loss, acc in tc.PUBLISHED.values())
+    assert set(tc.PUBLISHED_DATA) == set(nets)
