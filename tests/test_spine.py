@@ -91,3 +91,18 @@ def test_register_paper_adds_a_paper_and_refuses_junk(monkeypatch) -> None:
         reproduce.register_paper(Paper("empty", "E", {}))
     with pytest.raises(ConfigError, match="must be a"):
         reproduce.register_paper(42)  # type: ignore[arg-type]
+
+
+def test_part_dir_checks_the_path_and_the_seed_and_creates_the_folder(tmp_path) -> None:
+    from stelab.errors import StelabTypeError
+    from stelab.experiments.spine import part_dir
+
+    out, seed = part_dir(str(tmp_path / "a" / "b"), 7, seed_max=10)
+    assert out == tmp_path / "a" / "b" and out.is_dir() and seed == 7
+    assert part_dir(out, 10, seed_max=10)[1] == 10  # the limit itself is allowed
+    with pytest.raises(ConfigError, match=r"seed .*\[0, 10\], got 11"):
+        part_dir(out, 11, seed_max=10)
+    with pytest.raises(ConfigError, match="seed"):
+        part_dir(out, -1)
+    with pytest.raises(StelabTypeError, match="out_dir must be a path, got 42"):
+        part_dir(42, 0)

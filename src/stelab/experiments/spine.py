@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StelabTypeError, check_int
 from ..io import atomic_write_text, write_json
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "cached",
     "jsonable",
     "ladder",
+    "part_dir",
     "skipped",
     "write_part",
 ]
@@ -128,6 +130,17 @@ class PartResult:
             d["results"] = str(self.out_dir / "results.json")
             d["report"] = str(self.out_dir / "report.md")
         return d
+
+
+def part_dir(out_dir: Any, seed: Any, *, seed_max: int = 2**32 - 1) -> tuple[Path, int]:
+    """The checks every part's ``run`` starts with: ``out_dir`` must be a path (created
+    if missing) and ``seed`` an integer in [0, ``seed_max``]; returns both, checked."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise StelabTypeError(f"out_dir must be a path, got {out_dir!r}")
+    seed = check_int("seed", seed, 0, seed_max)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, seed
 
 
 def skipped(name: str, reason: str) -> PartResult:

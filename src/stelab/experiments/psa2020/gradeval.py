@@ -41,8 +41,7 @@ from typing import Any
 import torch
 
 from ...analysis import PAPER_ESTIMATORS, PAPER_SAMPLE_SIZES, FidelityReport, gradient_fidelity
-from ...errors import StelabTypeError, check_int
-from ..spine import PartResult, cached, write_part
+from ..spine import PartResult, cached, part_dir, write_part
 from .gradeval_claims import ST_NAMES, claims, rmse_at, samples_to_reach
 from .toy import TRAIN, data, load_checkpoint, train_toy
 
@@ -193,11 +192,7 @@ def run(out_dir: Path, *, quick: bool = False, seed: int = 0, progress: bool = T
     from . import gradeval_report as report
 
     t0 = time.perf_counter()
-    if not isinstance(out_dir, (str, Path)):
-        raise StelabTypeError(f"out_dir must be a path, got {out_dir!r}")
-    seed = check_int("seed", seed, 0, 2**31 - 1)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, seed = part_dir(out_dir, seed, seed_max=2**31 - 1)
     cfg = config(bool(quick))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

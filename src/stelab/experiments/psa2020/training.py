@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 
-from ...errors import StelabTypeError, check_int, unknown
+from ...errors import unknown
 from ...io import atomic_write_bytes
-from ..spine import PartResult, cached, write_part
+from ..spine import PartResult, cached, part_dir, write_part
 from .sbn_training import PRESETS, SBNTrainConfig, evaluate_sbn, train_sbn
 from .training_claims import choose_lr, claim_e
 
@@ -235,11 +235,7 @@ def run(
     from . import training_report as report
 
     t0 = time.perf_counter()
-    if not isinstance(out_dir, (str, Path)):
-        raise StelabTypeError(f"out_dir must be a path, got {out_dir!r}")
-    seed = check_int("seed", seed, 0, 2**31 - 1)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, seed = part_dir(out_dir, seed, seed_max=2**31 - 1)
     c = config(bool(quick))
     if preset is not None:
         if preset not in PRESETS:

@@ -30,16 +30,14 @@ learning rate 0.1 (stable: the v-part has Lipschitz constant (m+1)/4).
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ...errors import StelabTypeError, check_int
 from ...theory import two_layer as tl
-from ..spine import PartResult, write_part
+from ..spine import PartResult, part_dir, write_part
 from .synthetic_claims import claim_a, claim_b, claim_c, outcome
 
 __all__ = ["BATCH_SIZES", "LR", "M", "N", "NAME", "run"]
@@ -280,11 +278,7 @@ def run(out_dir: Path, *, quick: bool = False, seed: int = 0, progress: bool = T
     from .synthetic_report import fig_part_a, fig_part_b, fig_part_c, report_md
 
     t0 = time.perf_counter()
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise StelabTypeError(f"out_dir must be a path, got {out_dir!r}")
-    seed = check_int("seed", seed, 0, 2**63 - 1)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, seed = part_dir(out_dir, seed, seed_max=2**63 - 1)
     cfg = _config(bool(quick))
     gens = [torch.Generator().manual_seed(seed * 7919 + k) for k in range(4)]
 

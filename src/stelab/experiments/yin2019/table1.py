@@ -53,9 +53,9 @@ from ...config import (
     TrainConfig,
     parse_config,
 )
-from ...errors import ConfigError, DataError, StelabTypeError, check_int, unknown
+from ...errors import ConfigError, DataError, check_int, unknown
 from ...halfnormal import halfnormal_alpha, halfnormal_mse, lloyd_alpha
-from ..spine import PartResult, write_part
+from ..spine import PartResult, part_dir, write_part
 from .table1_claims import (
     DATA_LABELS,
     LABELS,
@@ -393,11 +393,7 @@ def run(
     from .table1_report import plot_curves, report_md, table_rows
 
     t0 = time.perf_counter()
-    if not isinstance(out_dir, (str, Path)):
-        raise StelabTypeError(f"out_dir must be a path, got {out_dir!r}")
-    seed = check_int("seed", seed, 0, SEED_MAX)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, seed = part_dir(out_dir, seed, seed_max=SEED_MAX)
     ov = dict(overrides or {})
     if threads is not None:
         ov["threads"] = check_int("threads", threads, 1, 4096)
