@@ -945,3 +945,15 @@ def test_clipped_cyclicity_check_covers_the_whole_bin_and_both_end_bins(lo, hi, 
 
     with pytest.raises(ConfigError, match=f"not cyclical.*on bin {bin_}"):
         equivalent_ste(bumped, 0.1, bits=4)
+
+
+def test_cyclicity_check_covers_the_bin_below_the_centre():
+    """An unclipped estimator that differs only on bin -1 (w in [-1.5Δ, -0.5Δ]) is not
+    cyclical and is refused (the check visits bin -1, not only bins further out)."""
+
+    def bumped(w):
+        base = 1 + 0.5 * torch.cos(2 * math.pi * w / 0.1)
+        return base + 0.3 * ((w > -0.14) & (w < -0.06)).to(w.dtype)
+
+    with pytest.raises(ConfigError, match="not cyclical.*on bin -1"):
+        equivalent_ste(bumped, 0.1)

@@ -286,3 +286,20 @@ def test_a_forward_pickled_as_the_base_class_unpickles_as_its_kind():
     assert torch.equal(back(x, 0.25), new(x, 0.25))
     again = pickle.loads(pickle.dumps(new))
     assert type(again) is type(new) and torch.equal(again(x, 0.25), new(x, 0.25))
+
+
+def test_identity_context_has_no_levels_and_no_jumps():
+    """The identity forward is unclipped and never jumps: lo/hi and both outermost jumps
+    are at -inf/+inf, so an estimator that clips at the outermost jumps clips nothing."""
+    import math
+
+    from stelab.quantizers import Forward
+
+    c = Forward("identity").context(0.5)
+    assert (c.kind, c.lo, c.hi, c.first_jump, c.last_jump) == (
+        "identity",
+        -math.inf,
+        math.inf,
+        -math.inf,
+        math.inf,
+    )
