@@ -421,3 +421,22 @@ def test_an_unreadable_checkpoint_names_the_first_line_of_the_error(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_checkpoint(bad)
     assert str(e.value).endswith(f"weights_only=True: {first}") and "\n" not in str(e.value)
+
+
+def test_a_checkpoint_without_world_size_is_from_one_process(tmp_path):
+    """Checkpoints written before the world size was stored count as one process's: their
+    RNG states are restored, so the resumed run still ends as the uninterrupted one."""
+    ref, run = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    _fit_sbn(ref, _Step())
+    with pytest.raises(TrainingInterrupted):
+        _fit_sbn(run, _Step(stop_at=2 * (80 // 16) + 2))
+    path = run / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    assert state.pop("world_size") == 1
+    torch.save(state, path)
+    _fit_sbn(run, _Step(), resume=True)
+    a, b = ckpt(ref), ckpt(run)
+    assert torch.equal(a["rng"]["torch"][0], b["rng"]["torch"][0])
+    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k

@@ -677,3 +677,11 @@ def test_batch_loss_over_a_grid_of_students_equals_one_at_a_time():
         for j in range(2):
             one = tl.batch_loss(z, vg[i, j], wg[i, j], vs, ws)
             assert float(got[i, j]) == pytest.approx(float(one), rel=1e-13)
+
+
+def test_coarse_gradient_descent_names_its_steps_range():
+    from stelab.errors import ConfigError
+
+    v, w = torch.ones(3, dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)
+    with pytest.raises(ConfigError, match=r"steps must be an integer in \[0, 1000000000\], got -1"):
+        tl.coarse_gradient_descent(v, w, v, w, "relu", 0.1, -1)
