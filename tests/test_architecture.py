@@ -91,6 +91,14 @@ def test_module_level_imports_have_no_cycles() -> None:
     assert cycles == []
 
 
+def test_loading_a_checkpoint_does_not_need_the_training_loop() -> None:
+    """``stelab.train.checkpoint`` (used by export, gradcheck and report) imports nothing
+    of the loop, not even inside a function."""
+    name = "stelab.train.checkpoint"
+    mods = [m for m, _ in _imports(name, MODULES[name], top_level_only=False)]
+    assert "stelab.train.loop" not in mods and mods  # it does import other stelab modules
+
+
 @pytest.mark.parametrize(
     "core",
     [

