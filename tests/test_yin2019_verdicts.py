@@ -438,3 +438,31 @@ def test_published_table_has_every_cell_once():
     assert set(tc.PUBLISHED) == {(n, b, e) for n in nets for b in (2, 4) for e in ests}
     assert all(loss > 0 and 0 < acc < 100 for loss, acc in tc.PUBLISHED.values())
     assert set(tc.PUBLISHED_DATA) == set(nets)
+
+
+# [Y19] Table 1 typed a second time, in the paper's own layout (one row per data set,
+# net and bit width; "training loss / validation accuracy %" per STE), separately from
+# table1_claims.PUBLISHED: a typo or a nudged number in either copy shows up as a
+# difference between the two.
+_TABLE1_AS_PRINTED = """
+MNIST    | LeNet-5   | 2 | 2.6e-2 / 98.49 | 5.1e-3 / 99.24 | 5.4e-3 / 99.23
+MNIST    | LeNet-5   | 4 | 6.0e-3 / 98.98 | 9.0e-4 / 99.32 | 8.8e-4 / 99.24
+CIFAR-10 | VGG-11    | 2 | 0.19 / 86.58   | 0.10 / 88.69   | 0.02 / 90.92
+CIFAR-10 | VGG-11    | 4 | 3.1e-2 / 90.19 | 1.5e-3 / 92.01 | 1.3e-3 / 92.08
+CIFAR-10 | ResNet-20 | 2 | 1.56 / 46.52   | 1.50 / 48.05   | 0.24 / 88.39
+CIFAR-10 | ResNet-20 | 4 | 1.38 / 54.16   | 0.25 / 86.59   | 0.04 / 91.24
+"""
+
+
+def test_published_table_matches_a_second_transcription():
+    nets = {label: net for net, label in tc.NET_LABELS.items()}
+    ests = ("ste", "relu", "clipped_relu")  # the paper's column order: identity, ReLU, clipped ReLU
+    second: dict[tuple[str, int, str], tuple[float, float]] = {}
+    for line in _TABLE1_AS_PRINTED.strip().splitlines():
+        data, net, bits, *cells = (c.strip() for c in line.split("|"))
+        assert tc.PUBLISHED_DATA[nets[net]] == data
+        for est, cell in zip(ests, cells, strict=True):
+            loss, acc = (float(v) for v in cell.split("/"))
+            second[(nets[net], int(bits), est)] = (loss, acc)
+    assert len(second) == 18
+    assert tc.PUBLISHED == second  # exact: both are the same decimal literals
