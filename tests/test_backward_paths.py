@@ -202,3 +202,22 @@ def test_dsq_derivative_keeps_its_tails():
     )
     assert float(expect.min()) < 1e-30
     torch.testing.assert_close(got, expect, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("est", ["ste", "dsq", "ewgs"])
+def test_functorch_transforms_take_torchs_own_apply(est):
+    """The quantizer's Function skips torch's per-call argument binding outside functorch
+    transforms; under one (torch.func.grad, which needs the binding) it takes torch's own
+    path. Both give the estimator's gradient."""
+    q = Quantizer("act", estimator=est, bits=2, step=0.5)
+    x = torch.linspace(-0.6, 2.1, 41, dtype=torch.float64)
+    w = torch.linspace(0.5, 1.5, 41, dtype=torch.float64)  # a g that is not all ones
+    xr = x.clone().requires_grad_()
+    (q(xr) * w).sum().backward()
+    via_func = torch.func.grad(lambda t: (q(t) * w).sum())(x)
+    with torch.no_grad():  # as in a backward pass (the eager fast path)
+        expected = q.estimator.grad_input(x, q(x), w, q.fwd.context(0.5))
+    torch.testing.assert_close(xr.grad, expected, rtol=0, atol=0)
+    # under a transform the backward may take the estimator's one-expression formula
+    # (the eager fast path's float64 result to an ulp or two)
+    torch.testing.assert_close(via_func, expected, rtol=1e-14, atol=1e-15)

@@ -15,6 +15,14 @@ from ..errors import ConfigError, StelabTypeError, check_int, check_positive
 from ..estimators import Context, Estimator
 from .forwards import FORWARDS, Forward
 
+# torch internals behind Function.apply's fast path (see _Quantize.apply); if a torch
+# release moves them, apply falls back to torch's own path
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_unwrap_dead = getattr(getattr(torch, "_functorch", None), "utils", None)
+_unwrap_dead = getattr(_unwrap_dead, "unwrap_dead_wrappers", None)
+if _unwrap_dead is None:
+    _transforms_active = None
+
 
 class _Quantize(torch.autograd.Function):
     """y = fwd(x); backward g_x = est.grad_input(x, y, g); LSQ gradient for a learned step.
@@ -25,6 +33,18 @@ class _Quantize(torch.autograd.Function):
     for learned or per-channel steps, and then built from the step tensor in
     backward.
     """
+
+    @classmethod
+    def apply(cls, *args):  # noqa: D102
+        # torch's Function.apply binds the arguments to forward's signature with
+        # inspect on every call when setup_context is defined: tens of microseconds, more
+        # than the quantizer's own work on a small layer. Every argument is always passed
+        # here, positionally, so outside functorch transforms (which need the binding)
+        # the call goes straight to autograd's C++ apply, as torch's own does after it.
+        # torch.compile traces torch's path
+        if _transforms_active is None or torch.compiler.is_compiling() or _transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*_unwrap_dead(args))
 
     @staticmethod
     def forward(x, step, fwd, est, qctx, lsq_scale, generator):  # noqa: D102
