@@ -58,6 +58,7 @@ AREAS: dict[str, dict[str, list[str]]] = {
             "tests/test_quantizers.py",
             "tests/test_edges.py",
             "tests/test_cyclic_estimators.py",
+            "tests/test_backward_paths.py",
         ],
     },
     "theory": {

@@ -221,3 +221,39 @@ def test_functorch_transforms_take_torchs_own_apply(est):
     # under a transform the backward may take the estimator's one-expression formula
     # (the eager fast path's float64 result to an ulp or two)
     torch.testing.assert_close(via_func, expected, rtol=1e-14, atol=1e-15)
+
+
+def test_dsq_with_an_incoming_gradient_of_another_dtype_is_the_formula():
+    """The in-place fast path writes into a buffer of x's dtype; a gradient of another
+    dtype (a float64 g for float32 x, as a direct caller may pass) takes the formula path
+    and comes back in the promoted dtype, equal to the scalar reference."""
+    est = estimators.DSQ(k=4.0)
+    ctx = Quantizer("act", estimator="dsq", bits=2, step=0.5).fwd.context(0.5)
+    x = _points(torch.float32)
+    g = torch.linspace(-1.0, 2.0, x.numel(), dtype=torch.float64)
+    with torch.no_grad():
+        got = est.grad_input(x, None, g, ctx)
+    assert got.dtype == torch.float64
+    lo, hi = ctx.first_jump - 0.25, ctx.last_jump + 0.25
+    want = [
+        gi * _dsq_ref(xi, 4.0, 0.5, 0.0, lo, hi)
+        for xi, gi in zip(x.tolist(), g.tolist(), strict=True)
+    ]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def test_clipped_with_one_float_and_one_tensor_bound_is_the_indicator():
+    """A forward may give a float lower level and per-channel tensor upper levels (a
+    one-sided kind with a learned step): the one-kernel path needs both bounds as floats,
+    so this mix takes the formula, 1{lo <= x <= hi} per channel."""
+    hi = torch.tensor([[0.5], [1.0], [1.5]], dtype=torch.float64)
+    ctx = estimators.Context("act", 0.0, hi, hi / 3, 0.0, 0.0, 2 * hi / 3)
+    x = torch.linspace(-0.5, 2.0, 12, dtype=torch.float64).expand(3, 12)
+    g = torch.arange(36, dtype=torch.float64).reshape(3, 12)
+    with torch.no_grad():
+        got = estimators.get("clipped").grad_input(x, None, g, ctx)
+    want = [
+        [gv if 0.0 <= xv <= hv else 0.0 for xv, gv in zip(xr, gr, strict=True)]
+        for xr, gr, hv in zip(x.tolist(), g.tolist(), hi.flatten().tolist(), strict=True)
+    ]
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=0)

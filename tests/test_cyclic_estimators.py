@@ -208,6 +208,16 @@ def test_bad_parameters_name_parameter_value_and_allowed(name, params, exc, word
         assert w in str(e.value)
 
 
+@pytest.mark.parametrize("m", [0.0, 1e-9, 2.0 - 1e-9, 2.0])
+def test_triangle_wave_takes_m_up_to_and_including_its_ends(m):
+    """[0, 2] is closed: at m = 0 and m = 2 the profile only touches zero (at the bin
+    centres, resp. the change points) and stays a valid, if degenerate, estimator."""
+    est = E.get("triangle_wave", m=m)
+    r = torch.tensor([0.0, 0.25, -0.5], dtype=torch.float64)
+    want = torch.tensor([m, 1.0, 2.0 - m], dtype=torch.float64)
+    torch.testing.assert_close(est.profile(r), want, rtol=0, atol=1e-15)
+
+
 def test_only_serves_uniform():
     with pytest.raises(ConfigError, match="cannot serve quantizer 'sign'"):
         Quantizer("sign", "cosine")

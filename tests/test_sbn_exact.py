@@ -267,3 +267,23 @@ def test_transition_table_is_the_product_of_unit_probabilities(noise):
                 want[s, k] *= float(_CDF[noise](float(t[k, j] * a[s, j])))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-300)
     torch.testing.assert_close(got.sum(1), torch.ones(16, dtype=torch.float64), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("bad", [0, 2**40 + 1])
+def test_mc_reference_and_exact_name_their_ranges(bad):
+    """samples and max_states are integers in [1, 2^40]: the error names the parameter,
+    the value and the range (checked before any work, so the largest allowed value is
+    only constructed, for Exact)."""
+    m = sbn_mlp(2, (3,), 1)
+    x, t = torch.zeros(4, 2, dtype=D), torch.ones(4, 1, dtype=D)
+    with pytest.raises(
+        ConfigError, match=rf"samples must be an integer in \[1, {2**40}\], got {bad}$"
+    ):
+        # groups=1 is refused too, after samples: a wrongly accepted sample count then
+        # fails on groups instead of starting 2^40 draws
+        mc_reference(m.to(D), x, t, logistic_loss, bad, 0, groups=1)
+    with pytest.raises(
+        ConfigError, match=rf"max_states must be an integer in \[1, {2**40}\], got {bad}$"
+    ):
+        stelab.sbn.exact.Exact(max_states=bad)
+    assert stelab.sbn.exact.Exact(max_states=2**40).max_states == 2**40

@@ -645,12 +645,17 @@ def test_w_at_angle_turns_towards_the_given_direction():
     torch.testing.assert_close(w, want, rtol=0, atol=1e-15)
 
 
-def test_batch_loss_with_a_teacher_per_student_against_plain_loops():
-    # different teachers along a leading dimension take the per-teacher branch; the truth
-    # is the definition, summed in plain Python
+@pytest.mark.parametrize("shared", [None, "v_star", "w_star"])
+def test_batch_loss_with_a_teacher_per_student_against_plain_loops(shared):
+    # different teachers along a leading dimension take the per-teacher branch, also when
+    # only one of v*, w* differs; the truth is the definition, summed in plain Python
     z = torch.randn(40, 3, 4, generator=_gen(64), dtype=F64)
     pts = [_point(65 + k, 3, 4, 1.0, 0.7 + 0.4 * k) for k in range(3)]
     v, w, vs, ws = (torch.stack([p[i] for p in pts]) for i in range(4))
+    if shared == "v_star":
+        vs = vs[:1].expand_as(vs).clone()
+    elif shared == "w_star":
+        ws = ws[:1].expand_as(ws).clone()
     got = tl.batch_loss(z, v, w, vs, ws)
     zl = z.tolist()
 
