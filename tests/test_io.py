@@ -60,14 +60,16 @@ def test_atomic_open_fsyncs_the_file_then_its_folder(tmp_path, monkeypatch):
 
     def spy(fd):
         st = os.fstat(fd)
-        synced.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        # the file's size as the system sees it: what an fsync now would make durable
+        synced.append(("dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino, st.st_size))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
     p = tmp_path / "sub" / "f.bin"
     with atomic_open(p, "wb") as f:
-        f.write(b"data")
-    assert synced == [("file", p.stat().st_ino), ("dir", p.parent.stat().st_ino)]
+        f.write(b"data")  # stays in Python's buffer unless flushed before the fsync
+    assert synced[0] == ("file", p.stat().st_ino, 4)
+    assert synced[1][:2] == ("dir", p.parent.stat().st_ino) and len(synced) == 2
     synced.clear()
     with pytest.raises(RuntimeError):
         with atomic_open(p, "wb") as f:

@@ -362,6 +362,12 @@ def test_numpy_and_python_rng_states_round_trip_with_a_cached_gaussian():
     random.seed(8)
     set_python_rng_state(st)
     assert [random.gauss(0.0, 1.0) for _ in range(3)] == want
+    # a cached gaussian of exactly 0.0 is a cached value, not "none cached"
+    random.setstate((version, words, 0.0))
+    st = python_rng_state()
+    random.seed(9)
+    set_python_rng_state(st)
+    assert random.getstate() == (version, words, 0.0)
 
 
 def test_need_bytes_counts_checkpoint_copies_and_optimizer_slots():

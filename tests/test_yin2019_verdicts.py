@@ -49,6 +49,8 @@ def test_thresholds_are_the_documented_ones() -> None:
         (math.pi, sc.TOL_LOSS * DOWN, 0.0, 0.0, "spurious"),  # |f - f_sp| just inside
         (math.pi, sc.TOL_LOSS, 0.0, 0.0, "other"),  # |f - f_sp| at the bound
         (1.0, 0.3, 0.0, 0.2, "other"),  # still moving
+        (math.pi, 0.3 + sc.TOL_LOSS * DOWN, 0.0, 0.3, "spurious"),  # at a nonzero f_sp
+        (math.pi, 0.0, 0.0, 0.3, "other"),  # theta at pi but f far from f_sp
     ],
 )
 def test_outcome(theta: float, loss: float, rise: float, f_sp: float, expected: str) -> None:
@@ -466,3 +468,53 @@ def test_published_table_matches_a_second_transcription():
             second[(nets[net], int(bits), est)] = (loss, acc)
     assert len(second) == 18
     assert tc.PUBLISHED == second  # exact: both are the same decimal literals
+
+
+def _part_c(firsts: dict[str, list[float]]) -> dict:
+    """Part (c)'s numbers for claim (c): descent at the small lr everywhere, P(decrease)
+    0.6 -> 0.99 from B = 10 to 1000, and the given median first-flip lrs per STE."""
+    c: dict = {"lrs": [1e-3, 1e-2, 1e-1]}
+    for ste in sc.STES:
+        c[ste] = {
+            b: {
+                "p_decrease_pop": [p] * 3,
+                "mean_df_pop": [-1e-3] * 3,
+                "median_first_flip_lr": f,
+            }
+            for b, p, f in zip(sc.BATCHES, (0.6, 0.8, 0.99), firsts[ste], strict=True)
+        }
+    return c
+
+
+def test_claim_c_compares_the_smallest_and_largest_batchs_first_flip() -> None:
+    """The coarse-scale check compares B = 10 (first) with B = 1000 (last), not B = 10
+    with itself; each STE's line lists the three first-flip lrs in batch order."""
+    coarser = {ste: [1e-2, 5e-3, 1e-3] for ste in sc.STES}  # small batch: coarser
+    claim = sc.claim_c(_part_c(coarser))
+    assert all(claim.checks[f"{ste}_coarser_scale_for_small_batch"] for ste in sc.STES)
+    assert claim.verdict == "reproduced"
+    assert "0.01, 0.005, 0.001 for B = 10, 50, 1000" in claim.evidence
+    finer = {**coarser, sc.STES[0]: [1e-3, 5e-3, 1e-2]}  # one STE the other way round
+    claim = sc.claim_c(_part_c(finer))
+    assert not claim.checks[f"{sc.STES[0]}_coarser_scale_for_small_batch"]
+
+
+def test_instability_evidence_names_a_diverged_control() -> None:
+    p = Protocol(net="resnet20", data="digits", bits=(4,))
+    start = {"clipped_relu-a4": {"val_acc": 0.9, "train_loss": 0.1}}
+    results = _results({"1e-05": True, "0.001": True})
+    results["clipped_relu-a4"]["0.001"]["clipped_relu"]["end"] = None  # control diverged
+    [claim] = ic.claims_for(results, start, ("clipped_relu",), (4,), p, 3, "1e-05")
+    per_lr = claim.evidence.split("; ")
+    assert sum("(control diverged" in part for part in per_lr) == 1
+    assert "(control 80.00%, 0.3" in claim.evidence  # the other lr's control, as numbers
+
+
+def test_ste_order_evidence_counts_each_kind_of_comparison() -> None:
+    p = Protocol(net="lenet5", data="digits")
+    change = {"a2-ste": (0.25, 0.80)}  # identity's 2-bit loss beats ReLU's, not clipped's
+    claims = {c.id: c for c in tc.claims_for(p, _table({**GOOD, **change}))}
+    assert claims["ste-order"].evidence.startswith(
+        "7/8 comparisons hold (lower loss 3/4, higher accuracy 4/4; loss / test accuracy %, "
+        "one seed): "
+    )
