@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stelab import QuantAct, Quantizer, halfnormal_alpha
+from stelab.errors import ConfigError
 
 
 def fwd(q: Quantizer, xs: list[float], dtype=torch.float64) -> list[float]:
@@ -303,3 +304,28 @@ def test_identity_context_has_no_levels_and_no_jumps():
         -math.inf,
         math.inf,
     )
+
+
+@pytest.mark.parametrize(
+    ("fn", "kw", "bits"),
+    [
+        ("sign", {}, 1),
+        ("heaviside", {}, 1),
+        ("ternary", {}, 2),  # three levels take two bits
+        ("uniform", {"bits": 3, "step": 0.1}, 3),
+        ("act", {"bits": 2, "step": 0.5}, 2),
+        ("uniform", {"step": 0.1}, None),  # unclipped: no fixed width
+        ("identity", {}, None),
+    ],
+)
+def test_deployed_bits_of_every_builtin_kind(fn, kw, bits):
+    """The width a deployed value takes (summaries, compression, export): the levels'
+    count rounded up to a power of two."""
+    assert Quantizer(fn, **kw).bits == bits
+
+
+@pytest.mark.parametrize(("fn", "ok"), [("sign", 1), ("heaviside", 1)])
+def test_binary_kinds_accept_bits_1_only(fn, ok):
+    assert Quantizer(fn, bits=ok).bits == ok
+    with pytest.raises(ConfigError, match=f"bits is not a parameter of the '{fn}' quantizer"):
+        Quantizer(fn, bits=ok + 1)
