@@ -17,6 +17,7 @@ Truths used (derived independently of the code, docs/papers/disguise2024.md):
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -957,3 +958,72 @@ def test_cyclicity_check_covers_the_bin_below_the_centre():
 
     with pytest.raises(ConfigError, match="not cyclical.*on bin -1"):
         equivalent_ste(bumped, 0.1)
+
+
+def _two_level(w):
+    """q̂' = 2 on the inner half of every bin (|r| < 1/4), 1 on the outer half: a jump
+    inside the bin. α is the harmonic mean 1 / (1/2 · 1/2 + 1/2 · 1/1) = 4/3."""
+    r = w / 0.1 - torch.round(w / 0.1)
+    return 1.0 + (r.abs() < 0.25).to(w.dtype)
+
+
+def test_a_jump_inside_the_bin_needs_a_looser_tol_not_the_degenerate_limit():
+    """The Hermite table cannot reach tol=1e-10 across a jump with N_MAX panels: that is
+    refused with the panels, the range of q̂' and the way out (a larger tol), not taken
+    for a vanishing estimator (α = 4/3 here, not 0); with tol=1e-5 α is the closed form."""
+    with pytest.raises(ConfigError) as e:
+        equivalent_ste(_two_level, 0.1, allow_degenerate=True)
+    msg = str(e.value)
+    assert f"with {2**16} panels (q̂' ranges over [1, 2] on a bin" in msg
+    assert "a larger tol (below 1e-3)" in msg and "vanish" not in msg
+    eq = equivalent_ste(_two_level, 0.1, tol=1e-5)
+    assert eq.alpha == pytest.approx(4 / 3, rel=1e-12) and not eq.degenerate
+
+
+def test_not_cyclical_names_a_point_of_the_offending_bin_and_its_value():
+    """The message's w lies on the bin it names, and q̂' there is the value it prints;
+    its bin-0 partner is the same position one bin index lower down to bin 0."""
+
+    def bumped(w):
+        base = 1 + 0.5 * torch.cos(2 * math.pi * w / 0.1)
+        return base + 0.3 * ((w > 0.16) & (w < 0.24)).to(w.dtype)
+
+    with pytest.raises(ConfigError) as e:
+        equivalent_ste(bumped, 0.1)
+    m = re.search(
+        r"q̂'\(([-0-9.e+]+)\) = ([-0-9.e+]+) on bin (-?\d+) but q̂'\(([-0-9.e+]+)\) = "
+        r"([-0-9.e+]+) on bin 0",
+        str(e.value),
+    )
+    assert m, str(e.value)
+    w_bad, g_bad, b, w0, g0 = (float(v) for v in m.groups())
+    assert b == 2 and round(w_bad / 0.1) == 2 and round(w0 / 0.1) == 0
+    assert w_bad - 2 * 0.1 == pytest.approx(w0, abs=1e-6)
+    assert g_bad == pytest.approx(float(bumped(torch.tensor(w_bad, dtype=torch.float64))), rel=1e-5)
+    assert g0 == pytest.approx(float(bumped(torch.tensor(w0, dtype=torch.float64))), rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_cyclicity_tolerance_is_relative_to_the_size_of_the_estimator(scale):
+    """q̂' repeating up to 1e-8 of its size on every bin passes; 1e-5 of its size does
+    not, whatever that size is (the tolerance is 1e-6 relative)."""
+
+    def wobbly(rel):
+        def g(w):
+            base = scale * (1 + 0.5 * torch.cos(2 * math.pi * w / 0.1))
+            return base * (1 + rel * torch.sin(w))  # sin(w): differs from bin to bin
+
+        return g
+
+    assert equivalent_ste(wobbly(1e-8), 0.1).alpha == pytest.approx(
+        scale * math.sqrt(0.75), rel=1e-6
+    )
+    with pytest.raises(ConfigError, match="not cyclical"):
+        equivalent_ste(wobbly(1e-5), 0.1)
+
+
+@pytest.mark.parametrize("bits", [1, 17])
+def test_equivalent_ste_bits_range(bits):
+    with pytest.raises(ConfigError, match=rf"bits must be an integer in \[2, 16\], got {bits}$"):
+        equivalent_ste("cosine", 0.1, bits=bits)
+    assert equivalent_ste("cosine", 0.1, bits=16).bits == 16

@@ -536,6 +536,11 @@ def test_bad_inputs():
         tl.population_loss(v, w, 1.0, ws)
     with pytest.raises(ConfigError, match=r"z must have shape \(B >= 1, m=3, n=4\)"):
         tl.coarse_grad_on_batch(torch.zeros(2, 4, 3), v, w, vs, ws, "relu")
+    empty = r"z must have shape \(B >= 1, m=3, n=4\), got \(0, 3, 4\)"  # no mean of 0 rows
+    with pytest.raises(ConfigError, match=empty):
+        tl.coarse_grad_on_batch(torch.zeros(0, 3, 4), v, w, vs, ws, "relu")
+    with pytest.raises(ConfigError, match=empty):
+        tl.batch_loss(torch.zeros(0, 3, 4), v, w, vs, ws)
     with pytest.raises(ConfigError, match="angle must be in"):
         tl.w_at_angle(ws, 4.0)
     with pytest.raises(ConfigError, match="angle must lie in"):

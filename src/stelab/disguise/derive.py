@@ -24,6 +24,9 @@ __all__ = ["DegenerateEstimatorWarning", "equivalent_ste", "is_cyclical"]
 _F64 = torch.float64
 # below this fraction of its maximum, q̂' counts as vanishing (α would be below it too)
 _MIN_RATIO = 1e-20
+# an estimator whose table fails counts as nearly vanishing (degenerate, α -> 0) only if
+# its minimum is below this fraction of its maximum; above, the table failed on a jump
+_SHARP_RATIO = 1e-6
 # regularisation of a degenerate estimator (allow_degenerate=True)
 _EPS_DEGENERATE = 1e-4
 # bins (besides bin 0) on which an estimator is checked to repeat itself
@@ -206,11 +209,19 @@ def equivalent_ste(
     if not degenerate:
         table = build_table(lambda r: 1.0 / g_of_r(r), tol)
         if table is None:
+            sharp = f"1/q̂' is too sharp to integrate to tol={tol:g} with {N_MAX} panels"
+            if g_min >= _SHARP_RATIO * g_max:
+                # bounded away from 0, so α is not small: a jump or a narrow dip inside
+                # the bin, which a looser tolerance tabulates (α = 0 would be wrong)
+                raise ConfigError(
+                    f"estimator {name}: {sharp} (q̂' ranges over [{g_min:.3g}, {g_max:.3g}] "
+                    "on a bin: a jump or a narrow dip inside it); a larger tol (below "
+                    "1e-3) tabulates it"
+                )
             degenerate = True
             why = (
                 f"estimator {name} nearly vanishes (min q̂' = {g_min:.3g} at "
-                f"{describe_r(r_min)}, max {g_max:.3g}): 1/q̂' is too sharp to integrate "
-                f"to tol={tol:g} with {N_MAX} panels"
+                f"{describe_r(r_min)}, max {g_max:.3g}): {sharp}"
             )
     if degenerate:
         if not allow_degenerate:
