@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -77,7 +78,9 @@ STEPS = 4  # 256 rows / batch 64
 def test_classifier_resume_after_ctrl_c_restores_every_field(tmp_path, monkeypatch):
     ref, run = tmp_path / "a" / "run", tmp_path / "b" / "run"  # one name: metrics.json has it
     cfg = quick_cfg(*CLASSIFIER, "train.epochs=4")
+    t0 = time.perf_counter()
     train(cfg, ref, progress=False)
+    wall_ref = time.perf_counter() - t0
     calls, real_step = {"n": 0}, loop.optimizer_step
 
     def interrupting_step(*args):
@@ -87,11 +90,18 @@ def test_classifier_resume_after_ctrl_c_restores_every_field(tmp_path, monkeypat
         return real_step(*args)
 
     monkeypatch.setattr(loop, "optimizer_step", interrupting_step)
+    t0 = time.perf_counter()
     with pytest.raises(TrainingInterrupted, match="epoch 3/4"):
         train(cfg, run, progress=False)
     assert ckpt(run)["epoch"] == 2
+    before = ckpt(run)["elapsed_s"]
     monkeypatch.setattr(loop, "optimizer_step", real_step)
     train(cfg, run, resume=True, progress=False)
+    wall_run = time.perf_counter() - t0
+    # the wall-clock fields are not compared below, but they are bounded: a run's
+    # elapsed_s is its own training time, and a resumed run adds to what it had
+    assert 0 < ckpt(ref)["elapsed_s"] <= wall_ref
+    assert 0 < before < ckpt(run)["elapsed_s"] <= wall_run
     c = ckpt(ref)
     assert c["best"]["epoch"] == 2 and c["global_step"] == 4 * STEPS  # the premise above
     assert [r["lr"] for r in c["history"]] == [0.3, 0.3, 0.15, 0.15]

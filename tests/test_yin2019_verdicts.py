@@ -518,3 +518,27 @@ def test_ste_order_evidence_counts_each_kind_of_comparison() -> None:
         "7/8 comparisons hold (lower loss 3/4, higher accuracy 4/4; loss / test accuracy %, "
         "one seed): "
     )
+
+
+def _part_a(outcome: list[str], final_theta: list[float]) -> dict:
+    """Part (a)'s numbers for claim (a): every run monotone, cosines nonnegative, and
+    the given outcomes and final angles, the same for every family and STE."""
+    run = {
+        "outcome": outcome,
+        "final_theta": final_theta,
+        "max_loss_increase_per_run": [0.0] * len(outcome),
+        "min_w_norm_per_run": [1.0] * len(outcome),
+        "max_loss_increase": 0.0,
+        "min_cosine": 0.5,
+    }
+    return {fam: {ste: dict(run) for ste in sc.STES} for fam in ("gaussian", "basin")}
+
+
+def test_claim_a_reports_the_largest_final_angle_among_the_global_runs() -> None:
+    claim = sc.claim_a(_part_a(["global", "spurious", "global"], [1e-3, 3.14, 4e-3]))
+    for ste in sc.STES:
+        assert (
+            f"gaussian/{ste}: 2/3 global, 1 spurious, max final theta among global "
+            f"{sc.fmt(4e-3)}," in claim.evidence
+        )
+    assert claim.verdict == "partly"  # the basin runs are not all global
