@@ -431,6 +431,9 @@ def test_to_ste_adam_changes_nothing_but_the_estimator():
     assert isinstance(opt2, torch.optim.AdamW)
     assert all(g["lr"] == 1e-3 and g["eps"] == 1e-9 for g in opt2.param_groups)
     assert "unchanged" in report.optimizer and all(c.lr_factor == 1.0 for c in report.layers)
+    text = str(report).splitlines()  # one row per converted layer, no "none" line
+    assert report.layers and all(any(ln.startswith(c.name) for ln in text) for c in report.layers)
+    assert "(no layer with a cyclical weight estimator)" not in text
 
 
 def test_to_ste_rejects_other_optimizers_and_skips_learned_steps():
@@ -590,6 +593,9 @@ def test_to_ste_refuses_an_estimator_it_cannot_map_and_names_the_layer(user_regi
     assert new[1].weight_quantizer.estimator.name == "bump_not_cyclical_test"
     assert report.unchanged and report.unchanged[0][0] == "1"
     assert "no layer was converted" in report.optimizer and "lr × α" not in report.optimizer
+    text = str(report).splitlines()
+    assert "(no layer with a cyclical weight estimator)" in text
+    assert any(ln.startswith("unchanged: 1: ") for ln in text)
     assert all(g["lr"] == 0.1 for g in opt2.param_groups)
 
 
@@ -904,8 +910,14 @@ def test_M_inv_against_bisection_on_M(name, params):
     step = 0.1
     eq = equivalent_ste(name, step, params=params)
     g = torch.Generator().manual_seed(3)
+    # random points, quarter-bins, and points just inside both ends of bins (where Φ is
+    # near 0 or 1: the inverse look-up's first and last cells)
+    edge = torch.tensor([1e-12, 1e-9, 1e-6, 1e-4, 1e-3, 1e-2], dtype=F64)
+    bins = torch.arange(-3, 4, dtype=F64)[:, None]
     w = torch.cat([torch.rand(400, generator=g, dtype=F64) * 2.4 - 1.2,
-                   (torch.arange(-5, 6, dtype=F64) + 0.25) * step])  # fmt: skip
+                   (torch.arange(-5, 6, dtype=F64) + 0.25) * step,
+                   ((bins + 0.5 - edge) * step).flatten(),
+                   ((bins - 0.5 + edge) * step).flatten()])  # fmt: skip
     n = torch.round(w / step)
     lo, hi = (n - 0.5) * step, (n + 0.5) * step
     for _ in range(80):
@@ -1027,3 +1039,13 @@ def test_equivalent_ste_bits_range(bits):
     with pytest.raises(ConfigError, match=rf"bits must be an integer in \[2, 16\], got {bits}$"):
         equivalent_ste("cosine", 0.1, bits=bits)
     assert equivalent_ste("cosine", 0.1, bits=16).bits == 16
+
+
+@pytest.mark.parametrize(("size", "noted"), [(1e-7, True), (0.9e-6, True), (1.1e-6, False)])
+def test_a_tiny_alpha_is_noted(size, noted):
+    """q̂' constant at ``size``: α = size (its harmonic mean), noted below 1e-6 (the STE
+    that replaces it then barely moves); a usual estimator gets no note."""
+    eq = equivalent_ste(lambda w: torch.full_like(w, size), 0.1)
+    assert eq.alpha == pytest.approx(size, rel=1e-12) and not eq.degenerate
+    assert any("barely moves" in n for n in eq.notes) is noted
+    assert equivalent_ste("cosine", 0.1).notes == []
