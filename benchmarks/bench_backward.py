@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
@@ -46,6 +47,68 @@ def kernels(m: nn.Module, x0: torch.Tensor, g: torch.Tensor) -> list[str]:
     return [e.name.removeprefix("aten::") for e in p.events()
             if e.name.startswith("aten::") and e.name not in ("aten::detach", "aten::clone")
             and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]  # fmt: skip
+
+
+def _dsq_fused(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """DSQ's backward for act, 2 bits, α = 0.5, k = 3 (jumps at 0, 0.5, 1; zero outside
+    [-0.25, 1.25]) as one plain expression, for torch.compile to fuse into one loop."""
+    k, step = 3.0, 0.5
+    t = x / step
+    r = t - torch.round(t)
+    e = torch.sigmoid(-2 * k * r.abs())  # sech²(kr) = 4σ(1 - σ), as stelab's eager path
+    d = (2 * k / math.tanh(k / 2)) * e * (1 - e)
+    return torch.where((x >= -0.25) & (x <= 1.25), g * d, 0.0)
+
+
+def _ewgs_fused(x: torch.Tensor, y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    return g + 0.2 * g.abs() * (x - y)
+
+
+def fused_floor(x0: torch.Tensor, g: torch.Tensor, rounds: int) -> list[dict]:
+    """The backward alone: stelab's eager DSQ and EWGS backward against the same formula
+    compiled by torch.compile into one fused loop (the fastest the formula runs on this
+    CPU; fixed shape, compilation not timed), and both against ReLU's backward
+    (threshold_backward). Rows are skipped where torch.compile does not work."""
+    q = {e: Quantizer("act", e, bits=2, step=0.5) for e in ("dsq", "ewgs")}
+    ctx = q["dsq"].fwd.context(0.5)
+    y = q["ewgs"](x0).detach()
+    try:
+        dsq_c = torch.compile(_dsq_fused, dynamic=False)
+        ewgs_c = torch.compile(_ewgs_fused, dynamic=False)
+        dsq_c(x0, g), ewgs_c(x0, y, g)
+    except Exception as err:  # no C++ compiler, unsupported platform
+        print(f"fused floor skipped: torch.compile failed ({type(err).__name__})")
+        return []
+    runners = {
+        "ReLU backward": lambda: torch.ops.aten.threshold_backward(g, x0, 0.0),
+        "dsq eager": lambda: q["dsq"].estimator.grad_input(x0, None, g, ctx),
+        "dsq fused": lambda: dsq_c(x0, g),
+        "ewgs eager": lambda: q["ewgs"].estimator.grad_input(x0, y, g, ctx),
+        "ewgs fused": lambda: ewgs_c(x0, y, g),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k, f in runners.items():
+                c = time.process_time()
+                f()
+                times[k].append(time.process_time() - c)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    bench = "estimator backward alone: eager vs one fused compiled loop (128x6x28x28 float32)"
+    rows = []
+    for e in ("dsq", "ewgs"):
+        eager, fused = med[f"{e} eager"], med[f"{e} fused"]
+        rows.append({"benchmark": bench, "metric": f"{e}: stelab eager / fused compiled",
+                     "value": eager / fused,
+                     "unit": f"x ({1e3 * eager:.2f} vs {1e3 * fused:.2f} ms)",
+                     "goal": None, "met": None})  # fmt: skip
+        rows.append({"benchmark": bench, "metric": f"{e}: fused compiled / ReLU backward",
+                     "value": fused / med["ReLU backward"],
+                     "unit": f"x ({1e3 * med['ReLU backward']:.2f} ms ReLU)",
+                     "goal": None, "met": None})  # fmt: skip
+        print(f"{e} backward: eager {1e3 * eager:.2f} ms, fused compiled {1e3 * fused:.2f} ms, "
+              f"ReLU backward {1e3 * med['ReLU backward']:.2f} ms")  # fmt: skip
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     relu_k = kernels(mods["float ReLU"], x0, g)
     print(f"float ReLU: {1e3 * base:.2f} ms, {len(relu_k)} kernels: {', '.join(relu_k)}")
+    rows += fused_floor(x0, g, rounds)
     out = {"rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
