@@ -111,6 +111,55 @@ def fused_floor(x0: torch.Tensor, g: torch.Tensor, rounds: int) -> list[dict]:
     return rows
 
 
+def call_overhead(rounds: int) -> list[dict]:
+    """Per-call cost on a small activation (32 x 64 float32, a fully connected layer's),
+    forward + backward of the ``ste`` quantizer, where Python overhead dominates: the
+    quantizer's own apply (straight to autograd's C++ apply) against torch's
+    ``Function.apply`` (which binds the arguments with inspect.signature on every call),
+    side by side, and both against ReLU's."""
+    from stelab.quantizers.quantizer import _Quantize, quantize_tensor
+
+    q = Quantizer("act", "ste", bits=2, step=0.5)
+    x0, g = torch.randn(32, 64), torch.randn(32, 64)
+    ctx = q.fwd.context(0.5)
+    relu = nn.ReLU()
+
+    def fast() -> None:
+        x = x0.detach().requires_grad_(True)
+        quantize_tensor(x, q.fwd, q.estimator, 0.5, context=ctx).backward(g)
+
+    def torchs() -> None:
+        x = x0.detach().requires_grad_(True)
+        args = (x, 0.5, q.fwd, q.estimator, ctx, None, None)
+        torch.autograd.Function.apply.__func__(_Quantize, *args).backward(g)
+
+    def plain() -> None:
+        x = x0.detach().requires_grad_(True)
+        relu(x).backward(g)
+
+    runners = {"stelab apply": fast, "torch's Function.apply": torchs, "ReLU": plain}
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for _ in range(rounds * 20):
+        for k, f in runners.items():
+            c = time.process_time()
+            f()
+            times[k].append(time.process_time() - c)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    bench = "quantizer per-call cost: forward + backward of a 32x64 activation (ste)"
+    print(", ".join(f"{k} {1e6 * v:.1f} us" for k, v in med.items()))
+    return [
+        {
+            "benchmark": bench,
+            "metric": f"{k}, median CPU time per call",
+            "value": 1e6 * v,
+            "unit": "us",
+            "goal": None,
+            "met": None,
+        }  # fmt: skip
+        for k, v in med.items()
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -160,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     relu_k = kernels(mods["float ReLU"], x0, g)
     print(f"float ReLU: {1e3 * base:.2f} ms, {len(relu_k)} kernels: {', '.join(relu_k)}")
     rows += fused_floor(x0, g, rounds)
+    rows += call_overhead(rounds)
     out = {"rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
