@@ -18,7 +18,8 @@ Sections (each a set of rows in the JSON):
 * scaling: the fitted exponent p of ratio ∝ batch^p (expected 0: the quantizer adds
   work proportional to the activations, as the float step's own elementwise work)
   and of the float step time ∝ batch^p (expected 1);
-* peers (``--peers``, when installed): Brevitas ``QuantReLU(bit_width=2)`` (static
+* peers (``--peers``, eager; ``--peers-compiled``, every model compiled; when
+  installed): Brevitas ``QuantReLU(bit_width=2)`` (static
   scale: statistics collected for its first 300 training steps, then fixed, so it is
   timed in both phases) and torchao's ``IntxFakeQuantizer`` (unsigned 2-bit,
   asymmetric, *dynamic* per row of the last dimension: a min/max per row at every
@@ -141,16 +142,30 @@ def grid_section(arch: str, batch: int, rounds: int, compiled: bool) -> dict[str
     return ratios(interleaved(runners, rounds))
 
 
-def peer_section(arch: str, batch: int, rounds: int) -> dict[str, dict]:
-    """Peers against float and stelab clipped_relu; Brevitas in both of its phases."""
+def peer_section(arch: str, batch: int, rounds: int, compiled: bool = False) -> dict[str, dict]:
+    """Peers against float and stelab clipped_relu; Brevitas in both of its phases.
+
+    ``compiled``: every model under torch.compile (float too); a model whose compilation
+    or first steps fail is reported as such (key ``"<name>: failed"``) instead of timed.
+    """
     x, y = batch_of(arch, batch)
     peers = peer_models(arch)
-    runners = {"float": Runner(build(arch, None), x, y, False),
-               "stelab clipped_relu": Runner(build(arch, "clipped_relu"), x, y, False)}  # fmt: skip
-    runners.update({k: Runner(m, x, y, False) for k, m in peers.items()})
-    for r in runners.values():
-        for _ in range(3):
-            r.step()
+    runners = {
+        "float": Runner(build(arch, None), x, y, compiled),
+        "stelab clipped_relu": Runner(build(arch, "clipped_relu"), x, y, compiled),
+    }
+    runners.update({k: Runner(m, x, y, compiled) for k, m in peers.items()})
+    failed: dict[str, dict] = {}
+    for k, r in list(runners.items()):
+        try:
+            for _ in range(3):
+                r.step()
+        except Exception as err:  # a peer torch.compile cannot handle
+            if k == "float":
+                raise
+            del runners[k]
+            failed[f"{k}: failed"] = {"error": f"{type(err).__name__}: {str(err)[:120]}"}
+            print(f"{k}: {failed[f'{k}: failed']['error']}", flush=True)
     first = interleaved(runners, rounds)  # Brevitas still collecting statistics
     bre = next((k for k in runners if k.startswith("brevitas")), None)
     out = {f"{k} (steps 4-{3 + rounds})" if k == bre else k: v
@@ -161,7 +176,7 @@ def peer_section(arch: str, batch: int, rounds: int) -> dict[str, dict]:
         second = interleaved({"float": runners["float"], bre: runners[bre]}, rounds)
         after = ratios(second)[bre]
         out[f"{bre} (after step {BREVITAS_COLLECT}, fixed scale)"] = after
-    return out
+    return {**out, **failed}
 
 
 def _pairs(text: str) -> list[tuple[str, int]]:
@@ -180,6 +195,8 @@ def main() -> None:
     ap.add_argument("--compiled", default="lenet5:32,resnet20:32",
                     help="arch:batch pairs to time under torch.compile ('' for none)")  # fmt: skip
     ap.add_argument("--peers", default="lenet5:128,resnet20:32", help="arch:batch ('' for none)")
+    ap.add_argument("--peers-compiled", default="lenet5:128",
+                    help="arch:batch for the peers under torch.compile ('' for none)")  # fmt: skip
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
@@ -230,12 +247,18 @@ def main() -> None:
                                       f"{bs[0]}-{bs[-1]})",
                          "metric": f"{e}: ratio ∝ batch^p: p (expected 0)", "value": q,
                          "unit": "", "goal": None, "met": None})  # fmt: skip
-    for arch, batch in _pairs(args.peers):
-        res = peer_section(arch, batch, rounds_for(arch, batch))
+    peer_runs = [(p, False) for p in _pairs(args.peers)]
+    peer_runs += [(p, True) for p in _pairs(args.peers_compiled)]
+    for (arch, batch), comp in peer_runs:
+        res = peer_section(arch, batch, rounds_for(arch, batch), compiled=comp)
+        mode = "torch.compile, every model" if comp else "eager"
+        bench = f"peers: QAT step vs float, {mode} ({NAMES[arch]}, batch {batch})"
         for k, r in res.items():
-            if k != "float":
-                row(f"peers: QAT step vs float, eager ({NAMES[arch]}, batch {batch})",
-                    f"{k}, CPU time", r, goal=False)  # fmt: skip
+            if "error" in r:
+                rows.append({"benchmark": bench, "metric": k, "value": "failed",
+                             "unit": r["error"], "goal": None, "met": None})  # fmt: skip
+            elif k != "float":
+                row(bench, f"{k}, CPU time", r, goal=False)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rounds": base_rounds, "threads": torch.get_num_threads(), "rows": rows},

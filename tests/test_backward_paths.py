@@ -257,3 +257,19 @@ def test_clipped_with_one_float_and_one_tensor_bound_is_the_indicator():
         for xr, gr, hv in zip(x.tolist(), g.tolist(), hi.flatten().tolist(), strict=True)
     ]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("est", [e for e in BUILTIN if e != "ewgs"])  # ewgs: no q̂'(x) alone
+def test_grad_input_is_g_times_the_derivative(est):
+    """Each estimator's backward (``grad_input``, often a fused fast path) and its
+    documented derivative ``q̂'(x)`` (used by summaries, the [S24] map and analysis)
+    agree: grad_input(x, g) == g · derivative(x), on points across and beyond the range."""
+    q = _compile_case(est)
+    ctx = q.fwd.context(float(q.step) if q.step is not None else None)
+    x = torch.linspace(-2.5, 2.5, 1001, dtype=torch.float64)
+    g = torch.linspace(-1.0, 3.0, 1001, dtype=torch.float64)
+    with torch.no_grad():
+        d = q.estimator.derivative(x, ctx)
+        assert isinstance(d, torch.Tensor) and d.shape == x.shape
+        got = q.estimator.grad_input(x, q(x), g, ctx)
+    torch.testing.assert_close(got, g * d, rtol=1e-12, atol=1e-14)

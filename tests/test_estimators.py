@@ -376,3 +376,29 @@ def test_defaults_are_described_and_listed_by_the_cli(capsys):
     assert main(["estimators"]) == 0
     out = capsys.readouterr().out
     assert "default for" in out and "act: clipped_relu - [Y19]" in out
+
+
+def test_custom_estimators_are_equal_when_function_and_name_are():
+    from stelab.estimators.base import Custom
+
+    def f(x):
+        return torch.ones_like(x)
+
+    def h(x):
+        return torch.ones_like(x)
+
+    assert Custom(f, "a") == Custom(f, "a") and hash(Custom(f, "a")) == hash(Custom(f, "a"))
+    assert Custom(f, "a") != Custom(f, "b")  # same function, other name
+    assert Custom(f, "a") != Custom(h, "a")  # same name, other function
+
+
+def test_cyclical_estimator_on_a_one_sided_range_is_zero_below_it():
+    """A forward clipped on one side only (jumps from 0.05 up, unbounded above): the
+    cyclical q̂' is 0 below the lowest jump's half-bin (x < 0) and periodic above."""
+    from stelab.estimators import Context
+
+    ctx = Context("uniform", 0.0, math.inf, 0.1, 0.05, 0.05, math.inf)
+    x = torch.tensor([-1.0, -0.06, -0.04, 0.0, 0.3, 1e3], dtype=torch.float64)
+    d = stelab.estimators.get("cosine", a=0.5).derivative(x, ctx)
+    want = [0.0] * 3 + [1 + 0.5 * math.cos(2 * math.pi * v / 0.1) for v in x.tolist()[3:]]
+    torch.testing.assert_close(d, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-12)

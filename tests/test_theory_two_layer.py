@@ -695,3 +695,25 @@ def test_coarse_gradient_descent_names_its_steps_range():
     v, w = torch.ones(3, dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)
     with pytest.raises(ConfigError, match=r"steps must be an integer in \[0, 1000000000\], got -1"):
         tl.coarse_gradient_descent(v, w, v, w, "relu", 0.1, -1)
+
+
+def test_w_at_angle_zero_and_pi_need_no_orthogonal_direction():
+    """At theta = 0 and theta = pi, w = ±norm·w*/|w*| exactly, also for n = 1 or a
+    direction parallel to w* (there is no orthogonal part to use); strictly between,
+    such a direction is refused."""
+    one, three = torch.tensor([2.0], dtype=F64), torch.tensor([0.0, 3.0, 4.0], dtype=F64)
+    assert tl.w_at_angle(one, 0.0, norm=1.5).tolist() == [1.5]
+    assert tl.w_at_angle(one, math.pi, norm=1.5).tolist() == [-1.5]
+    assert tl.w_at_angle(three, math.pi, norm=5.0, direction=three).tolist() == [0.0, -3.0, -4.0]
+    assert tl.w_at_angle(three, 0.0, norm=5.0, direction=-three).tolist() == [0.0, 3.0, 4.0]
+    with pytest.raises(ConfigError, match="must not be parallel"):
+        tl.w_at_angle(one, math.pi / 2)
+    with pytest.raises(ConfigError, match="must not be parallel"):
+        tl.w_at_angle(three, 1.0, direction=three)
+
+
+def test_sample_coarse_grad_needs_one_student():
+    v, w, vs, ws = _point(5, 3, 4, 1.0, 0.5)
+    for vv, ww in ((v[None], w), (v, w[None]), (v[None], w[None])):
+        with pytest.raises(ConfigError, match="must be 1-D here"):
+            tl.sample_coarse_grad(vv, ww, vs, ws, "relu", 10)

@@ -199,7 +199,7 @@ def w_at_angle(
     d = d - (d @ ws) * ws
     dn = d.norm()
     if dn <= 1e-12:
-        if math.sin(angle) == 0.0:
+        if angle in (0.0, math.pi):  # sin(pi) is 1.2e-16, not 0: compare the angle
             d = torch.zeros_like(ws)
         else:
             raise ConfigError(
