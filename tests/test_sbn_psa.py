@@ -380,3 +380,30 @@ def test_flip_blocks_keep_each_temporary_within_the_budget(nj, width, chunk):
         assert rc * jc * width <= chunk
     else:
         assert (rc, jc) == (1, 1)
+
+
+def test_noise_kinds_are_equal_and_hash_by_kind():
+    """A noise is a value: two of one kind are equal and hash alike (usable as dict
+    keys and in sets), two kinds are not equal."""
+    kinds = ("logistic", "gaussian", "uniform")
+    assert len({get_noise(k) for k in kinds + kinds}) == 3
+    for k in kinds:
+        assert get_noise(k) == get_noise(k) and hash(get_noise(k)) == hash(get_noise(k))
+    assert get_noise("logistic") != get_noise("gaussian")
+
+
+def test_ratio_dispatches_by_layer_with_the_same_defaults():
+    """ratio() is ratio_linear / ratio_conv2d chosen by layer type, with their defaults
+    (no scaling of the flip differences)."""
+    from stelab.sbn.kernels import ratio
+
+    torch.manual_seed(5)
+    lin = SBNLinear(4, 3, dtype=D)
+    x = torch.randint(0, 2, (2, 4), dtype=D) * 2 - 1
+    a, e = lin.preact(x).detach(), torch.randn(2, 3, dtype=D)
+    assert torch.equal(ratio(lin, a, e, x), ratio_linear(lin, a, e, x))
+    conv = SBNConv2d(2, 3, 3, 1, 1, 1, dtype=D)
+    xc = torch.randint(0, 2, (2, 2, 5, 5), dtype=D) * 2 - 1
+    ac = conv.preact(xc).detach()
+    ec = torch.randn_like(ac)
+    assert torch.equal(ratio(conv, ac, ec, xc), ratio_conv2d(conv, ac, ec, xc))
