@@ -160,6 +160,45 @@ def call_overhead(rounds: int) -> list[dict]:
     ]
 
 
+def _relu_and_mask(x: torch.Tensor, dtype: torch.dtype | None) -> tuple[torch.Tensor, ...]:
+    m = x <= 0
+    return torch.relu(x), (m if dtype is None else m.to(dtype))
+
+
+def mask_store(x0: torch.Tensor, rounds: int) -> list[dict]:
+    """What a compiled ReLU saves for its backward: relu(x) and the mask x <= 0, written
+    by one torch.compile kernel as bool (what autograd saves), uint8 or float32, against
+    eager. On this machine's torch build the bool store is the slow part of any
+    compiled step that keeps a comparison mask (ReLU's, the clipped STEs')."""
+    try:
+        fns = {
+            f"compiled, mask as {n}": torch.compile(
+                lambda x, d=d: _relu_and_mask(x, d), dynamic=False
+            )
+            for n, d in (("bool", None), ("uint8", torch.uint8), ("float32", torch.float32))
+        }
+        for f in fns.values():
+            f(x0)
+    except Exception as err:
+        print(f"mask store skipped: torch.compile failed ({type(err).__name__})")
+        return []
+    fns["eager, mask as bool"] = lambda x: _relu_and_mask(x, None)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            c = time.process_time()
+            f(x0)
+            times[k].append(time.process_time() - c)
+    bench = "relu(x) and the mask x <= 0 in one kernel (128x6x28x28 float32)"
+    rows = []
+    for k, ts in times.items():
+        ms = 1e3 * statistics.median(ts)
+        rows.append({"benchmark": bench, "metric": f"{k}, median CPU time", "value": ms,
+                     "unit": "ms", "goal": None, "met": None})  # fmt: skip
+        print(f"{k}: {ms:.2f} ms")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -210,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"float ReLU: {1e3 * base:.2f} ms, {len(relu_k)} kernels: {', '.join(relu_k)}")
     rows += fused_floor(x0, g, rounds)
     rows += call_overhead(rounds)
+    with torch.no_grad():
+        rows += mask_store(x0, rounds)
     out = {"rounds": rounds, "threads": torch.get_num_threads(), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
