@@ -115,3 +115,28 @@ def _check_deferral(tmp_path, interrupts_deferred):
     with interrupts_deferred():  # no signal: nothing raised
         done.append("c")
     assert done[-1] == "c"
+
+
+def test_interrupts_deferred_under_the_default_action(tmp_path):
+    """With SIGINT at its default action (SIG_DFL, e.g. in embedding programs), a block
+    without Ctrl-C ends normally; a Ctrl-C inside it lets the block finish and then
+    takes the default action (the process ends by SIGINT). In a child process."""
+    import signal
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, sys
+from stelab.io import interrupts_deferred
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+with interrupts_deferred():
+    pass
+print("after a quiet block", flush=True)
+with interrupts_deferred():
+    os.kill(os.getpid(), signal.SIGINT)
+    print("block finished", flush=True)
+print("not reached", flush=True)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.splitlines() == ["after a quiet block", "block finished"]
+    assert r.returncode == -signal.SIGINT

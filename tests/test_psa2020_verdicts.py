@@ -251,7 +251,12 @@ def test_claims_read_off_the_reports():
     a, b, c, d = gc.claims({1: _report(), 2: _report(psa_at_10=0.75)})
     assert (a.id, a.verdict, a.checks) == ("a", "partly", {"cases": 4, "psa_lowest": 3})
     assert "epoch 1 layer 1: PSA 1 vs best other dst 1.2;" in a.evidence
-    assert "e1 layer 1: PSA lower, e2 layer 1: PSA lower." in a.evidence  # tanh_mf: 1.5
+    assert a.evidence.startswith(
+        "PSA lowest in 3/4 (checkpoint, hidden layer, M in {1, 10}) cases among the "
+        "stochastic estimators. RMSE at M=1: epoch 1 layer 1: PSA 1 vs best other dst 1.2"
+    )
+    tanh = ". Against the zero-variance tanh mean-field: e1 layer 1: PSA lower, e2 layer 1: "
+    assert a.evidence.endswith(tanh + "PSA lower.")  # tanh_mf: 1.5
     # dst: z 10 > 5, bias 0.8 >= 0.7 * 0.85, 0.85 >= 3 sqrt(1 / 100)
     assert (b.id, b.verdict, b.checks) == ("b", "reproduced", {"cases": 2, "plateaus": 2})
     # ARM reaches PSA's one-sample RMSE 1.0 between M = 10 (1.3) and 100 (0.4), log-log;

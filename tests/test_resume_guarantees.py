@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -401,8 +402,6 @@ def test_need_bytes_counts_checkpoint_copies_and_optimizer_slots():
 
 
 def _bare_session():
-    from types import SimpleNamespace
-
     return SimpleNamespace(
         best={}, resume_from="ckpt", shuffle_gen=torch.Generator(), generators={}, world=1,
         rank=0, aug_gen=torch.Generator(), fabric=None, main=True,
@@ -426,6 +425,16 @@ def test_restore_of_a_minimal_checkpoint_starts_the_counters_at_zero(monkeypatch
     monkeypatch.setattr(torch.cuda, "set_rng_state", no_cuda)
     restore(s, {"epoch": 1, "rng": {"cuda": [torch.zeros(16, dtype=torch.uint8)]}})
     assert s.epoch == 1
+    # where CUDA is available, this rank's state goes to the session's device (faked
+    # here: the call is recorded, so the branch is checked without a GPU)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, dev: calls.append((st, dev)))
+    s.fabric = SimpleNamespace(device="cuda:1")
+    s.rank = 1
+    states = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    restore(s, {"epoch": 2, "rng": {"cuda": states}})
+    assert len(calls) == 1 and calls[0][1] == "cuda:1" and torch.equal(calls[0][0], states[1])
 
 
 def test_an_unreadable_checkpoint_names_the_first_line_of_the_error(tmp_path):

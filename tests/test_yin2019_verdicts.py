@@ -141,6 +141,13 @@ def test_leaves(tail: float, max_loss: float, left: bool) -> None:
     assert sc.leaves(tail, max_loss, 1.0, 0.0) is left
 
 
+def test_leaves_measures_the_rise_above_a_nonzero_f_spurious() -> None:
+    f_sp = 0.5
+    assert sc.leaves(f_sp + sc.LEAVE_MARGIN * UP, 2.0, 1.0, f_sp)
+    assert not sc.leaves(f_sp + sc.LEAVE_MARGIN * DOWN, 2.0, 1.0, f_sp)
+    assert not sc.leaves(0.9 * f_sp, 2.0, 1.0, f_sp)  # below f_sp: above LEAVE_MARGIN only
+
+
 @pytest.mark.parametrize(
     ("slope", "near", "blows_up"),
     [
@@ -542,3 +549,35 @@ def test_claim_a_reports_the_largest_final_angle_among_the_global_runs() -> None
             f"{sc.fmt(4e-3)}," in claim.evidence
         )
     assert claim.verdict == "partly"  # the basin runs are not all global
+
+
+def test_claim_a_is_reproduced_when_every_basin_run_is_global() -> None:
+    claim = sc.claim_a(_part_a(["global", "global"], [1e-3, 2e-3]))
+    assert claim.verdict == "reproduced"
+    assert all(f"basin/{ste}: 2/2 global, 0 spurious" in claim.evidence for ste in sc.STES)
+
+
+def test_instability_evidence_keeps_the_run_the_control_and_the_train_mode_loss() -> None:
+    p = Protocol(net="resnet20", data="digits", bits=(4,))
+    start = {"clipped_relu-a4": {"val_acc": 0.9, "train_loss": 0.1}}
+    results = _results({"1e-05": True})
+    run = results["clipped_relu-a4"]["1e-05"]
+    run["ste"]["history"] = [{"train_loss": 0.222}]
+    run["clipped_relu"]["history"] = [{"train_loss": 0.444}]
+    last = {"clipped_relu-a4": {"train_loss": 0.05}}
+    [claim] = ic.claims_for(results, start, ("clipped_relu",), (4,), p, 3, "1e-05", last)
+    assert (
+        "lr 1e-05: val acc 90.00 -> 80.00%, train loss 0.1 -> 0.3 (control 80.00%, 0.3; "
+        "2.00 pts below it, loss ×2.00)" in claim.evidence
+    )
+    assert "source -> 0.222, control 0.444]" in claim.evidence
+
+
+def test_claims_for_skips_a_comparison_whose_cell_is_missing() -> None:
+    """A table without the 4-bit ReLU cell (not run, as opposed to diverged): its two
+    comparisons are left out, not counted as lost."""
+    p = Protocol(net="lenet5", data="digits")
+    table = _table({k: v for k, v in GOOD.items() if k != "a4-relu"})
+    claims = {c.id: c for c in tc.claims_for(p, table)}
+    assert claims["ste-order"].evidence.startswith("6/6 comparisons hold")
+    assert claims["ste-order"].verdict == "reproduced"
