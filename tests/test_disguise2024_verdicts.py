@@ -214,3 +214,37 @@ def test_claims_first_order_reads_each_optimizers_slopes():
     assert _verdicts(_res([], slopes=both))["first-order"] == "reproduced"
     assert _verdicts(_res([], slopes=one))["first-order"] == "partly"
     assert "first-order" not in _verdicts(_res([]))
+
+
+def test_claims_evidence_in_full():
+    """The whole evidence text of every claim on hand-made runs, written out (a dropped
+    or altered part of it fails here)."""
+    held = _run("cosine", "SGD", gap_M_mean_iii=0.1, gap_id_mean_i=10.0)
+    failed = _run("dsq", "SGD+momentum", gap_M_mean_iii=0.9, gap_id_mean_iii=0.0)
+    adam = _run("cosine", "Adam", gap_M_mean_iii=5.0)
+    closest = _run("cosine", "Adam", gap_id_mean_i=0.1)
+    slopes = {"SGD": {"iii": 1.0, "i": 0.0}, "SGD+momentum": {"iii": 0.9, "i": -0.1}}
+    res = _res([held, failed, adam, closest], [_window(0.05, 1.0)], slopes=slopes)
+    ev = {c.id: c.evidence for c in tc.claims(res)}
+    assert ev["alpha"] == (
+        "cosine {'a': 0.5}: quadrature 0.8660254038 vs closed form 0.8660254038 (|diff| "
+        "0.0e+00); dsq {'k': 3.0}: quadrature 0.7638053517 vs closed form 0.7638053517 "
+        "(|diff| 0.0e+00)"
+    )
+    assert ev["sgd"] == (
+        "(iii) gap below half of both (i) and (ii) in 1/2 runs: cosine/SGD: (iii) 0.1000 Δ "
+        "(10.0% differ) vs (i) 1.000 Δ (10.0%), (ii) 1.000 Δ; dsq/SGD+momentum: (iii) "
+        "0.9000 Δ (10.0% differ) vs (i) 1.000 Δ (10.0%), (ii) 1.000 Δ"
+    )
+    assert ev["first-order"] == (
+        "SGD: log-log slope of the (iii) gap against η 1.00 (theory 1), of the (i) gap 0.00 "
+        "(theory 0); SGD+momentum: log-log slope of the (iii) gap against η 0.90 (theory 1), "
+        "of the (i) gap -0.10 (theory 0)"
+    )
+    assert ev["adam"] == (
+        "main runs (β₂ = 0.999): plain-STE gap 1.000 Δ vs (ii) 1.000 Δ, (iii) 5.000 Δ "
+        "(cosine); main runs (β₂ = 0.999): plain-STE gap 0.100 Δ vs (ii) 1.000 Δ, (iii) "
+        "1.000 Δ (cosine); lr 0.0001, β₂ 0.9 (travel η/((1-β₂)Δ) = 0.1): gap 0.0500 Δ = "
+        "5.0% of the distance moved. Verdict rule: plain STE the closest twin in every main "
+        "run, and a gap within 5% of the distance moved at a short window."
+    )

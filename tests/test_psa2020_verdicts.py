@@ -283,3 +283,31 @@ def test_claims_read_off_the_reports():
     assert b.evidence.endswith(
         "epoch 2 dst layer 1: RMSE 1.2 (M=1) -> 0.85 (M=100), bias 0.8 (z=10), noise alone 0.1."
     )
+
+
+def test_claims_b_c_d_evidence_in_full():
+    """The whole evidence of claims (b)-(d) on the hand-made reports above (dst's RMSE
+    1.2 -> 0.85, bias 0.8 at z 10, rel. variance 1: noise alone sqrt(1/100) = 0.1;
+    Concrete(0.1) 50 vs PSA 2 and Concrete(1) 5), written out."""
+    _, b, c, d = gc.claims({1: _report(), 2: _report(psa_at_10=0.75)})
+    dst = "dst layer 1: RMSE 1.2 (M=1) -> 0.85 (M=100), bias 0.8 (z=10), noise alone 0.1"
+    assert b.evidence == (
+        "plateau (bias z > 5, bias >= 70% of the RMSE at the largest M, and that RMSE >= 3x "
+        "the noise-only value sqrt(rel.var/M)) in 2/2 cases (dst = the paper's ST with F' "
+        f"backward, hard_st = hardtanh'): epoch 1 {dst}; epoch 2 {dst}."
+    )
+    per = (
+        "layer 1: arm 16.7 (to ST's plateau 22.9), reinforce 100 (to ST's plateau 138*), "
+        "arm_shared 16.7 (to ST's plateau 22.9)"
+    )
+    assert c.evidence == (
+        "samples M needed to reach PSA's one-sample RMSE (median over checkpoints and hidden "
+        "layers: ARM 16.7, REINFORCE 100, ARM with shared noise 16.7; 'reproduced' if both "
+        "medians lie in [10^2, 10^4]; * = extrapolated beyond the M grid with M^-1/2): "
+        f"epoch 1 {per}; epoch 2 {per}."
+    )
+    noisy = "layer 1: rel.var 50 vs PSA 2, Concrete(1) 5"
+    assert d.evidence == (
+        "one-draw relative variance tr Cov / ||g||^2 of Concrete(0.1) >= 10x PSA's and above "
+        f"Concrete(1)'s in 2/2 cases: epoch 1 {noisy}; epoch 2 {noisy}."
+    )

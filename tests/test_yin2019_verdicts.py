@@ -581,3 +581,112 @@ def test_claims_for_skips_a_comparison_whose_cell_is_missing() -> None:
     claims = {c.id: c for c in tc.claims_for(p, table)}
     assert claims["ste-order"].evidence.startswith("6/6 comparisons hold")
     assert claims["ste-order"].verdict == "reproduced"
+
+
+# the whole evidence text of each claim on hand-made numbers, written out: a dropped or
+# altered part of it (a mutation of the text) fails here
+
+
+def test_claim_a_evidence_in_full() -> None:
+    claim = sc.claim_a(_part_a(["global", "spurious", "global"], [1e-3, 3.14, 4e-3]))
+    line = (
+        "{}/{}: 2/3 global, 1 spurious, max final theta among global 0.004, "
+        "max loss increase 0, min cos 0.5"
+    )
+    fams = ("gaussian", "basin")
+    assert claim.evidence == "; ".join(line.format(f, s) for f in fams for s in sc.STES)
+
+
+def test_claim_c_evidence_in_full() -> None:
+    claim = sc.claim_c(_part_c({ste: [1e-2, 5e-3, 1e-3] for ste in sc.STES}))
+    line = (
+        "{}: at lr 0.01 P(f decreases) = 0.60 (B=10), 0.80 (B=50), 0.99 (B=1000); median "
+        "smallest lr that flips an activation on the batch 0.01, 0.005, 0.001 for B = 10, "
+        "50, 1000"
+    )
+    assert claim.evidence == "; ".join(line.format(s) for s in sc.STES)
+
+
+def test_table1_evidence_in_full() -> None:
+    p = Protocol(net="lenet5", data="digits")
+    claims = {c.id: c for c in tc.claims_for(p, _table(GOOD))}
+    held = "(loss lower, accuracy higher)"
+    assert claims["ste-order"].evidence == (
+        "8/8 comparisons hold (lower loss 4/4, higher accuracy 4/4; loss / test accuracy %, "
+        f"one seed): 2-bit ReLU 0.30 / 85.00 vs identity 0.50 / 80.00 {held}; "
+        f"2-bit clipped ReLU 0.20 / 86.00 vs identity 0.50 / 80.00 {held}; "
+        f"4-bit ReLU 0.20 / 87.00 vs identity 0.40 / 82.00 {held}; "
+        f"4-bit clipped ReLU 0.10 / 88.00 vs identity 0.40 / 82.00 {held}"
+    )
+    assert claims["bits-order"].evidence == (
+        "6/6 comparisons hold (2-bit -> 4-bit, loss / test accuracy %): identity 0.50 / 80.00 "
+        "-> 0.40 / 82.00; ReLU 0.30 / 85.00 -> 0.20 / 87.00; clipped ReLU 0.20 / 86.00 -> "
+        "0.10 / 88.00"
+    )
+
+
+def test_absolute_and_crelu_evidence_in_full() -> None:
+    p = Protocol(net="lenet5", data="mnist")
+    pub = {k: tc.PUBLISHED[("lenet5", int(k[1]), k[3:])][1] for k in GOOD}
+    cells = {k: (0.1, (pub[k] + 0.25) / 100) for k in GOOD}
+    cells["a2-ste"] = (0.1, (pub["a2-ste"] + 1.0) / 100)  # 1 point off: not within 0.5
+    claims = {c.id: c for c in tc.claims_for(p, _table(cells))}
+    assert claims["absolute"].evidence == (
+        "a2-clipped_relu: 99.48 vs 99.23; a2-relu: 99.49 vs 99.24; a4-clipped_relu: 99.49 vs "
+        "99.24; a4-relu: 99.57 vs 99.32; a4-ste: 99.23 vs 98.98; a2-ste: 99.49 vs 98.49"
+    )
+    deep = {c.id: c for c in tc.claims_for(Protocol(net="vgg11", data="digits"), _table(GOOD))}
+    assert deep["crelu-vs-relu"].evidence == (
+        "4/4 comparisons hold: 2-bit clipped ReLU 0.20 / 86.00 vs ReLU 0.30 / 85.00; 4-bit "
+        "clipped ReLU 0.10 / 88.00 vs ReLU 0.20 / 87.00"
+    )
+
+
+def _part_b(**change) -> dict:
+    """Part (b)'s numbers where every check of claim (b) holds: |E g_id| equal to its
+    formula, ReLU's and clipped ReLU's zero, both settled at f_spurious 0.5 with theta = pi,
+    identity left (tail 0.9 > 0.5 + margin, max 1.5 > start 0.51), ratio slope -1 with a
+    1e4-fold rise."""
+    b = {
+        "f_spurious": 0.5,
+        "start_loss": 0.51,
+        "identity_norm_formula": 0.123456,
+        "at_spurious": {
+            "identity": {"norm_Eg_w": 0.123456},
+            "relu": {"norm_Eg_w": 0.0},
+            "clipped_relu": {"norm_Eg_w": 0.0},
+        },
+        "relu": {"tail_mean_loss": 0.5, "final_theta": math.pi},
+        "clipped_relu": {"tail_mean_loss": 0.5, "final_theta": math.pi},
+        "identity": {"tail_mean_loss": 0.9, "max_loss": 1.5, "final_w_norm": 0.2},
+        "ratio": {
+            "identity": {"loglog_slope_small_t": -1.0, "ratio": [1e4, 1.0]},
+            "t": [1e-4, 1e-1],
+        },  # fmt: skip
+    }
+    b.update(change)
+    return b
+
+
+def test_claim_b_checks_and_evidence_in_full() -> None:
+    claim = sc.claim_b(_part_b())
+    assert claim.verdict == "reproduced" and all(claim.checks.values())
+    assert claim.evidence == (
+        "|E g_id| at the spurious minimizer 0.123456 vs formula 0.123456; |E g_relu|, "
+        "|E g_crelu| there 0, 0. Started at distance 0.05 (f = 0.51, f_spurious = 0.5): "
+        "ReLU mean loss over the last quarter 0.5, clipped ReLU 0.5; identity 0.9 (max 1.5, "
+        "final |w| 0.2). Ratio |E g_id|^2/(|df/dv|^2+⟨E g_id, df/dw⟩) grows like t^-1 as the "
+        "distance t -> 0 (from 1 at t=0.1 to 1.00e+04 at t=1.00e-04)."
+    )
+    # each check reads its own numbers: identity staying below f_sp + margin fails only
+    # the "leaves" check, a ReLU run away from f_sp only the "settle" check
+    stay = sc.claim_b(_part_b(identity={"tail_mean_loss": 0.5, "max_loss": 1.5,
+                                        "final_w_norm": 0.2}))  # fmt: skip
+    assert [k for k, v in stay.checks.items() if not v] == ["identity_leaves_and_loss_rises"]
+    moved = sc.claim_b(_part_b(relu={"tail_mean_loss": 0.3, "final_theta": math.pi}))
+    assert [k for k, v in moved.checks.items() if not v] == ["relu_crelu_settle"]
+    nonzero = _part_b()
+    nonzero["at_spurious"] = {**nonzero["at_spurious"], "clipped_relu": {"norm_Eg_w": 1e-3}}
+    assert [k for k, v in sc.claim_b(nonzero).checks.items() if not v] == [
+        "relu_crelu_zero_at_spurious"
+    ]
