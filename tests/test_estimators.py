@@ -402,3 +402,35 @@ def test_cyclical_estimator_on_a_one_sided_range_is_zero_below_it():
     d = stelab.estimators.get("cosine", a=0.5).derivative(x, ctx)
     want = [0.0] * 3 + [1 + 0.5 * math.cos(2 * math.pi * v / 0.1) for v in x.tolist()[3:]]
     torch.testing.assert_close(d, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+# a non-default value for every parameter of the built-in estimators
+NON_DEFAULT = {
+    "clipped": {"c": 2.0},
+    "clipped_relu": {"top": 3.0},
+    "cosine": {"a": 0.25},
+    "dsq": {"k": 5.0},
+    "ewgs": {"delta": 0.1},
+    "logistic": {"scale": 2.0},
+    "soft_staircase": {"k": 4.0},
+    "swish_sign": {"beta": 3.0},
+    "triangle_wave": {"m": 1.5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(NON_DEFAULT))
+def test_parameters_round_trip_through_params_equality_and_repr(name):
+    """An estimator built with non-default parameters reports them (params(), repr),
+    equals one rebuilt from its params(), and differs from the default one."""
+    e = stelab.estimators.get(name, **NON_DEFAULT[name])
+    default = stelab.estimators.get(name)
+    assert e.params() == {**default.params(), **NON_DEFAULT[name]}
+    assert e == stelab.estimators.get(name, **e.params()) and e != default
+    assert hash(e) == hash(stelab.estimators.get(name, **e.params()))
+    ((key, value),) = NON_DEFAULT[name].items()
+    assert f"{key}={value}" in repr(e)
+
+
+def test_every_parameterised_builtin_has_a_non_default_case():
+    with_params = {n for n in stelab.estimators.names() if stelab.estimators.get(n).params()}
+    assert with_params - {"periodic"} == set(NON_DEFAULT)  # periodic's func: a callable
