@@ -22,7 +22,7 @@ import statistics
 import time
 
 import torch
-from _scaling import block_medians
+from _scaling import block_medians, interleaved_medians
 from torch import nn
 
 from stelab.quantizers import Quantizer
@@ -86,14 +86,8 @@ def fused_floor(x0: torch.Tensor, g: torch.Tensor, rounds: int) -> list[dict]:
         "ewgs eager": lambda: q["ewgs"].estimator.grad_input(x0, y, g, ctx),
         "ewgs fused": lambda: ewgs_c(x0, y, g),
     }
-    times: dict[str, list[float]] = {k: [] for k in runners}
     with torch.no_grad():
-        for _ in range(rounds):
-            for k, f in runners.items():
-                c = time.process_time()
-                f()
-                times[k].append(time.process_time() - c)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        med = interleaved_medians(runners, rounds)
     bench = "estimator backward alone: eager vs one fused compiled loop (128x6x28x28 float32)"
     rows = []
     for e in ("dsq", "ewgs"):
@@ -138,13 +132,7 @@ def call_overhead(rounds: int) -> list[dict]:
         relu(x).backward(g)
 
     runners = {"stelab apply": fast, "torch's Function.apply": torchs, "ReLU": plain}
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(rounds * 20):
-        for k, f in runners.items():
-            c = time.process_time()
-            f()
-            times[k].append(time.process_time() - c)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians(runners, rounds * 20)
     bench = "quantizer per-call cost: forward + backward of a 32x64 activation (ste)"
     print(", ".join(f"{k} {1e6 * v:.1f} us" for k, v in med.items()))
     return [
@@ -183,16 +171,11 @@ def mask_store(x0: torch.Tensor, rounds: int) -> list[dict]:
         print(f"mask store skipped: torch.compile failed ({type(err).__name__})")
         return []
     fns["eager, mask as bool"] = lambda x: _relu_and_mask(x, None)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            c = time.process_time()
-            f(x0)
-            times[k].append(time.process_time() - c)
+    calls = {k: (lambda f=f: f(x0)) for k, f in fns.items()}
     bench = "relu(x) and the mask x <= 0 in one kernel (128x6x28x28 float32)"
     rows = []
-    for k, ts in times.items():
-        ms = 1e3 * statistics.median(ts)
+    for k, t in interleaved_medians(calls, rounds).items():
+        ms = 1e3 * t
         rows.append({"benchmark": bench, "metric": f"{k}, median CPU time", "value": ms,
                      "unit": "ms", "goal": None, "met": None})  # fmt: skip
         print(f"{k}: {ms:.2f} ms")
