@@ -11,6 +11,7 @@ products and of |E g_id| at the spurious minimizer ([Y19], docs/papers/yin2019.m
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -717,3 +718,24 @@ def test_sample_coarse_grad_needs_one_student():
     for vv, ww in ((v[None], w), (v, w[None]), (v[None], w[None])):
         with pytest.raises(ConfigError, match="must be 1-D here"):
             tl.sample_coarse_grad(vv, ww, vs, ws, "relu", 10)
+
+
+def test_a_batch_of_one_teacher_part_broadcasts_against_the_rest():
+    """Teachers batched in v* only (w* shared): the leading shape comes from v*, and each
+    entry is that teacher's own loss."""
+    v, w, vs, ws = _point(7, 3, 4, 1.0, 0.6)
+    vs_batch = torch.stack([vs, 2 * vs, -vs])
+    got = tl.population_loss(v, w, vs_batch, ws)
+    assert got.shape == (3,)
+    for k in range(3):
+        assert float(got[k]) == pytest.approx(float(tl.population_loss(v, w, vs_batch[k], ws)),
+                                              rel=1e-14)  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", ["abc", b"abc", None])
+def test_a_non_numeric_vector_is_named_with_its_value(bad):
+    v, w, vs, ws = _point(8, 3, 4, 1.0, 0.6)
+    with pytest.raises(
+        StelabTypeError, match=f"v must be a real vector .*, got {re.escape(repr(bad))}$"
+    ):
+        tl.population_loss(bad, w, vs, ws)
