@@ -59,6 +59,7 @@ AREAS: dict[str, dict[str, list[str]]] = {
             "tests/test_edges.py",
             "tests/test_cyclic_estimators.py",
             "tests/test_backward_paths.py",
+            "tests/test_registry.py",
         ],
     },
     "theory": {
