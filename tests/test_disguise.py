@@ -1041,7 +1041,7 @@ def test_equivalent_ste_bits_range(bits):
     assert equivalent_ste("cosine", 0.1, bits=16).bits == 16
 
 
-@pytest.mark.parametrize(("size", "noted"), [(1e-7, True), (0.9e-6, True), (1.1e-6, False)])
+@pytest.mark.parametrize(("size", "noted"), [(1e-7, True), (0.99e-6, True), (1.01e-6, False)])
 def test_a_tiny_alpha_is_noted(size, noted):
     """q̂' constant at ``size``: α = size (its harmonic mean), noted below 1e-6 (the STE
     that replaces it then barely moves); a usual estimator gets no note."""
