@@ -140,3 +140,17 @@ print("not reached", flush=True)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.splitlines() == ["after a quiet block", "block finished"]
     assert r.returncode == -signal.SIGINT
+
+
+def test_remove_stale_temp_files_returns_what_it_removed(tmp_path):
+    from stelab.io import remove_stale_temp_files
+
+    stale = [tmp_path / ".last.pt.k1l2m3n4.tmp", tmp_path / ".metrics.csv.q1w2e3r4.tmp"]
+    kept = [tmp_path / "last.pt", tmp_path / ".notes.tmp"]
+    for p in stale + kept:
+        p.write_bytes(b"x")
+    removed = remove_stale_temp_files(tmp_path, ("last.pt", "metrics.csv"))
+    assert sorted(removed) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    assert remove_stale_temp_files(tmp_path, ("last.pt",)) == []  # nothing left to remove
+    assert remove_stale_temp_files(tmp_path / "absent", ("last.pt",)) == []

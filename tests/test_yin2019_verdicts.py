@@ -690,3 +690,21 @@ def test_claim_b_checks_and_evidence_in_full() -> None:
     assert [k for k, v in sc.claim_b(nonzero).checks.items() if not v] == [
         "relu_crelu_zero_at_spurious"
     ]
+
+
+def test_claim_a_names_the_collapsed_runs_and_a_rise_away_from_zero() -> None:
+    """A run whose |w| fell below W_COLLAPSE is named in the evidence; when f also rose
+    in a run whose |w| stayed away from 0, that is said too (monotone fails for it)."""
+    a = _part_a(["global", "global"], [1e-3, 2e-3])
+    r = a["gaussian"]["relu"] = dict(a["gaussian"]["relu"])
+    r["min_w_norm_per_run"] = [sc.W_COLLAPSE * DOWN, 1.0]
+    claim = sc.claim_a(a)
+    tail = (
+        f"|w| collapsed below {sc.W_COLLAPSE} in gaussian/relu#0 (the ReLU coarse gradient "
+        "does not shrink with |w|; crossing w = 0 flips theta and f jumps)"
+    )
+    assert claim.evidence.endswith("; " + tail)
+    r["max_loss_increase_per_run"] = [0.0, 1.0]  # run 1 rose with |w| = 1
+    assert sc.claim_a(a).evidence.endswith(
+        tail + "; f also rose in runs where |w| stayed away from 0"
+    )
