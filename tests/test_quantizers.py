@@ -304,6 +304,9 @@ def test_identity_context_has_no_levels_and_no_jumps():
         -math.inf,
         math.inf,
     )
+    # no levels: whatever step is passed, a unit step and no offset, so a formula in units
+    # of the step (x / step) reads x itself
+    assert (c.step, c.jump_offset) == (1.0, 0.0)
 
 
 @pytest.mark.parametrize(
