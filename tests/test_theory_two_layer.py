@@ -739,3 +739,16 @@ def test_a_non_numeric_vector_is_named_with_its_value(bad):
         StelabTypeError, match=f"v must be a real vector .*, got {re.escape(repr(bad))}$"
     ):
         tl.population_loss(bad, w, vs, ws)
+
+
+def test_batch_loss_over_students_whose_count_differs_from_m():
+    """Two students (leading dimension 2) with m = 3 hidden units: the sizes m, n are
+    read off the last dimensions, never the leading ones."""
+    v, w, vs, ws = _point(9, 3, 4, 1.0, 0.8)
+    z = torch.randn(30, 3, 4, generator=_gen(10), dtype=F64)
+    vg, wg = torch.stack([v, -v]), torch.stack([w, 2 * w])
+    got = tl.batch_loss(z, vg, wg, vs, ws)
+    assert got.shape == (2,)
+    for k in range(2):
+        assert float(got[k]) == pytest.approx(float(tl.batch_loss(z, vg[k], wg[k], vs, ws)),
+                                              rel=1e-13)  # fmt: skip
