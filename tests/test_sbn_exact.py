@@ -287,3 +287,12 @@ def test_mc_reference_and_exact_name_their_ranges(bad):
     ):
         stelab.sbn.exact.Exact(max_states=bad)
     assert stelab.sbn.exact.Exact(max_states=2**40).max_states == 2**40
+    for fn in (exact_expected_loss, exact_gradient):
+        with pytest.raises(ConfigError, match=rf"max_states must be an integer in \[1, {2**40}\]"):
+            fn(m.to(D), x, t, logistic_loss, max_states=bad)
+
+
+def test_mc_reference_uses_100_groups_by_default():
+    m = sbn_mlp(2, (3,), 1).to(D)
+    x, t = torch.zeros(4, 2, dtype=D), torch.ones(4, 1, dtype=D)
+    assert mc_reference(m, x, t, logistic_loss, 400, 0).groups == 100
