@@ -1049,3 +1049,14 @@ def test_a_tiny_alpha_is_noted(size, noted):
     assert eq.alpha == pytest.approx(size, rel=1e-12) and not eq.degenerate
     assert any("barely moves" in n for n in eq.notes) is noted
     assert equivalent_ste("cosine", 0.1).notes == []
+
+
+def test_a_non_finite_estimator_is_refused_naming_where():
+    """q̂' infinite at the bin centres (1/|r|): refused, naming the point and the value."""
+
+    def spiky(w):
+        r = w / 0.1 - torch.round(w / 0.1)
+        return 1.0 / r.abs()
+
+    with pytest.raises(ConfigError, match=r"is not finite at w = 0 \(q̂' = inf\)"):
+        equivalent_ste(spiky, 0.1)
