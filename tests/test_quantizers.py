@@ -332,3 +332,26 @@ def test_binary_kinds_accept_bits_1_only(fn, ok):
     assert Quantizer(fn, bits=ok).bits == ok
     with pytest.raises(ConfigError, match=f"bits is not a parameter of the '{fn}' quantizer"):
         Quantizer(fn, bits=ok + 1)
+
+
+def test_with_estimator_checks_the_new_pairing():
+    q = Quantizer("sign", "ste")
+    assert q.with_estimator("approx_sign").estimator.name == "approx_sign"
+    with pytest.raises(ConfigError, match="cannot serve quantizer 'sign'"):
+        q.with_estimator("dsq")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unclipped_uniform_with_a_float_step_equals_the_tensor_step(dtype):
+    """The unclipped grid's clamp to ±2^p·Δ has a float and a tensor-step branch; both
+    give Δ·round(x/Δ) within the range and x itself beyond it, bit for bit alike."""
+    from stelab.quantizers import Forward
+
+    fwd = Forward("uniform", None)
+    big = 2.0 / torch.finfo(dtype).eps * 0.25  # 2^p·Δ
+    x = torch.tensor([-3.3, -0.1, 0.0, 0.12, 0.125, 0.37, 7.9, 4 * big, -4 * big], dtype=dtype)
+    got_f = fwd.q(x, 0.25)
+    got_t = fwd.q(x, torch.tensor(0.25, dtype=dtype))
+    assert torch.equal(got_f, got_t)
+    want = torch.cat([torch.round(x[:7] / 0.25) * 0.25, x[7:]])
+    assert torch.equal(got_f, want)

@@ -752,3 +752,32 @@ def test_batch_loss_over_students_whose_count_differs_from_m():
     for k in range(2):
         assert float(got[k]) == pytest.approx(float(tl.batch_loss(z, vg[k], wg[k], vs, ws)),
                                               rel=1e-13)  # fmt: skip
+
+
+@pytest.mark.parametrize(("a", "saddle"), [(0.2, True), (0.25, True), (0.3, False), (0.5, False)])
+def test_saddle_condition_near_its_threshold(a, saddle):
+    """m = 2, v* = (1, a): (1^T v*)^2 < (m+1)/2 |v*|^2 holds for a <= 0.25 and fails from
+    0.3 on (1.69 vs 1.635). Where it holds, the spurious point is a local minimum
+    (v^T v* < 0 there) and the saddle exists and is critical; where it fails, v^T v* is
+    small but positive (0.04-0.25) and neither."""
+    vs = torch.tensor([1.0, a], dtype=F64)
+    ws = torch.tensor([0.6, 0.8], dtype=F64)
+    cp = tl.critical_points(vs)
+    s, nrm = float(vs.sum()) ** 2, float(vs @ vs)
+    assert (s < 1.5 * nrm) is saddle
+    assert cp.spurious_is_local_min is saddle
+    assert (float(cp.spurious_min.v @ vs) < 0) is saddle
+    assert (cp.saddle is not None) is saddle
+    if saddle:
+        w = tl.w_at_angle(ws, cp.saddle.theta, norm=1.3, direction=torch.tensor([1.0, 0.0]))
+        gv, gw = tl.population_grad(cp.saddle.v, w, vs, ws)
+        assert float(gv.abs().max()) < 1e-14 and float(gw.abs().max()) < 1e-14
+
+
+def test_w_at_angle_with_a_unit_and_a_zero_w_star():
+    unit = torch.tensor([0.6, 0.8], dtype=F64)
+    w = tl.w_at_angle(unit, math.pi / 3, norm=2.0, direction=torch.tensor([1.0, 0.0]))
+    assert float(w.norm()) == pytest.approx(2.0, rel=1e-15)
+    assert float(tl.theta(w, unit)) == pytest.approx(math.pi / 3, rel=1e-14)
+    with pytest.raises(ConfigError, match="w_star must be nonzero"):
+        tl.w_at_angle(torch.zeros(2, dtype=F64), 1.0)
