@@ -1060,3 +1060,14 @@ def test_a_non_finite_estimator_is_refused_naming_where():
 
     with pytest.raises(ConfigError, match=r"is not finite at w = 0 \(q̂' = inf\)"):
         equivalent_ste(spiky, 0.1)
+
+
+def test_to_ste_reports_no_shift_for_weights_it_does_not_map():
+    """Under Adam (weights not mapped) every converted layer's max_shift is 0 and the
+    report says "not mapped"; under SGD it is the largest |M(w) - w| in steps, > 0."""
+    net = Net(F64)
+    _, _, adam = to_ste(net, torch.optim.Adam(net.parameters(), lr=1e-3))
+    assert adam.layers and all(c.max_shift == 0.0 and not c.weights_mapped for c in adam.layers)
+    assert all("not mapped" in ln for ln in str(adam).splitlines() if ln.startswith(("conv", "fc")))
+    _, _, sgd = to_ste(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    assert all(c.weights_mapped and 0.0 < c.max_shift < 1.0 for c in sgd.layers)

@@ -296,3 +296,22 @@ def test_mc_reference_uses_100_groups_by_default():
     m = sbn_mlp(2, (3,), 1).to(D)
     x, t = torch.zeros(4, 2, dtype=D), torch.ones(4, 1, dtype=D)
     assert mc_reference(m, x, t, logistic_loss, 400, 0).groups == 100
+
+
+@pytest.mark.parametrize(
+    ("groups", "ok"), [(1, False), (2, True), (2**31, True), (2**31 + 1, False)]
+)
+def test_mc_reference_groups_range(groups, ok):
+    """groups: an integer in [2, 2^31] (batch means need two groups); checked before
+    sampling, so the largest allowed value fails only later, on too few draws per group."""
+    m = sbn_mlp(2, (3,), 1).to(D)
+    x, t = torch.zeros(4, 2, dtype=D), torch.ones(4, 1, dtype=D)
+    if ok and groups == 2:
+        assert mc_reference(m, x, t, logistic_loss, 40, 0, groups=2).groups == 2
+        return
+    with pytest.raises(ConfigError) as e:
+        mc_reference(m, x, t, logistic_loss, 40, 0, groups=groups)
+    if ok:  # accepted as a count, refused for its draws per group
+        assert "groups must be" not in str(e.value)
+    else:
+        assert f"groups must be an integer in [2, {2**31}], got {groups}" in str(e.value)

@@ -407,3 +407,19 @@ def test_ratio_dispatches_by_layer_with_the_same_defaults():
     ac = conv.preact(xc).detach()
     ec = torch.randn_like(ac)
     assert torch.equal(ratio(conv, ac, ec, xc), ratio_conv2d(conv, ac, ec, xc))
+
+
+def test_kernel_and_chunk_options_are_checked_where_they_enter():
+    torch.manual_seed(6)
+    lin = SBNLinear(4, 3, dtype=D)
+    x = torch.randint(0, 2, (2, 4), dtype=D) * 2 - 1
+    a, e = lin.preact(x).detach(), torch.randn(2, 3, dtype=D)
+    with pytest.raises(
+        ConfigError, match="kernel must be one of 'auto', 'eager', 'compiled', got 'fast'"
+    ):
+        ratio_linear(lin, a, e, x, kernel="fast")
+    from stelab.sbn import get_estimator
+
+    with pytest.raises(ConfigError, match=rf"chunk_elements must be an integer in \[1, {2**40}\]"):
+        get_estimator("psa", chunk_elements=2**40 + 1)
+    assert get_estimator("psa", chunk_elements=2**40).chunk_elements == 2**40
