@@ -60,11 +60,12 @@ AREAS: dict[str, dict[str, list[str]]] = {
             "tests/test_cyclic_estimators.py",
             "tests/test_backward_paths.py",
             "tests/test_registry.py",
+            "tests/test_parameter_ranges.py",
         ],
     },
     "theory": {
         "sources": ["src/stelab/theory/two_layer/*.py"],
-        "tests": ["tests/test_theory_two_layer.py"],
+        "tests": ["tests/test_theory_two_layer.py", "tests/test_parameter_ranges.py"],
     },
     "sbn": {
         "sources": [
@@ -76,7 +77,11 @@ AREAS: dict[str, dict[str, list[str]]] = {
             "src/stelab/sbn/estimators.py::sample_path|replicate|surrogate_loss|bcast",
             "src/stelab/sbn/base.py",
         ],
-        "tests": ["tests/test_sbn_fixed_draws.py", "tests/test_sbn_*.py"],
+        "tests": [
+            "tests/test_sbn_fixed_draws.py",
+            "tests/test_sbn_*.py",
+            "tests/test_parameter_ranges.py",
+        ],
     },
     "disguise": {
         "sources": [
@@ -85,7 +90,7 @@ AREAS: dict[str, dict[str, list[str]]] = {
             "src/stelab/disguise/table.py",
             "src/stelab/disguise/convert.py",
         ],
-        "tests": ["tests/test_disguise.py"],
+        "tests": ["tests/test_disguise.py", "tests/test_parameter_ranges.py"],
     },
     "resume": {
         "sources": [

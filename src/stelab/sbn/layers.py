@@ -296,7 +296,7 @@ class SBN(nn.Module):
 
         E.g. the averaged prediction of [S20] §5: ``softmax(eta, -1).mean(0)``.
         """
-        samples = check_int("samples", samples, 1, 2**31)
+        samples = check_int("samples", samples, 1, 2**31 - 1)
         g = as_generator(generator, x.device)
         eta = self(x.repeat((samples,) + (1,) * (x.dim() - 1)), g)
         return eta.view(samples, x.shape[0], *eta.shape[1:])
