@@ -355,3 +355,94 @@ def test_unclipped_uniform_with_a_float_step_equals_the_tensor_step(dtype):
     assert torch.equal(got_f, got_t)
     want = torch.cat([torch.round(x[:7] / 0.25) * 0.25, x[7:]])
     assert torch.equal(got_f, want)
+
+
+# --- paths no other test took (branch coverage of quantizers/ and estimators/) ---
+
+
+def test_with_estimator_copies_a_learned_step_as_a_fresh_parameter():
+    q = Quantizer("uniform", "ste", bits=4, step=0.25, learn_step=True)
+    s = q.with_estimator("clipped")
+    assert isinstance(s.step, torch.nn.Parameter) and s.learn_step
+    assert [n for n, _ in s.named_parameters()] == ["step"]
+    assert s.step.data_ptr() != q.step.data_ptr() and float(s.step) == 0.25
+    # LSQ's step gradient reaches the copy's step, not the original's
+    s(torch.tensor([0.3, -0.6])).sum().backward()
+    assert s.step.grad is not None and q.step.grad is None
+    fixed = Quantizer("uniform", "ste", bits=4, step=0.25).with_estimator("clipped")
+    assert list(fixed.parameters()) == [] and "step" in dict(fixed.named_buffers())
+
+
+def test_with_estimator_none_is_the_forward_functions_default():
+    q = Quantizer("uniform", "dsq", bits=4, step=0.1, k=3.0)
+    assert not q.default_estimator
+    d = q.with_estimator(None)
+    assert d.estimator.name == "ste" and d.default_estimator
+    assert Quantizer("sign", "clipped").with_estimator(None).estimator.name == "clipped"
+    assert not d.with_estimator("clipped").default_estimator
+
+
+def test_stochastic_rounding_shows_in_the_repr_nearest_does_not():
+    st = Quantizer("uniform", bits=4, step=0.1, rounding="stochastic")
+    assert "rounding='stochastic'" in repr(st)
+    assert "rounding" not in repr(Quantizer("uniform", bits=4, step=0.1))
+
+
+def test_quantize_tensor_with_a_float_step_builds_the_context_itself():
+    """The functional form with a float step and no context: forward levels and the
+    clipped STE's gradient (1 on the output range [-2Δ, Δ] of a 2-bit grid, else 0)."""
+    from stelab.estimators import get
+    from stelab.quantizers import Forward, quantize_tensor
+
+    x = torch.tensor([-0.61, -0.5, 0.12, 0.25, 0.26, 2.0], requires_grad=True)
+    y = quantize_tensor(x, Forward("uniform", 2), get("clipped"), 0.25)
+    assert y.tolist() == [-0.5, -0.5, 0.0, 0.25, 0.25, 0.25]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
+def test_unexpected_estimator_parameters_list_the_quantizers_own():
+    with pytest.raises(
+        ConfigError, match=r"unexpected parameters \['steps'\].*Quantizer parameters are: .*step"
+    ):
+        Quantizer("uniform", "ste", bits=4, step=0.1, steps=2)
+    # an unknown estimator name is reported as such, with or without parameters
+    for extra in ({}, {"k": 2.0}):
+        with pytest.raises(ConfigError, match="unknown estimator 'nosuch'") as err:
+            Quantizer("uniform", "nosuch", bits=4, step=0.1, **extra)
+        assert "Quantizer parameters" not in str(err.value)
+
+
+def test_context_with_changes_only_the_named_fields():
+    from stelab.quantizers import context_with
+
+    ctx = Quantizer("uniform", bits=3, step=0.5).context()
+    new = context_with(ctx, lo=-1.0, step=0.25)
+    assert (new.lo, new.step) == (-1.0, 0.25)
+    assert (new.kind, new.hi, new.jump_offset, new.first_jump, new.last_jump) == (
+        "uniform",
+        1.5,
+        0.25,
+        -1.75,
+        1.25,
+    )
+
+
+def test_forward_formula_names_the_kinds_formula():
+    from stelab.quantizers import forward_formula
+
+    assert "clamp(round(x/step)" in forward_formula("uniform")
+    assert "ceil(x/alpha)" in forward_formula("act")
+
+
+def test_a_plain_function_is_a_custom_estimator():
+    from stelab.estimators import default_for, get
+
+    est = get(lambda x: 2.0 * x)
+    x = torch.tensor([-1.0, 0.5, 3.0])
+    ctx = Quantizer("sign").context()
+    assert est.name == "custom" and est.derivative(x, ctx).tolist() == [-2.0, 1.0, 6.0]
+    with pytest.raises(TypeError, match="estimator must be a name, an Estimator or a function"):
+        get(3)
+    with pytest.raises(ConfigError, match="unknown quantizer 'nosuch'; known: .*uniform"):
+        default_for("nosuch")

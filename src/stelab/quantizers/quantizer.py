@@ -91,10 +91,8 @@ def quantize_tensor(
 
     ``lsq_scale`` (with a tensor ``step`` that requires grad) enables LSQ's step
     gradient scaled by that factor. ``context``: the estimator's context if the
-    caller has it (built from ``step`` otherwise).
+    caller has it (built from ``step`` in backward otherwise).
     """
-    if context is None and not isinstance(step, Tensor):
-        context = fwd.context(step)
     return _Quantize.apply(x, step, fwd, estimator, context, lsq_scale, generator)
 
 
