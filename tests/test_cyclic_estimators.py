@@ -228,3 +228,18 @@ def test_periodic_fn_must_return_a_tensor():
     x = torch.zeros(3, requires_grad=True)
     with pytest.raises(StelabTypeError, match="must return a tensor"):
         q(x).sum().backward()
+
+
+@pytest.mark.parametrize("offset", [0.3, 0.5, 0.8])
+def test_cyclical_profile_is_read_relative_to_the_levels_of_a_shifted_grid(offset):
+    """On a grid whose jumps sit at ``offset + i`` (levels at offset - 1/2 + i; a kind
+    other than uniform may shift its grid), q̂' at position r from the nearest level is
+    the cosine profile 1 + a cos(2 pi r)."""
+    est = E.get("cosine")
+    inf = float("inf")
+    ctx = E.Context("shifted", -inf, inf, 1.0, offset, -inf, inf)
+    level = offset - 0.5
+    r = torch.tensor([-0.4, -0.1, 0.0, 0.2, 0.45], dtype=torch.float64)
+    x = level + 3.0 + r
+    want = 1 + est.a * torch.cos(2 * math.pi * r)
+    torch.testing.assert_close(est.derivative(x, ctx), want, rtol=0, atol=1e-12)

@@ -1071,3 +1071,329 @@ def test_to_ste_reports_no_shift_for_weights_it_does_not_map():
     assert all("not mapped" in ln for ln in str(adam).splitlines() if ln.startswith(("conv", "fc")))
     _, _, sgd = to_ste(net, torch.optim.SGD(net.parameters(), lr=0.1))
     assert all(c.weights_mapped and 0.0 < c.max_shift < 1.0 for c in sgd.layers)
+
+
+# --- branches no test reached (branch coverage of stelab.disguise)
+
+
+def test_to_ste_rejects_what_is_not_a_model_or_an_optimizer():
+    with pytest.raises(StelabTypeError, match="model must be a torch nn.Module, got str"):
+        to_ste("net")
+    net = Net()
+    with pytest.raises(
+        StelabTypeError, match="optimizer must be a torch.optim.Optimizer or None, got str"
+    ):
+        to_ste(net, "sgd")
+
+
+def test_to_ste_refuses_an_optimizer_over_parameters_outside_the_model():
+    net = Net(F64)
+    extra = nn.Parameter(torch.zeros(7, 2, dtype=F64))
+    opt = torch.optim.SGD([*net.parameters(), extra], lr=0.1)
+    with pytest.raises(
+        ConfigError, match=r"a parameter of shape \(7, 2\) that is not in the model"
+    ):
+        to_ste(net, opt)
+
+
+def test_to_ste_map_weights_given_overrides_the_optimizer_default():
+    """map_weights=False under SGD: the weights stay as they are, the lr is still × α;
+    map_weights=True under Adam: the weights go through M (closed form), the lr stays."""
+    torch.manual_seed(5)
+    net = Net(F64)
+    new, opt2, report = to_ste(net, torch.optim.SGD(net.parameters(), lr=0.1), map_weights=False)
+    assert torch.equal(new.conv.weight, net.conv.weight)
+    assert torch.equal(new.fc.weight, net.fc.weight)
+    assert all(not c.weights_mapped and c.max_shift == 0.0 for c in report.layers)
+    lr_of = {id(p): g["lr"] for g in opt2.param_groups for p in g["params"]}
+    assert lr_of[id(new.conv.weight)] == pytest.approx(0.1 * math.sqrt(0.75), rel=1e-12)
+    new, opt2, report = to_ste(net, torch.optim.Adam(net.parameters(), lr=1e-3), map_weights=True)
+    torch.testing.assert_close(
+        new.conv.weight, cosine_M(net.conv.weight, 0.05, 0.5), atol=1e-9 * 0.05, rtol=0
+    )
+    assert not torch.equal(new.conv.weight, net.conv.weight)
+    assert all(c.weights_mapped and 0.0 < c.max_shift < 1.0 for c in report.layers)
+    assert all(g["lr"] == 1e-3 for g in opt2.param_groups)
+
+
+def test_to_ste_per_channel_steps_cached_equivalences_and_ste_on_other_forwards():
+    """A per-channel step (the report says so; each row mapped with its own step), two
+    layers with the same estimator and step (one Equivalence for both), a clipped layer
+    with that estimator and step (the clipped STE, not the cached unclipped one), and a
+    sign layer with its default clipped STE (nothing to convert, not listed)."""
+    torch.manual_seed(6)
+    steps = torch.tensor([[0.05], [0.1], [0.02], [0.07]], dtype=F64)
+
+    def cos_q(**kw):
+        return Quantizer("uniform", "cosine", a=0.5, **kw)
+
+    m = nn.Sequential(
+        QuantLinear(3, 4, weight_quantizer=cos_q(step=steps)),
+        QuantLinear(4, 4, weight_quantizer=Quantizer("sign")),
+        QuantLinear(4, 4, weight_quantizer=cos_q(step=0.1)),
+        QuantLinear(4, 4, weight_quantizer=cos_q(step=0.1)),
+        QuantLinear(4, 4, weight_quantizer=cos_q(step=0.1, bits=4)),
+    ).to(F64)
+    new, _, report = to_ste(m)
+    assert report.unchanged == []
+    assert [c.name for c in report.layers] == ["0", "2", "3", "4"]
+    assert [c.step for c in report.layers] == ["per-channel", "0.1", "0.1", "0.1"]
+    assert [c.new_estimator for c in report.layers] == ["ste", "ste", "ste", "clipped"]
+    assert all(c.alpha == pytest.approx(math.sqrt(0.75), abs=1e-9) for c in report.layers)
+    assert new[1].weight_quantizer.estimator.name == "clipped"  # the sign layer's own
+    assert new[4].weight_quantizer.estimator.name == "clipped"
+    for i, s in enumerate(steps[:, 0].tolist()):
+        torch.testing.assert_close(
+            new[0].weight[i], cosine_M(m[0].weight[i], s, 0.5), atol=1e-9 * s, rtol=0
+        )
+    for i in (2, 3, 4):  # |w| < 8Δ here: inside the clipped range too
+        assert float(m[i].weight.detach().abs().max()) < 0.7
+        torch.testing.assert_close(
+            new[i].weight, cosine_M(m[i].weight, 0.1, 0.5), atol=1e-10, rtol=0
+        )
+    x = torch.randn(5, 3, dtype=F64)
+    assert torch.equal(new(x), m(x))
+
+
+def test_to_ste_carries_each_equivalence_note_once():
+    """q̂' = 1 + a·sin(2πw/Δ) on a clipped quantizer is noted as not symmetric
+    (equivalent_ste's own note); two such layers with different steps (two
+    Equivalences) put it into the report once. α = sqrt(1 - a²) = 0.8 for both."""
+    from stelab.estimators import get as get_estimator
+
+    def asym(r):
+        return 1 + 0.6 * torch.sin(2 * math.pi * r)
+
+    m = nn.Sequential(
+        QuantLinear(3, 2, weight_quantizer=Quantizer("uniform", "periodic", bits=3, step=0.1,
+                                                     func=asym)),
+        QuantLinear(2, 2, weight_quantizer=Quantizer("uniform", "periodic", bits=3, step=0.05,
+                                                     func=asym)),
+    )  # fmt: skip
+    _, _, report = to_ste(m)
+    (note,) = equivalent_ste(get_estimator("periodic", func=asym), 0.1, bits=3).notes
+    assert "not symmetric" in note
+    assert report.notes.count(note) == 1
+    assert [c.alpha for c in report.layers] == pytest.approx([0.8, 0.8], abs=1e-9)
+
+
+@pytest.mark.parametrize("decay", [0.0, 1e-4])
+def test_to_ste_notes_sgd_weight_decay(decay):
+    """SGD's weight decay is not scaled by q̂': noted when it is on, not otherwise."""
+    net = Net(F64)
+    _, opt2, report = to_ste(net, torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=decay))
+    noted = [n for n in report.notes if n.startswith("weight_decay > 0")]
+    assert len(noted) == (1 if decay else 0)
+    assert all(g["weight_decay"] == decay for g in opt2.param_groups)
+
+
+def test_to_ste_drops_state_of_parameters_outside_the_model_and_keeps_other_entries():
+    """State the optimizer holds for a tensor no longer in its groups (nor in the model)
+    is not carried over; a non-tensor entry of a converted weight's state is carried as
+    is; the momentum buffer is divided by q̂'(w)."""
+    torch.manual_seed(7)
+    net = Net(F64)
+    extra = nn.Parameter(torch.ones(2, dtype=F64))
+    opt = torch.optim.SGD([*net.parameters(), extra], lr=0.1, momentum=0.9)
+    x = torch.randn(4, 1, 4, 4, dtype=F64)
+    (net(x).square().sum() + extra.square().sum()).backward()
+    opt.step()
+    assert extra in opt.state
+    opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if p is not extra]
+    opt.state[net.conv.weight]["tag"] = "epoch 3"
+    new, opt2, _ = to_ste(net, opt)
+    new_params = dict(new.named_parameters())
+    want = {id(new_params[n]) for n, p in net.named_parameters() if p in opt.state}
+    assert {id(p) for p in opt2.state} == want and len(want) == len(opt.state) - 1
+    st = opt2.state[new.conv.weight]
+    assert st["tag"] == "epoch 3"
+    qd = 1 + 0.5 * torch.cos(2 * math.pi * net.conv.weight / 0.05)
+    old = opt.state[net.conv.weight]["momentum_buffer"]
+    torch.testing.assert_close(st["momentum_buffer"], old / qd, rtol=1e-13, atol=0)
+
+
+def test_equivalent_ste_rejects_what_is_not_an_estimator():
+    with pytest.raises(
+        StelabTypeError,
+        match="estimator must be a registered name, an Estimator or a function of w, got int",
+    ):
+        equivalent_ste(3, 0.1)
+
+
+def test_equivalent_ste_step_as_a_tensor():
+    """A one-element step tensor (any shape, requiring grad or not) is the number it
+    holds; a tensor of several steps is refused, naming its shape."""
+    ref = equivalent_ste("cosine", 0.1, params={"a": 0.5})
+    w = dense_grid(0.1, 3, F64)
+    for st in (torch.tensor(0.1, dtype=F64), torch.tensor([[0.1]], dtype=F64, requires_grad=True)):
+        eq = equivalent_ste("cosine", st, params={"a": 0.5})
+        assert type(eq.step) is float and eq.step == 0.1
+        assert eq.alpha == ref.alpha
+        torch.testing.assert_close(eq.M(w), cosine_M(w, 0.1, 0.5), rtol=0, atol=1e-9 * 0.1)
+    with pytest.raises(ConfigError, match=r"step must be one number here \(got a tensor of shape "
+                                          r"\(2, 1\)\)"):  # fmt: skip
+        equivalent_ste("cosine", torch.tensor([[0.1], [0.2]]), params={"a": 0.5})
+
+
+@pytest.mark.parametrize("tol", [0, -1e-9, 1e-3, 2e-3, "1e-9", None, True])
+def test_equivalent_ste_tol_range(tol):
+    with pytest.raises(ConfigError, match=rf"tol must be a number in \(0, 1e-3\), got {tol!r}$"):
+        equivalent_ste("cosine", 0.1, tol=tol)
+
+
+def test_equivalent_ste_tol_just_inside_the_range():
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5}, tol=9.9e-4)
+    assert 0 <= eq.interp_error <= 9.9e-4
+    assert eq.alpha == pytest.approx(math.sqrt(0.75), abs=9.9e-4)
+
+
+def test_an_estimator_returning_a_non_tensor_is_refused():
+    from stelab.estimators import Estimator
+
+    class Flat(Estimator):
+        name = "flat_float_test"
+
+        def derivative(self, x, ctx):
+            return 1.0
+
+    with pytest.raises(
+        StelabTypeError, match="estimator flat_float_test returned float, not a tensor"
+    ):
+        equivalent_ste(Flat(), 0.1)
+
+
+def test_a_nearly_vanishing_estimator_too_sharp_to_tabulate_is_degenerate():
+    """DSQ at k = 35: q̂' = A·sech²(k·ρ) with A = (k/2)/tanh(k/2) ranges from A·sech²(k/2)
+    ≈ 4.4e-14 (bin centres) to A = 17.5 (change points): a ratio ~2.5e-15, above the
+    1e-20 at which it counts as vanishing outright but too sharp for the table (N_MAX
+    panels). That is the degenerate case (α = 0 with allow_degenerate), not a jump."""
+    k = 35.0
+    A = (k / 2) / math.tanh(k / 2)
+    g_min = A / math.cosh(k / 2) ** 2
+    assert 1e-20 < g_min / A < 1e-6
+    with pytest.raises(ConfigError) as e:
+        equivalent_ste("dsq", 0.1, params={"k": k})
+    msg = str(e.value)
+    assert f"estimator dsq(k={k}) nearly vanishes (min q̂' = {g_min:.3g} at the bin " in msg
+    assert f"max {A:.3g}): 1/q̂' is too sharp to integrate to tol=1e-10 with 65536" in msg
+    assert msg.endswith("pass allow_degenerate=True for the limit (α = 0)")
+    with pytest.warns(DegenerateEstimatorWarning, match="nearly vanishes"):
+        eq = equivalent_ste("dsq", 0.1, params={"k": k}, allow_degenerate=True)
+    assert eq.degenerate and eq.alpha == 0.0
+    assert eq.g_min == pytest.approx(g_min, rel=1e-9) and eq.g_max == pytest.approx(A, rel=1e-12)
+    assert any("too sharp" in n for n in eq.notes)
+    w = dense_grid(0.1, 2, F64)
+    assert torch.equal(torch.round(eq.M(w) / 0.1), torch.round(w / 0.1))
+
+
+def test_describe_r_names_a_general_position():
+    from stelab.disguise.equivalence import describe_r
+
+    assert describe_r(0.25) == "w = level +0.25·Δ"
+    assert describe_r(-0.123456) == "w = level -0.1235·Δ"
+    # an estimator vanishing at one point inside the bin, r = 1/4: named there
+    with pytest.raises(
+        ConfigError, match=r"vanishes at w = level \+0.25·Δ \(q̂' = 0 at w = \+0.025"
+    ):
+        equivalent_ste("periodic", 0.1, params={"func": lambda r: (r - 0.25) ** 2})
+
+
+@pytest.mark.parametrize(("a", "tol"), [(0.5, 1e-10), (0.9, 1e-10), (0.9, 1e-6)])
+def test_panels_and_interp_error_against_the_closed_form(a, tol):
+    """interp_error is the table's largest error at its panel midpoints: against the
+    closed form Φ(r) = 1/2 + atan(β tan πr)/π at the midpoints of ``panels`` equal
+    panels, it is that error (and below tol); at the panel ends Φ is exact."""
+    eq = equivalent_ste("cosine", 0.1, params={"a": a}, tol=tol)
+    n = eq.panels
+    assert isinstance(n, int) and n >= 64 and n & (n - 1) == 0
+    beta = math.sqrt((1 - a) / (1 + a))
+
+    def phi(r):
+        return 0.5 + torch.atan(beta * torch.tan(math.pi * r)) / math.pi
+
+    mid = (torch.arange(n, dtype=F64) + 0.5) / n - 0.5
+    err = float((eq._phi(mid.clone()) - phi(mid)).abs().max())
+    assert 0 < eq.interp_error <= tol
+    assert eq.interp_error == pytest.approx(err, rel=1e-4, abs=1e-15)
+    ends = torch.linspace(-0.5, 0.5, n + 1, dtype=F64)[1:-1]
+    assert float((eq._phi(ends.clone()) - phi(ends)).abs().max()) < 1e-3 * err
+
+
+def test_equivalence_repr():
+    assert repr(equivalent_ste("cosine", 0.1, params={"a": 0.5})) == (
+        "Equivalence(cosine(a=0.5), step=0.1: alpha=0.866025)"
+    )
+    assert repr(equivalent_ste("cosine", 0.25, params={"a": 0.5}, bits=4)) == (
+        "Equivalence(cosine(a=0.5), step=0.25, bits=4: alpha=0.866025)"
+    )
+    with pytest.warns(DegenerateEstimatorWarning):
+        eq = equivalent_ste("cosine", 0.1, params={"a": 1.0}, allow_degenerate=True)
+    assert repr(eq) == "Equivalence(cosine(a=1.0), step=0.1: alpha=0, degenerate)"
+
+
+def test_tables_on_another_device_are_moved_once_and_cached():
+    """Off the CPU the table is copied to the device once (the meta device stands in for
+    CUDA here; test_M_on_cuda_matches_cpu runs the real thing where there is a GPU)."""
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5})
+    t = eq._table
+    meta = torch.device("meta")
+    cols, centred, phi, jinv = got = eq._on(meta)
+    assert eq._on(meta) is got  # cached
+    assert list(eq._device_tables) == [meta]
+    for moved, orig in zip((*cols, *centred, phi, jinv), (*t.cols, *t.cols_centred, t.phi, t.jinv),
+                           strict=True):  # fmt: skip
+        assert moved.device == meta and moved.shape == orig.shape and moved.dtype == orig.dtype
+    assert eq._on(torch.device("cpu"))[2] is t.phi  # the CPU uses the table itself
+    assert eq._phi(torch.zeros(5, dtype=F64, device=meta)).device == meta
+
+
+def test_M_per_channel_step_needs_a_scale_free_estimator():
+    """An estimator given as a function of w is tied to its step: one step (a number or
+    a one-element tensor) is fine, several are refused."""
+    eq = equivalent_ste(lambda w: 1 + 0.5 * torch.cos(2 * math.pi * w / 0.1), 0.1)
+    assert not eq.scale_free
+    w = torch.tensor([[0.03, -0.12], [0.26, 0.04]], dtype=F64)
+    for st in (torch.tensor(0.1, dtype=F64), torch.tensor([[0.1]], dtype=F64)):
+        torch.testing.assert_close(eq.M(w, step=st), cosine_M(w, 0.1, 0.5), rtol=0, atol=1e-10)
+    msg = r"a per-channel step needs an estimator defined in units of the step; custom is a fun"
+    with pytest.raises(ConfigError, match=msg):
+        eq.M(w, step=torch.tensor([[0.1], [0.1]], dtype=F64))
+
+
+def test_M_step_tensor_must_be_floating_point():
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5})
+    w = torch.tensor([0.03, 0.26], dtype=F64)
+    with pytest.raises(
+        StelabTypeError, match="step must be a floating-point tensor, got torch.int64"
+    ):
+        eq.M(w, step=torch.tensor(1))
+    torch.testing.assert_close(eq.M(w, step=torch.tensor(1.0, dtype=F64)), cosine_M(w, 1.0, 0.5))
+
+
+def test_M_many_needs_one_step_per_tensor():
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5})
+    ws = [torch.zeros(3, dtype=F64), torch.zeros(2, dtype=F64)]
+    with pytest.raises(ConfigError, match="M_many got 2 tensors but 1 steps"):
+        eq.M_many(ws, [0.1])
+    with pytest.raises(ConfigError, match="M_many got 2 tensors but 3 steps"):
+        eq.M_many(ws, [0.1, 0.1, 0.1])
+
+
+def test_into_bins_nudges_by_ulps_and_gives_up_far_from_the_bin():
+    """A value a few ulps past the change point comes back as the largest float of its
+    bin; one a whole step away is not nudged for ever (the internal guard raises)."""
+    from stelab.disguise.equivalence import _into_bins
+
+    step = torch.tensor(0.1, dtype=F64)
+    n = torch.zeros(1, dtype=F64)
+    edge = torch.tensor([0.05], dtype=F64)
+    while float(torch.round(edge / step)) == 0:  # the first float past the change point
+        edge = torch.nextafter(edge, torch.tensor(1.0, dtype=F64))
+    out = edge.clone()
+    for _ in range(3):
+        out = torch.nextafter(out, torch.tensor(1.0, dtype=F64))
+    _into_bins(out, n, step, None, math.inf, None)
+    assert float(torch.round(out / step)) == 0
+    assert torch.equal(torch.nextafter(out, torch.tensor(1.0, dtype=F64)), edge)
+    with pytest.raises(AssertionError, match="could not place M"):
+        _into_bins(torch.tensor([0.15], dtype=F64), n, step, None, math.inf, None)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import stelab
+import stelab.sbn.base
 from stelab import estimators
 from stelab.config import parse_config
 from stelab.errors import ConfigError, StelabTypeError
@@ -210,3 +211,15 @@ def test_registry_mechanism():
     assert cached.build("t", side=1) is cached.build("t", side=1)
     assert cached.build("t", side=1) is not cached.build("t", side=1.0)  # 1 and 1.0 differ
     assert FORWARDS.kind == "quantizer"
+
+
+@pytest.mark.parametrize(
+    "register",
+    [estimators.register, stelab.quantizers.register_forward, stelab.sbn.base.register],
+    ids=["estimator", "quantizer", "sbn-estimator"],
+)
+@pytest.mark.parametrize("bad", ["two words", "", 3])
+def test_register_refuses_a_bad_name_before_anything_is_decorated(register, bad):
+    """``register(bad)`` fails at once, not when (or if) its decorator is applied."""
+    with pytest.raises(ConfigError, match=r"name must be a Python identifier, got "):
+        register(bad)

@@ -358,3 +358,45 @@ def test_names_are_resolved_once():
         get_estimator("dst", tau=1.0)
     with pytest.raises(ConfigError, match="unexpected parameters"):
         get_estimator("dst", tau=[1.0])  # unhashable: not cached, still checked
+
+
+def test_base_estimator_leaves_estimate_to_subclasses():
+    m, x, t = _problem()
+    with pytest.raises(NotImplementedError):
+        SBNEstimator().estimate(m, x, t, logistic_loss, 1, None)
+
+
+def test_estimator_lookup_refuses_parameters_with_an_instance_and_non_names():
+    est = get_estimator("concrete", tau=0.3)
+    assert get_estimator(est) is est
+    with pytest.raises(ConfigError, match=r"parameters \['tau'\] given with an estimator instance"):
+        get_estimator(est, tau=0.3)
+    with pytest.raises(TypeError, match="estimator must be a name or an SBNEstimator, got int"):
+        get_estimator(3)
+    with pytest.raises(TypeError, match="or an SBNEstimator, got list"):
+        get_estimator(["psa"])
+
+
+def test_surrogate_loss_function_needs_an_sbn_and_gives_the_expected_loss():
+    """The module-level surrogate_loss refuses a non-SBN by its type; on an SBN with one
+    hidden layer of two units its ``exact`` value is the expected loss summed by hand over
+    the four states (P(s) = prod_j sigma(s_j a_j), f = log(1 + exp(-eta t)))."""
+    import itertools
+
+    from stelab.sbn import surrogate_loss
+
+    with pytest.raises(TypeError, match="model must be an SBN, got Linear"):
+        surrogate_loss(torch.nn.Linear(2, 1), torch.zeros(2, 2), torch.ones(2), logistic_loss)
+    m, x, t = _problem(hidden=(2,))
+    w, b = m.hidden[0].weight.detach(), m.hidden[0].bias.detach()
+    v, c = m.output.weight.detach()[0], m.output.bias.detach()[0]
+    want = 0.0
+    for n in range(x.shape[0]):
+        a = x[n] @ w.T + b
+        for s in itertools.product([-1.0, 1.0], repeat=2):
+            st = torch.tensor(s, dtype=D)
+            p = torch.prod(1 / (1 + torch.exp(-st * a)))
+            want += float(p * torch.log1p(torch.exp(-(st @ v + c) * t[n])))
+    want /= x.shape[0]
+    got = surrogate_loss(m, x, t, logistic_loss, "exact")
+    assert float(got.detach()) == pytest.approx(want, rel=1e-12)

@@ -315,3 +315,21 @@ def test_mc_reference_groups_range(groups, ok):
         assert "groups must be" not in str(e.value)
     else:
         assert f"groups must be an integer in [2, {2**31}], got {groups}" in str(e.value)
+
+
+def test_exact_needs_an_sbn_and_names_what_it_got():
+    x, t = torch.randn(2, 2, dtype=D), torch.ones(2, dtype=D)
+    with pytest.raises(TypeError, match="model must be an SBN, got Linear"):
+        exact_expected_loss(torch.nn.Linear(2, 1), x, t, logistic_loss)
+    with pytest.raises(TypeError, match="model must be an SBN, got Sequential"):
+        exact_gradient(torch.nn.Sequential(), x, t, logistic_loss)
+    # an SBN of one hidden unit passes the check: sigma(a) f(v + c) + sigma(-a) f(-v + c)
+    torch.manual_seed(3)
+    m = sbn_mlp(2, (1,), 1, dtype=D)
+    with torch.no_grad():
+        a = (x @ m.hidden[0].weight.T + m.hidden[0].bias)[:, 0]
+        v, c = float(m.output.weight[0, 0]), float(m.output.bias[0])
+        want = (torch.sigmoid(a) * F.softplus(-(v + c) * t)).mean()
+        want += (torch.sigmoid(-a) * F.softplus(-(-v + c) * t)).mean()
+        got = exact_expected_loss(m, x, t, logistic_loss)
+    assert float(got) == pytest.approx(float(want), rel=1e-12)

@@ -437,3 +437,28 @@ def test_samples_default_to_one_draw(recorded):
     sbn_estimators.surrogate_loss(pb.model, pb.x, pb.t, logistic_loss, "psa", generator=3)
     pb.model.surrogate_loss(pb.x, pb.t, logistic_loss, "psa", generator=3)
     assert [u.shape for u in recorded] == [(N, 3), (N, 3), (N, 2)] * 2
+
+
+def test_the_base_noise_and_pathwise_rule_leave_their_formulas_to_subclasses():
+    """Noise declares F, F', F^{-1} and _Pathwise the relaxed sign: a subclass that
+    leaves one out fails loudly instead of drawing from a default."""
+    from stelab.sbn.noise import Noise
+
+    a = torch.zeros(2, dtype=D)
+    for method in (Noise().cdf, Noise().pdf, Noise().quantile):
+        with pytest.raises(NotImplementedError):
+            method(a)
+    with pytest.raises(NotImplementedError):
+        sbn_baselines._Pathwise().act(torch.nn.Identity(), a, a)
+
+
+def test_get_noise_takes_a_noise_as_is_and_refuses_other_types():
+    from stelab.errors import StelabTypeError
+    from stelab.sbn.noise import Gaussian, get_noise
+
+    g = Gaussian()
+    assert get_noise(g) is g
+    assert repr(get_noise("uniform")) == "uniform" and type(get_noise("gaussian")) is Gaussian
+    msg = r"noise must be a name \(gaussian, logistic, uniform\) or a Noise, got int"
+    with pytest.raises(StelabTypeError, match=msg):
+        get_noise(3)

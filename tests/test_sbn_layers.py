@@ -166,3 +166,63 @@ def test_construction_errors_name_the_parameter():
     with pytest.raises(TypeError, match="generator must be"):
         SBNLinear(2, 2)(torch.randn(1, 2), generator="seed")
     assert noise_names() == ["gaussian", "logistic", "uniform"]
+
+
+def test_layers_without_bias_draw_only_weights_in_the_default_range():
+    """bias=False: no bias parameter, the weights still U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    (fan_in = 7 for the linear layer, 2 * 3 * 3 = 18 for the convolution), and the
+    pre-activation is the bias-free product."""
+    torch.manual_seed(1)
+    lin = SBNLinear(7, 40, bias=False, dtype=D)
+    conv = SBNConv2d(2, 10, 3, bias=False, dtype=D)
+    for layer, fan_in in [(lin, 7), (conv, 18)]:
+        assert layer.bias is None and [n for n, _ in layer.named_parameters()] == ["weight"]
+        bound = 1 / math.sqrt(fan_in)
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+    x = torch.randn(3, 7, dtype=D)
+    assert torch.equal(lin.preact(x), x @ lin.weight.T)
+
+
+def test_conv_layer_repr_lists_every_setting():
+    conv = SBNConv2d(2, 3, (3, 1), stride=2, padding=(1, 0), bias=False, noise="gaussian",
+                     states="01")  # fmt: skip
+    assert repr(conv) == (
+        "SBNConv2d(2, 3, kernel_size=(3, 1), stride=(2, 2), padding=(1, 0), dilation=(1, 1), "
+        "bias=False, noise=gaussian, states=01)"
+    )
+    assert "bias=True, noise=logistic, states=pm1)" in repr(SBNConv2d(1, 1, 1))
+
+
+def test_surrogate_loss_checks_its_data():
+    m = sbn_mlp(2, (3,), 1, dtype=D)
+    x, t = torch.randn(4, 2, dtype=D), torch.ones(4, dtype=D)
+    with pytest.raises(StelabTypeError, match="x and y must be tensors"):
+        m.surrogate_loss(x.tolist(), t, lambda eta, y: eta[:, 0])
+    with pytest.raises(StelabTypeError, match="x and y must be tensors"):
+        m.surrogate_loss(x, t.tolist(), lambda eta, y: eta[:, 0])
+    with pytest.raises(ConfigError, match="x and y must have the same batch size, got 4 and 3"):
+        m.surrogate_loss(x, t[:3], lambda eta, y: eta[:, 0])
+
+
+def test_data_init_method_returns_the_model_and_scales_bias_free_layers():
+    """SBN.data_init is data_init returning the model. Without bias a layer is only
+    scaled, W <- W / (std(a) + eps) per unit (population std over the batch), written out
+    here layer by layer with the same uniforms (x = +1 iff u < sigma(a))."""
+    torch.manual_seed(2)
+    m = sbn_mlp(3, (4, 2), 1, bias=False, dtype=D)
+    x = torch.randn(50, 3, dtype=D) * 2 + 1
+    with torch.no_grad():
+        want, h, g = [], x, torch.Generator().manual_seed(7)
+        for layer in m.hidden:
+            w = layer.weight.clone()
+            a = h @ w.T
+            sd = ((a - a.mean(0)) ** 2).mean(0).sqrt() + 1e-6
+            want.append(w / sd[:, None])
+            a = h @ want[-1].T
+            h = (torch.rand(a.shape, generator=g, dtype=D) < torch.sigmoid(a)).to(D) * 2 - 1
+    assert m.data_init(x, generator=7) is m
+    for layer, w in zip(m.hidden, want, strict=True):
+        assert layer.bias is None
+        assert torch.allclose(layer.weight.detach(), w, rtol=1e-13, atol=0)
+    with pytest.raises(StelabTypeError, match="data_init expects an SBN, got Sequential"):
+        data_init(torch.nn.Sequential(torch.nn.Linear(3, 1)), x)

@@ -423,3 +423,82 @@ def test_kernel_and_chunk_options_are_checked_where_they_enter():
     with pytest.raises(ConfigError, match=rf"chunk_elements must be an integer in \[1, {2**40}\]"):
         get_estimator("psa", chunk_elements=2**40 + 1)
     assert get_estimator("psa", chunk_elements=2**40).chunk_elements == 2**40
+
+
+def _flip_by_definition(a, e, x, w):
+    """out[r, i] = sum_j e[r, j] (sigma(a[r, j] - 2 w[j, i] x[r, i]) - sigma(a[r, j])),
+    summed over every (r, i, j) at once."""
+    t = torch.sigmoid(a[:, :, None] - 2 * w[None] * x[:, None, :]) - torch.sigmoid(a)[:, :, None]
+    return (e[:, :, None] * t).sum(1)
+
+
+def _counting_compile(monkeypatch, builds, calls):
+    """torch.compile replaced by a recorder returning the function itself (no compiler)."""
+    from stelab.sbn import kernels
+
+    def fake_compile(fn, **kwargs):
+        builds.append(kwargs)
+
+        def counted(*args):
+            calls.append(args[0].shape[0])
+            return fn(*args)
+
+        return counted
+
+    monkeypatch.setattr(kernels, "compiled_kernel", None)
+    monkeypatch.setattr(kernels, "compile_broken", False)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+
+
+def test_compiled_kernel_is_built_once_and_reused(monkeypatch):
+    from stelab.sbn import kernels
+
+    builds, calls = [], []
+    _counting_compile(monkeypatch, builds, calls)
+    a, e, x, w = _flip_problem(D, rows=9, nj=4, ni=6)
+    want = _flip_by_definition(a, e, x, w).masked_fill(x == 0, 0.0)
+    first = flip_rows(a, e, x, w, get_noise("logistic"), kernel="compiled")
+    second = flip_rows(a, e, x, w, get_noise("logistic"), kernel="compiled")
+    assert builds == [{"dynamic": True}] and calls == [9, 9] and not kernels.compile_broken
+    assert torch.allclose(first, want, rtol=1e-12, atol=1e-13)
+    assert torch.equal(second, first)
+
+
+def test_ratio_conv2d_kernel_choice_is_made_once_per_layer(monkeypatch):
+    """An explicit kernel is used as given; "auto" decides on the terms of the whole
+    layer (N P C_out C_in K^2 = 4 * 25 * 3 * 18 = 5400), not of a block of examples (one
+    example per block here: 1350 terms). Every choice equals the flip rule on the
+    layer's dense matrix, computed term by term."""
+    from stelab.sbn import kernels
+
+    torch.manual_seed(7)
+    conv = SBNConv2d(2, 3, 3, 1, 1, 1, dtype=D)
+    x = torch.randint(0, 2, (4, 2, 5, 5), dtype=D) * 2 - 1
+    a = conv.preact(x).detach()
+    e = torch.randn_like(a)
+    with torch.no_grad():
+        dense = dense_matrix(conv, (2, 5, 5))
+    want = _flip_by_definition(a.flatten(1), e.flatten(1), x.flatten(1), dense).view(x.shape)
+    builds, calls = [], []
+    _counting_compile(monkeypatch, builds, calls)
+    for kernel, limit, compiled in [
+        ("auto", 5400, True),
+        ("auto", 5401, False),
+        ("eager", 1, False),
+        ("compiled", 10**9, True),
+    ]:
+        monkeypatch.setattr(kernels, "AUTO_MIN_TERMS", limit)
+        calls.clear()
+        got = ratio_conv2d(conv, a, e, x, chunk_elements=450, kernel=kernel)
+        assert calls == ([25] * 4 if compiled else []), (kernel, limit)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-13), (kernel, limit)
+
+
+def test_ratio_refuses_a_layer_without_a_flip_rule():
+    from stelab.sbn.kernels import ratio
+
+    lin = torch.nn.Linear(4, 3, dtype=D)
+    x = torch.ones(2, 4, dtype=D)
+    a, e = lin(x).detach(), torch.ones(2, 3, dtype=D)
+    with pytest.raises(ConfigError, match="PSA has no flip rule for Linear layers"):
+        ratio(lin, a, e, x)

@@ -781,3 +781,88 @@ def test_w_at_angle_with_a_unit_and_a_zero_w_star():
     assert float(tl.theta(w, unit)) == pytest.approx(math.pi / 3, rel=1e-14)
     with pytest.raises(ConfigError, match="w_star must be nonzero"):
         tl.w_at_angle(torch.zeros(2, dtype=F64), 1.0)
+
+
+def test_critical_points_refuse_a_batch_and_a_zero_teacher():
+    with pytest.raises(ConfigError, match=r"v_star must be a 1-D vector, got shape \(2, 3\)"):
+        tl.critical_points(torch.ones(2, 3, dtype=F64))
+    with pytest.raises(ConfigError, match=r"v_star must be nonzero .*, got a zero vector"):
+        tl.critical_points(torch.zeros(3, dtype=F64))
+    # a nonzero v* whose |v*|^2 underflows is refused as such, not called zero
+    with pytest.raises(ConfigError, match=r"got \|v_star\|\^2 = 0.0 \(underflow\)"):
+        tl.critical_points([0.0, 0.0, 1e-300])
+    # a unit teacher e_3 (|v*|^2 = 1 exactly) is accepted: by hand, the spurious
+    # minimizer (I - J/4)(J - I) e_3 = (1, 1, 0) - (1/2)(1, 1, 1)
+    cp = tl.critical_points([0.0, 0.0, 1.0])
+    assert cp.global_min.v.tolist() == [0.0, 0.0, 1.0]
+    assert torch.allclose(cp.spurious_min.v, torch.tensor([0.5, 0.5, -0.5], dtype=F64), atol=1e-15)
+
+
+def test_coarse_gradient_descent_stops_where_w_reaches_zero_exactly():
+    """n = 1, identity STE: E g_id depends on w only through u = w/|w| = 1, so from
+    w0 = lr E g_id with lr = 1/2 (exact products) one step lands on w = 0 exactly; the
+    error names that step. One step less, nothing is refused."""
+    v, vs, ws = (torch.tensor(x, dtype=F64) for x in ([0.2, 0.7, -0.4], [1.0, -0.5, 0.3], [1.0]))
+    _, g_unit = tl.expected_coarse_grad(v, torch.tensor([1.0], dtype=F64), vs, ws, "identity")
+    assert float(g_unit) > 0
+    w0 = 0.5 * g_unit
+    _, g0 = tl.expected_coarse_grad(v, w0, vs, ws, "identity")
+    assert torch.equal(w0 - 0.5 * g0, torch.zeros(1, dtype=F64))  # the premise, checked
+    tr = tl.coarse_gradient_descent(v, w0, vs, ws, "identity", 0.5, 0)
+    assert tr.w.tolist() == w0.tolist() and tr.step.tolist() == [0]
+    with pytest.raises(ConfigError, match="coarse gradient descent reached w = 0 at step 1$"):
+        tl.coarse_gradient_descent(v, w0, vs, ws, "identity", 0.5, 3)
+
+
+def test_vectors_name_their_bad_shape_or_content():
+    """The input checks of as_f64, theta, w_at_angle and the batch functions: each error
+    names the argument, what it got and what is allowed."""
+    v, w, vs, ws = _point(12, 3, 4, 1.0, 0.9)
+    cases = [
+        (
+            StelabTypeError,
+            r"v must be a real vector \(tensor, array or list\), got list$",
+            lambda: tl.population_loss([[1.0], [1.0, 2.0]], w, vs, ws),  # ragged
+        ),
+        (
+            ConfigError,
+            r"v must have a nonzero last dimension, got shape \(2, 0\)",
+            lambda: tl.population_loss(torch.zeros(2, 0, dtype=F64), w, vs, ws),
+        ),
+        (
+            ConfigError,
+            r"w has shape \(3,\) and w_star has shape \(4,\): .*\(n\) must agree",
+            lambda: tl.theta(torch.ones(3, dtype=F64), ws),
+        ),
+        (
+            ConfigError,
+            r"w must be nonzero: the angle theta\(w, w\*\) is undefined at w = 0",
+            lambda: tl.theta(torch.stack([w, torch.zeros(4, dtype=F64)]), ws),
+        ),
+        (
+            ConfigError,
+            r"w_star must be a 1-D vector, got shape \(1, 4\)",
+            lambda: tl.w_at_angle(ws[None], 1.0),
+        ),
+        (
+            ConfigError,
+            r"direction has shape \(3,\), w_star has shape \(4,\): they must agree",
+            lambda: tl.w_at_angle(ws, 1.0, direction=torch.ones(3, dtype=F64)),
+        ),
+        (
+            StelabTypeError,
+            r"z must be a torch.Tensor of shape \(B, m, n\), got list",
+            lambda: tl.batch_loss(torch.zeros(2, 3, 4).tolist(), v, w, vs, ws),
+        ),
+    ]
+    for exc, pattern, call in cases:
+        with pytest.raises(exc, match=pattern):
+            call()
+    z = torch.randn(5, 3, 4, generator=_gen(13), dtype=F64)
+    with pytest.raises(ConfigError, match=r"must be 1-D here, got v \(2, 3\), w \(2, 4\)"):
+        tl.coarse_grad_on_batch(z, torch.stack([v, v]), w, vs, ws, "relu")
+    # where the checks pass: the angle of a batch of one, the batch gradient of 1-D inputs
+    assert float(tl.theta(w[None], ws)[0]) == pytest.approx(0.9, rel=1e-12)
+    assert float(tl.coarse_grad_on_batch(z, v, w, vs, ws, "relu")[0]) == pytest.approx(
+        float(tl.batch_loss(z, v, w, vs, ws)), rel=1e-13
+    )

@@ -81,7 +81,8 @@ def critical_points(v_star: ArrayLike) -> CriticalPoints:
     s = float(vs.sum()) ** 2
     nrm = float(vs @ vs)
     if nrm == 0:
-        raise ConfigError("v_star must be nonzero, got a zero vector")
+        what = "a zero vector" if not bool(vs.any()) else f"|v_star|^2 = {nrm} (underflow)"
+        raise ConfigError(f"v_star must be nonzero with |v_star|^2 > 0, got {what}")
 
     def pt(kind: str, th: float, v: torch.Tensor) -> CriticalPoint:
         return CriticalPoint(
