@@ -12,6 +12,7 @@ mutant (no observable change) or a hole in the tests. See docs/testing.md.
         --report docs/testing.md --json mutants.json         # sample, run, report
     python scripts/mutate.py --area sbn --per-area 20
     python scripts/mutate.py --rerun mutants.json        # survivors and timeouts, again
+    python scripts/mutate.py --uncovered                 # candidates no test executes
 
 Operators: ``cmp-negate`` (``<`` -> ``>=``, ``==`` -> ``!=``, ``in`` -> ``not in`` ...),
 ``cmp-boundary`` (``<`` <-> ``<=``, ``>`` <-> ``>=``), ``const`` (a number times
@@ -383,6 +384,32 @@ def run_mutant(m: Mutant, tests: list[str], timeout: float, root: Path = ROOT) -
     return m
 
 
+def uncovered(
+    mutants: list[Mutant], tests: list[str], root: Path = ROOT
+) -> tuple[list[Mutant], str]:
+    """The mutants on lines the tests never execute (certain survivors), from one run of
+    the tests under coverage.py; and the tests' last output line."""
+    files = sorted({m.path for m in mutants})
+    with tempfile.TemporaryDirectory(prefix="stelab-coverage-") as tmp:
+        data, out = Path(tmp) / "cov", Path(tmp) / "cov.json"
+        env = dict(os.environ, PYTHONPATH=str(root / "src"), OMP_NUM_THREADS="1")
+        run = [sys.executable, "-m", "coverage", "run", f"--data-file={data}"]
+        run += [f"--include={','.join(files)}", "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        r = subprocess.run(run + tests, cwd=root, env=env, capture_output=True, text=True)
+        tail = ((r.stdout + r.stderr).strip().splitlines() or [""])[-1]
+        if r.returncode != 0:
+            sys.exit(f"the tests under coverage failed ({tail}); is coverage installed?")
+        js = [sys.executable, "-m", "coverage", "json", f"--data-file={data}", "-o", str(out)]
+        subprocess.run(js, cwd=root, env=env, capture_output=True, check=True)
+        report = json.loads(out.read_text())["files"]
+    missing = {
+        (root / path).resolve().relative_to(root.resolve()).as_posix(): set(f["missing_lines"])
+        for path, f in report.items()
+    }
+    never = [m for m in mutants if m.line in missing.get(m.path, set()) or m.path not in missing]
+    return never, tail
+
+
 def baseline(area: str, tests: list[str]) -> float:
     """Seconds the area's tests take unmutated; exits if they fail."""
     status, sec, tail = _pytest(tests, str(ROOT / "src"), 3600)
@@ -443,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-j", "--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=None, help="s per mutant (5x baseline)")
     p.add_argument("--list", action="store_true", help="count candidates and exit")
+    p.add_argument(
+        "--uncovered",
+        action="store_true",
+        help="list the candidates on lines the area's tests never run (needs coverage)",
+    )
     p.add_argument("--report", type=Path, help="markdown file whose mutate section to rewrite")
     p.add_argument("--json", type=Path, help="write every sampled mutant and its outcome")
     p.add_argument(
@@ -461,6 +493,15 @@ def main(argv: list[str] | None = None) -> int:
             for m in ms:
                 ops[m.op] = ops.get(m.op, 0) + 1
             print(f"{area}: {len(ms)} candidates {dict(sorted(ops.items()))}")
+        return 0
+    if args.uncovered:
+        for area in areas:
+            ms = candidates(area)
+            never, tail = uncovered(ms, _tests(area))
+            print(f"{area}: {len(never)} of {len(ms)} candidates on lines no test runs ({tail})")
+            for path in sorted({m.path for m in never}):
+                lines = sorted({m.line for m in never if m.path == path})
+                print(f"  {path}: {', '.join(map(str, lines))}")
         return 0
     rerun: dict[str, list[Mutant]] = {}
     if args.rerun:

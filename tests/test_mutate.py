@@ -113,6 +113,21 @@ def test_run_mutant_mutates_a_copy_and_classifies(mutate, tmp_path):
     assert (tmp_path / "src" / "toy.py").read_text() == src  # the real tree is untouched
 
 
+def test_uncovered_lists_the_mutants_no_test_executes(mutate, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "tests").mkdir()
+    src = "def add(a, b):\n    return a + b\n\n\ndef unused(a):\n    return a * 2\n"
+    (tmp_path / "src" / "toy.py").write_text(src)
+    (tmp_path / "tests" / "test_toy.py").write_text(
+        "from toy import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+    )
+    ms = mutate._Collector("toy", "src/toy.py", src, None).run()
+    never, tail = mutate.uncovered(ms, ["tests/test_toy.py"], root=tmp_path)
+    assert "1 passed" in tail
+    assert {m.line for m in never} == {6} and {m.line for m in ms} == {2, 6}
+    assert len(never) == sum(m.line == 6 for m in ms)
+
+
 def test_a_mutant_from_an_older_source_is_stale(mutate, tmp_path):
     """--rerun skips a mutant whose line reads differently now (a rename: the recorded
     replacement would reintroduce the old name) or whose file is gone."""
