@@ -446,3 +446,24 @@ def test_a_plain_function_is_a_custom_estimator():
         get(3)
     with pytest.raises(ConfigError, match="unknown quantizer 'nosuch'; known: .*uniform"):
         default_for("nosuch")
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        torch.tensor(0.0),
+        torch.tensor([0.1, 0.0, 0.2]),
+        torch.tensor([0.1, -0.1]),
+        torch.tensor([0.1, float("inf")]),
+        torch.tensor([float("nan")]),
+    ],
+)
+def test_a_step_tensor_must_be_finite_and_positive_everywhere(step):
+    with pytest.raises(ConfigError, match=r"step must be finite and > 0 everywhere, got "):
+        Quantizer("uniform", bits=4, step=step)
+    with pytest.raises(
+        TypeError, match=r"step must be a floating-point tensor, got dtype torch.int64"
+    ):
+        Quantizer("uniform", bits=4, step=torch.tensor([1, 2]))
+    ok = torch.tensor([1e-30, 0.5])  # tiny but positive is allowed
+    assert torch.equal(Quantizer("uniform", bits=4, step=ok).step, ok)

@@ -465,3 +465,15 @@ def test_a_checkpoint_without_world_size_is_from_one_process(tmp_path):
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+def test_a_mismatch_lists_at_most_six_keys_and_counts_them_all():
+    model = torch.nn.Sequential(*[torch.nn.Linear(1, 1) for _ in range(4)])  # 8 keys
+    keys = list(model.state_dict())
+    sd = model.state_dict()
+    with pytest.raises(ConfigError) as err:
+        check_state(model, {keys[0]: sd[keys[0]]})  # 7 missing: six shown, then "..."
+    assert f"missing keys [{', '.join(keys[1:7])}, ...] (7 in all)" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        check_state(model, {k: sd[k] for k in keys[:2]})  # exactly six: all shown
+    assert f"missing keys [{', '.join(keys[2:])}] (6 in all)" in str(err.value)

@@ -276,6 +276,28 @@ def test_exp_free_logistic_kernel_equals_generic_kernel(scale_a, scale_w):
         assert (got[0, :3] == 0).all()
 
 
+def test_exp_free_logistic_kernel_keeps_relative_accuracy_deep_in_the_tail():
+    """float32 pre-activations down to -59.5 (sigma ~ 1e-26, still a normal float32) with
+    |2w| <= 0.5: every shifted exponent stays inside the kernel's clamp (+-60), so each
+    flip term keeps float32's relative accuracy; the float64 generic kernel is the truth,
+    compared per entry relative to the size of its terms (not to 1)."""
+    g = torch.Generator().manual_seed(4)
+    rows, nj, ni = 4, 5, 6
+    a = -50.0 - 9.5 * torch.rand(rows, nj, generator=g, dtype=D)
+    e = torch.randn(rows, nj, generator=g, dtype=D)
+    x = torch.randint(0, 2, (rows, ni), generator=g).to(D) * 2 - 1
+    w = (torch.randn(nj, ni, generator=g, dtype=D) * 0.2).clamp(-0.25, 0.25)
+    want = flip_rows(a, e, x, w, _PlainLogistic(), 13)
+    f = torch.float32
+    got = flip_rows(a.to(f), e.to(f), x.to(f), w.to(f), get_noise("logistic"), 13, kernel="eager")
+    terms = (
+        torch.sigmoid(a[:, :, None] - 2 * w[None] * x[:, None, :]) - torch.sigmoid(a)[:, :, None]
+    )
+    size = (e[:, :, None].abs() * terms.abs()).sum(1)
+    assert (size > 1e-30).all() and (size < 1e-20).all()  # the tail, in float32's normal range
+    assert ((got.double() - want).abs() <= 1e-4 * size).all()
+
+
 @pytest.mark.slow
 def test_compiled_kernel_equals_eager_kernel():
     """The torch.compile fused kernel (used by kernel='auto' on large layers) matches the
