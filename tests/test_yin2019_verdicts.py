@@ -517,6 +517,16 @@ def test_instability_evidence_names_a_diverged_control() -> None:
     assert "(control 80.00%, 0.3" in claim.evidence  # the other lr's control, as numbers
 
 
+def test_instability_evidence_names_a_diverged_run() -> None:
+    p = Protocol(net="resnet20", data="digits", bits=(4,))
+    start = {"clipped_relu-a4": {"val_acc": 0.9, "train_loss": 0.1}}
+    results = _results({"1e-05": True, "0.001": True})
+    results["clipped_relu-a4"]["0.001"]["ste"]["end"] = None  # the identity run diverged
+    [claim] = ic.claims_for(results, start, ("clipped_relu",), (4,), p, 3, "1e-05")
+    assert "lr 0.001: identity diverged (control 80.00%, 0.3" in claim.evidence
+    assert "lr 1e-05: val acc 90.00 -> 80.00%, train loss 0.1 -> 0.3" in claim.evidence
+
+
 def test_ste_order_evidence_counts_each_kind_of_comparison() -> None:
     p = Protocol(net="lenet5", data="digits")
     change = {"a2-ste": (0.25, 0.80)}  # identity's 2-bit loss beats ReLU's, not clipped's
