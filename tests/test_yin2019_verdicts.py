@@ -593,6 +593,19 @@ def test_claims_for_skips_a_comparison_whose_cell_is_missing() -> None:
     assert claims["ste-order"].verdict == "reproduced"
 
 
+@pytest.mark.parametrize("cell", ["a4-relu", "a4-clipped_relu"])
+def test_crelu_vs_relu_skips_a_bit_width_with_either_cell_missing(cell: str) -> None:
+    """The deeper nets' clipped-ReLU-vs-ReLU claim compares a bit width only where both
+    cells ran: with either 4-bit cell missing, the 2-bit pair alone is counted."""
+    p = Protocol(net="resnet20", data="digits")
+    full = {c.id: c for c in tc.claims_for(p, _table(GOOD))}["crelu-vs-relu"]
+    assert full.evidence.count("-bit clipped ReLU") == 2
+    table = _table({k: v for k, v in GOOD.items() if k != cell})
+    claim = {c.id: c for c in tc.claims_for(p, table)}["crelu-vs-relu"]
+    assert claim.evidence.count("-bit clipped ReLU") == 1
+    assert "/2 comparisons hold: 2-bit clipped ReLU" in claim.evidence
+
+
 # the whole evidence text of each claim on hand-made numbers, written out: a dropped or
 # altered part of it (a mutation of the text) fails here
 
