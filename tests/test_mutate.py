@@ -96,32 +96,33 @@ def test_apply_changes_the_span_only_and_the_result_parses(mutate):
         assert diff == [m.line], m
 
 
-def test_run_mutant_mutates_a_copy_and_classifies(mutate, tmp_path):
-    (tmp_path / "src").mkdir()
-    (tmp_path / "tests").mkdir()
-    src = "def add(a, b):\n    return a + b\n\n\ndef unused(a):\n    return a * 2\n"
-    (tmp_path / "src" / "toy.py").write_text(src)
-    (tmp_path / "tests" / "test_toy.py").write_text(
+TOY_SRC = "def add(a, b):\n    return a + b\n\n\ndef unused(a):\n    return a * 2\n"
+
+
+def _toy_tree(mutate, root):
+    """A toy repository: src/toy.py (add, tested; unused, not) and tests/test_toy.py;
+    the source's mutants."""
+    (root / "src").mkdir()
+    (root / "tests").mkdir()
+    (root / "src" / "toy.py").write_text(TOY_SRC)
+    (root / "tests" / "test_toy.py").write_text(
         "from toy import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
     )
-    ms = mutate._Collector("toy", "src/toy.py", src, None).run()
+    return mutate._Collector("toy", "src/toy.py", TOY_SRC, None).run()
+
+
+def test_run_mutant_mutates_a_copy_and_classifies(mutate, tmp_path):
+    ms = _toy_tree(mutate, tmp_path)
     caught = next(m for m in ms if m.op == "arith-swap" and m.line == 2)
     survivor = next(m for m in ms if m.op == "arith-swap" and m.line == 6)
     tests = ["tests/test_toy.py"]
     assert mutate.run_mutant(caught, tests, 60, root=tmp_path).status == "caught"
     assert mutate.run_mutant(survivor, tests, 60, root=tmp_path).status == "survived"
-    assert (tmp_path / "src" / "toy.py").read_text() == src  # the real tree is untouched
+    assert (tmp_path / "src" / "toy.py").read_text() == TOY_SRC  # the real tree is untouched
 
 
 def test_uncovered_lists_the_mutants_no_test_executes(mutate, tmp_path):
-    (tmp_path / "src").mkdir()
-    (tmp_path / "tests").mkdir()
-    src = "def add(a, b):\n    return a + b\n\n\ndef unused(a):\n    return a * 2\n"
-    (tmp_path / "src" / "toy.py").write_text(src)
-    (tmp_path / "tests" / "test_toy.py").write_text(
-        "from toy import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
-    )
-    ms = mutate._Collector("toy", "src/toy.py", src, None).run()
+    ms = _toy_tree(mutate, tmp_path)
     never, tail = mutate.uncovered(ms, ["tests/test_toy.py"], root=tmp_path)
     assert "1 passed" in tail
     assert {m.line for m in never} == {6} and {m.line for m in ms} == {2, 6}

@@ -314,14 +314,13 @@ def test_compiled_kernel_equals_eager_kernel():
     assert torch.allclose(comp, eager, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_kernel_blocks_rows_like_the_eager_kernel(monkeypatch):
-    """The compiled path's row blocks, without compiling (torch.compile -> the function
-    itself): many blocks of ``step`` rows give the eager kernel's result in float64."""
+def _counting_compile(monkeypatch, builds, calls):
+    """torch.compile replaced by a recorder returning the function itself (no compiler)."""
     from stelab.sbn import kernels
 
-    calls = []
+    def fake_compile(fn, **kwargs):
+        builds.append(kwargs)
 
-    def no_compile(fn, **kwargs):
         def counted(*args):
             calls.append(args[0].shape[0])
             return fn(*args)
@@ -330,7 +329,16 @@ def test_compiled_kernel_blocks_rows_like_the_eager_kernel(monkeypatch):
 
     monkeypatch.setattr(kernels, "compiled_kernel", None)
     monkeypatch.setattr(kernels, "compile_broken", False)
-    monkeypatch.setattr(torch, "compile", no_compile)
+    monkeypatch.setattr(torch, "compile", fake_compile)
+
+
+def test_compiled_kernel_blocks_rows_like_the_eager_kernel(monkeypatch):
+    """The compiled path's row blocks, without compiling (torch.compile -> the function
+    itself): many blocks of ``step`` rows give the eager kernel's result in float64."""
+    from stelab.sbn import kernels
+
+    calls = []
+    _counting_compile(monkeypatch, [], calls)
     a, e, x, w = _flip_problem(D, rows=40, nj=6, ni=20)
     got = flip_rows(a, e, x, w, get_noise("logistic"), 13, kernel="compiled")
     want = flip_rows(a, e, x, w, get_noise("logistic"), 13, kernel="eager")
@@ -452,24 +460,6 @@ def _flip_by_definition(a, e, x, w):
     summed over every (r, i, j) at once."""
     t = torch.sigmoid(a[:, :, None] - 2 * w[None] * x[:, None, :]) - torch.sigmoid(a)[:, :, None]
     return (e[:, :, None] * t).sum(1)
-
-
-def _counting_compile(monkeypatch, builds, calls):
-    """torch.compile replaced by a recorder returning the function itself (no compiler)."""
-    from stelab.sbn import kernels
-
-    def fake_compile(fn, **kwargs):
-        builds.append(kwargs)
-
-        def counted(*args):
-            calls.append(args[0].shape[0])
-            return fn(*args)
-
-        return counted
-
-    monkeypatch.setattr(kernels, "compiled_kernel", None)
-    monkeypatch.setattr(kernels, "compile_broken", False)
-    monkeypatch.setattr(torch, "compile", fake_compile)
 
 
 def test_compiled_kernel_is_built_once_and_reused(monkeypatch):
