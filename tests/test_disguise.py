@@ -217,6 +217,13 @@ def test_M_any_shape_nan_inf_and_per_channel_step():
     torch.testing.assert_close(many[1], per[1])
 
 
+def test_M_many_without_steps_uses_the_equivalences_step():
+    eq = equivalent_ste("cosine", 0.1, params={"a": 0.5})
+    ws = [torch.linspace(-0.3, 0.3, 7, dtype=F64), torch.tensor([[0.012, -0.27]], dtype=F64)]
+    for got, w in zip(eq.M_many(ws), ws, strict=True):
+        assert torch.equal(got, eq.M(w))
+
+
 def test_M_many_across_chunks_dtypes_and_per_channel_steps(monkeypatch):
     # M_many maps tensors together in chunks; a small chunk makes tensors straddle
     # chunk edges. It must equal per-element closed form and the quantizer's bins.

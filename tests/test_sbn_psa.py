@@ -103,7 +103,8 @@ def test_psa_conv_net_equals_psa_on_dense_equivalent():
     ("stride", "padding", "dilation", "size"),
     [(1, 0, 1, 6), (2, 1, 1, 7), (2, 0, 2, 8), (3, 2, 1, 5)],
 )
-def test_ratio_conv_equals_ratio_linear_on_dense_matrix(stride, padding, dilation, size):
+@pytest.mark.parametrize("scale", [1.0, 0.5])  # states in {-1, +1} and in {0, 1}
+def test_ratio_conv_equals_ratio_linear_on_dense_matrix(stride, padding, dilation, size, scale):
     torch.manual_seed(1)
     conv = SBNConv2d(3, 4, 3, stride, padding, dilation, noise="gaussian", dtype=D)
     x = torch.randint(0, 2, (2, 3, size, size), dtype=D) * 2 - 1
@@ -112,8 +113,8 @@ def test_ratio_conv_equals_ratio_linear_on_dense_matrix(stride, padding, dilatio
     lin = SBNLinear(3 * size * size, a[0].numel(), noise="gaussian", dtype=D)
     with torch.no_grad():
         lin.weight.copy_(dense_matrix(conv, (3, size, size)))
-    d_conv = ratio_conv2d(conv, a, e, x, chunk_elements=97)
-    d_lin = ratio_linear(lin, a.flatten(1), e.flatten(1), x)
+    d_conv = ratio_conv2d(conv, a, e, x, chunk_elements=97, scale=scale)
+    d_lin = ratio_linear(lin, a.flatten(1), e.flatten(1), x, scale=scale)
     assert d_conv.shape == x.shape
     assert torch.allclose(d_conv, d_lin, rtol=1e-10, atol=1e-12)
 
