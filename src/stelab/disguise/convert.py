@@ -289,8 +289,12 @@ def _convert_optimizer(
             if isinstance(v, Tensor):
                 v = v.detach().clone()
                 if d is not None and v.shape == d.shape and k != "step":
-                    power = 2 if k in ("exp_avg_sq", "max_exp_avg_sq") else 1
-                    v = torch.where(d > 0, v / d.clamp_min(1e-300) ** power, v)
+                    # second moments scale with q̂'²: divide twice (d² underflows
+                    # for d < 1e-154); where q̂' = 0 (degenerate) the state is kept
+                    v1 = v / d
+                    if k in ("exp_avg_sq", "max_exp_avg_sq"):
+                        v1 = v1 / d
+                    v = torch.where(d > 0, v1, v)
             new_st[k] = v
         new_opt.state[pn] = new_st
     n_groups = len(groups)
