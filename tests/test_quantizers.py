@@ -69,11 +69,20 @@ def test_identity_quantizer_is_exact_and_ste_gradient_is_true_gradient():
     torch.testing.assert_close(x.grad, 2 * x.detach())
 
 
-def test_lsq_step_gradient_matches_formula():
-    bits, s = 3, 0.3
+@pytest.mark.parametrize(
+    ("s", "xs"),
+    [
+        (0.3, [-2.0, -1.2, -0.45, -0.1, 0.0, 0.2, 0.44, 0.9, 5.0]),
+        # a binary step: the outermost levels -Qn·s = -1 and Qp·s = 0.75 exactly (the
+        # clipped side's value, -Qn / Qp, holds at them), and just inside them
+        (0.25, [-1.0, -0.9999999, -0.45, -0.1, 0.0, 0.2, 0.7499999, 0.75, 0.8]),
+    ],
+)
+def test_lsq_step_gradient_matches_formula(s, xs):
+    bits = 3
     qn, qp = 4, 3
     q = Quantizer("uniform", "ste", bits=bits, step=s, learn_step=True)
-    x = torch.tensor([-2.0, -1.2, -0.45, -0.1, 0.0, 0.2, 0.44, 0.9, 5.0], dtype=torch.float64)
+    x = torch.tensor(xs, dtype=torch.float64)
     g = torch.tensor([1.0, -2.0, 0.5, 1.0, 3.0, -1.0, 2.0, 0.7, 1.5], dtype=torch.float64)
     q(x).backward(g)
     # Esser et al. 2020, eq. 3: dq/ds = -x/s + round(x/s) inside, -Qn / Qp outside
@@ -467,3 +476,13 @@ def test_a_step_tensor_must_be_finite_and_positive_everywhere(step):
         Quantizer("uniform", bits=4, step=torch.tensor([1, 2]))
     ok = torch.tensor([1e-30, 0.5])  # tiny but positive is allowed
     assert torch.equal(Quantizer("uniform", bits=4, step=ok).step, ok)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_uniform_qrange_is_the_signed_integer_range_and_unbounded_without_bits(bits):
+    from stelab.quantizers import Forward
+
+    assert Forward("uniform", bits).qrange == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    inf = float("inf")
+    assert Forward("uniform").qrange == (-inf, inf)
+    assert Forward("act", bits).qrange == (0, 2**bits - 1)

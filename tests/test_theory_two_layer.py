@@ -866,3 +866,33 @@ def test_vectors_name_their_bad_shape_or_content():
     assert float(tl.coarse_grad_on_batch(z, v, w, vs, ws, "relu")[0]) == pytest.approx(
         float(tl.batch_loss(z, v, w, vs, ws)), rel=1e-13
     )
+
+
+@pytest.mark.parametrize(("t", "parallel"), [(9.85e-11, True), (1.02e-10, False), (1e-3, False)])
+def test_geometry_counts_sin_theta_up_to_1e_10_as_parallel(t, parallel):
+    """sin θ <= 1e-10 counts as θ ∈ {0, π}: u_perp (P_w w*/|P_w w*|) is then 0, and a unit
+    vector above it; pinned on both sides of the threshold, 1.5 % and 2 % away."""
+    from stelab.theory.two_layer.model import geometry
+
+    w = torch.tensor([math.cos(t), math.sin(t)], dtype=F64)
+    g = geometry(w, torch.tensor([1.0, 0.0], dtype=F64))
+    assert float(g.sin) == pytest.approx(math.sin(t), rel=1e-3)
+    if parallel:
+        assert torch.equal(g.u_perp, torch.zeros(2, dtype=F64))
+    else:
+        assert float(g.u_perp.norm()) == pytest.approx(1.0, rel=1e-12)
+        assert float(g.u_perp @ w) == pytest.approx(0.0, abs=1e-12)  # orthogonal to w
+
+
+@pytest.mark.parametrize("ste", ["identity", "relu", "clipped_relu"])
+def test_cosine_is_undefined_where_a_gradient_vanishes(ste):
+    """Started at the global minimum (v, w) = (v*, w*), both the true gradient df/dw and
+    the expected coarse gradient vanish ([Y19]: a critical point of both), so the cosine
+    between them is recorded as NaN, not as a number; one step away it is defined."""
+    vs, ws = [1.0, 0.5, -0.3], [0.6, 0.8]
+    tr = tl.coarse_gradient_descent(vs, ws, vs, ws, ste, 0.1, 1)
+    assert float(tr.loss[0]) == pytest.approx(0.0, abs=1e-15)
+    assert float(tr.inner[0]) == pytest.approx(0.0, abs=1e-15)
+    assert math.isnan(float(tr.cosine[0]))
+    away = tl.coarse_gradient_descent(vs, [0.8, 0.6], vs, ws, ste, 0.1, 1)
+    assert -1.0 <= float(away.cosine[0]) <= 1.0

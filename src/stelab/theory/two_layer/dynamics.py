@@ -193,7 +193,7 @@ def coarse_gradient_descent(
             recs["w_norm"].append(g.w_norm)
             recs["inner"].append(inner)
             recs["cosine"].append(
-                torch.where(den > 0, inner / torch.where(den > 0, den, 1.0), math.nan)
+                torch.where(den > 0, inner / den, math.nan)  # den = 0: undefined
             )
             recs["coarse_norm"].append(cn)
         if t == steps:
